@@ -1,0 +1,100 @@
+"""Regularizers and constraints on PSP's `alpha`: the paper's ablation set.
+
+* `WeightDecay` (default, the paper's choice): L2 decay, gradient `decay * alpha`
+  as in paper eq. 6.
+* `L1`: L1 penalty on alpha.
+* `FixedSparsity`: a constraint keeping only the largest `1 - sparsity`
+  fraction of `|alpha|` of a layer after every update.
+"""
+
+import keras
+from keras import ops
+
+DEFAULT_DECAY = 5e-4
+
+
+@keras.saving.register_keras_serializable(package="tf_psp")
+class WeightDecay(keras.regularizers.Regularizer):
+    """L2 weight decay on alpha: loss `0.5 * decay * sum(alpha**2)`.
+
+    The factor 0.5 makes the gradient `decay * alpha`, the paper's
+    `lambda * alpha` (eq. 6), so with SGD+momentum this is exactly PSP.
+
+    Args:
+        decay: non-negative strength `lambda`.
+    """
+
+    def __init__(self, decay=DEFAULT_DECAY):
+        self.decay = _non_negative(decay, "decay")
+
+    def __call__(self, x):
+        return 0.5 * self.decay * ops.sum(ops.square(x))
+
+    def get_config(self):
+        return {"decay": self.decay}
+
+
+@keras.saving.register_keras_serializable(package="tf_psp")
+class L1(keras.regularizers.Regularizer):
+    """L1 penalty on alpha: loss `l1 * sum(|alpha|)`.
+
+    Args:
+        l1: non-negative strength.
+    """
+
+    def __init__(self, l1=1e-4):
+        self.l1 = _non_negative(l1, "l1")
+
+    def __call__(self, x):
+        return self.l1 * ops.sum(ops.abs(x))
+
+    def get_config(self):
+        return {"l1": self.l1}
+
+
+@keras.saving.register_keras_serializable(package="tf_psp")
+class FixedSparsity(keras.constraints.Constraint):
+    """Keeps the largest `1 - sparsity` fraction of `|alpha|`, zeroes the rest.
+
+    Pass it as `alpha_constraint`; Keras applies it after each optimizer step
+    (the paper's "fixed sparsity" baseline). Ties at the cut keep all tied
+    entries.
+
+    Args:
+        sparsity: fraction of structures to zero, in [0, 1).
+    """
+
+    def __init__(self, sparsity=0.5):
+        sparsity = float(sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(
+                f"FixedSparsity: sparsity must be in [0, 1), got {sparsity}."
+            )
+        self.sparsity = sparsity
+
+    def __call__(self, w):
+        size = 1
+        for d in w.shape:
+            size *= int(d)
+        num_zero = int(round(self.sparsity * size))
+        if num_zero == 0:
+            return w
+        magnitude = ops.abs(w)
+        # The smallest magnitude that is kept; ties with it are kept too.
+        keep_from = ops.sort(ops.reshape(magnitude, (-1,)))[num_zero]
+        return ops.where(magnitude >= keep_from, w, ops.zeros_like(w))
+
+    def get_config(self):
+        return {"sparsity": self.sparsity}
+
+
+def _non_negative(value, name):
+    value = float(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return value
+
+
+def default_alpha_regularizer():
+    """The paper's default: L2 weight decay on alpha."""
+    return WeightDecay(DEFAULT_DECAY)
