@@ -1,0 +1,165 @@
+"""parameterize(): turn an existing Keras model into a PSP model."""
+
+import dataclasses
+
+import keras
+from keras.src.models.functional import Functional
+
+from tf_psp import layers as psp_layers
+from tf_psp import structures
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What `parameterize` converted and what it left alone.
+
+    Attributes:
+        converted: names of layers replaced by their PSP twin.
+        skipped: `(name, class, reason)` for layers with weights that were not
+            converted (unsupported type, or not selected).
+    """
+
+    converted: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def __str__(self):
+        lines = [f"parameterize: {len(self.converted)} layers converted to PSP"]
+        for name, cls, reason in self.skipped:
+            lines.append(f"  kept layer '{name}' ({cls}) as is: {reason}")
+        return "\n".join(lines)
+
+
+def parameterize(
+    model,
+    structure="channel",
+    layers=None,
+    epsilon=psp_layers.DEFAULT_EPSILON,
+    return_report=False,
+    **psp_kwargs,
+):
+    """Returns a copy of `model` whose prunable layers are PSP layers.
+
+    Conv1D/2D/3D, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,
+    not subclasses) become their PSP twins with the same weights and
+    `alpha = 1`, so the new model computes what `model` computes. `model`
+    itself is never changed. Nested sub-models are converted recursively.
+
+    Args:
+        model: a built Sequential or functional Keras model.
+        structure: PSP structure for every converted layer (`'channel'`,
+            `'filter'`, `'column'` or `'layer'`), or a callable
+            `layer -> structure` to choose per layer.
+        layers: which layers to convert: None (all supported), an iterable of
+            layer names, or a predicate `layer -> bool`.
+        epsilon: pruning threshold of the new layers.
+        return_report: also return a `ConversionReport`.
+        **psp_kwargs: further PSP layer arguments (`alpha_regularizer`,
+            `alpha_constraint`, `straight_through`, `alpha_initializer`).
+
+    Returns:
+        The PSP model, or `(model, report)` with `return_report=True`.
+
+    Raises:
+        ValueError: the model is not a built Sequential/functional model, a
+            name in `layers` does not exist, or an argument is invalid.
+    """
+    _check_model(model)
+    if not callable(structure):
+        structures.validate_structure(structure)
+    unknown = set(psp_kwargs) - set(psp_layers.PSP_CONFIG_KEYS)
+    if unknown:
+        raise TypeError(f"parameterize: unknown PSP arguments {sorted(unknown)}.")
+    select = _selector(model, layers)
+    report = ConversionReport()
+    originals = {}
+
+    def clone_function(layer):
+        if isinstance(layer, keras.layers.Lambda):
+            return layer  # stateless; a python lambda cannot round-trip a config
+        twin = psp_layers.PSP_TWINS.get(type(layer))
+        if twin is not None and select(layer):
+            chosen = structure(layer) if callable(structure) else structure
+            config = layer.get_config()
+            config.pop("build_config", None)
+            config.update(psp_kwargs, structure=chosen, epsilon=epsilon)
+            new = twin.from_config(config)
+            report.converted.append(layer.name)
+        else:
+            if layer.weights and not psp_layers.is_psp_layer(layer):
+                reason = (
+                    "not selected" if twin is not None
+                    else f"no PSP twin for {type(layer).__name__}"
+                )
+                report.skipped.append((layer.name, type(layer).__name__, reason))
+            new = layer.__class__.from_config(layer.get_config())
+        originals[id(new)] = layer
+        return new
+
+    new_model = keras.models.clone_model(
+        model, clone_function=clone_function, recursive=True
+    )
+    _copy_weights(new_model, originals)
+    if return_report:
+        return new_model, report
+    return new_model
+
+
+def _check_model(model):
+    """Raises a ValueError unless `model` is a built Sequential/functional model."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"expected a keras.Model, got {type(model).__name__}."
+        )
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Sequential model '{model.name}' is not built; give it a "
+                "`keras.Input(shape)` first layer or call `model.build(input_shape)`."
+            )
+    elif not isinstance(model, Functional):
+        raise ValueError(_SUBCLASSED_MESSAGE.format(name=model.name))
+
+
+_SUBCLASSED_MESSAGE = (
+    "model '{name}' is a subclassed keras.Model; its graph is "
+    "Python code that tf_psp cannot rewrite. Rebuild it with the functional API "
+    "or Sequential, or use the PSP layers (tf_psp.PSPConv2D, ...) directly in "
+    "its __init__."
+)
+
+
+def _selector(model, layers):
+    if layers is None:
+        return lambda layer: True
+    if callable(layers):
+        return layers
+    if isinstance(layers, str):
+        layers = [layers]
+    names = set(layers)
+    present = {layer.name for layer in _walk(model)}
+    missing = sorted(names - present)
+    if missing:
+        raise ValueError(
+            f"parameterize: model '{model.name}' has no layers named {missing}."
+        )
+    return lambda layer: layer.name in names
+
+
+def _walk(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer)
+
+
+def _copy_weights(new_model, originals):
+    for new in _walk(new_model):
+        old = originals.get(id(new))
+        if old is None or old is new or isinstance(new, keras.Model):
+            continue
+        if psp_layers.is_psp_layer(new) and not psp_layers.is_psp_layer(old):
+            for variable, value in zip(new.weights, old.get_weights()):
+                variable.assign(value)
+            new.alpha.assign(keras.ops.ones(new.alpha.shape))
+        else:
+            new.set_weights(old.get_weights())
