@@ -98,7 +98,7 @@ class PSPMixin:
 
     def structure_mask(self):
         """Numpy bool array, alpha's shape: True where the structure is alive."""
-        return np.abs(np.asarray(keras.ops.convert_to_numpy(self.alpha))) >= self.epsilon
+        return np.abs(keras.ops.convert_to_numpy(self.alpha.value)) >= self.epsilon
 
     def _scaled(self, tensor):
         """`tensor` (the alpha-scaled kernel) times the broadcast thresholded alpha."""

@@ -1,0 +1,554 @@
+"""profile(): MACs, parameters and PSP sparsity per layer, counted from the Keras graph.
+
+Costs are counted analytically from the shapes recorded in a functional or
+Sequential model's graph (batch dimension excluded), so nothing is run.
+Supporting a new layer type is one entry in `MAC_RULES`: a function
+`(layer, input_shapes, output_shapes) -> MACs of one call`.
+
+For PSP layers the profile also counts the structures whose `|alpha|` is below
+`epsilon` and the MACs and parameters they zero, i.e. what this layer would
+lose if those structures were physically removed. The count is local to the
+layer: removing a layer's output channels also spares work in the layers that
+consume them, which is not counted here (so `mac_reduction` is conservative).
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+from keras.src.models.functional import Functional
+
+from tf_psp import layers as psp_layers
+from tf_psp import structures
+
+# --- MAC rules ----------------------------------------------------------------
+
+
+def _spatial(layer, shape):
+    """Spatial dims of a batched `shape` given the layer's data_format."""
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return shape[2:]
+    return shape[1:-1]
+
+
+def _size(shape):
+    return math.prod(int(d) for d in shape)
+
+
+def _variable_size(variable):
+    return _size(variable.shape)
+
+
+def _conv_macs(layer, input_shapes, output_shapes):
+    # Each kernel entry is used once per output position; with groups the
+    # kernel is [*k, cin/groups, cout], so this is prod(k) * cin/groups * cout.
+    return _size(_spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
+
+
+def _conv_transpose_macs(layer, input_shapes, output_shapes):
+    # Each kernel entry [*k, cout, cin] is used once per *input* position.
+    return _size(_spatial(layer, input_shapes[0])) * _variable_size(layer.kernel)
+
+
+def _dense_macs(layer, input_shapes, output_shapes):
+    # Dense acts on the last axis; all other non-batch axes are positions.
+    return _size(output_shapes[0][1:-1]) * _variable_size(layer.kernel)
+
+
+def _depthwise_macs(layer, input_shapes, output_shapes):
+    return _size(_spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
+
+
+def _separable_macs(layer, input_shapes, output_shapes):
+    positions = _size(_spatial(layer, output_shapes[0]))
+    return positions * (
+        _variable_size(layer.depthwise_kernel) + _variable_size(layer.pointwise_kernel)
+    )
+
+
+# Checked in order with isinstance, so PSP layers use their Keras parent's rule.
+MAC_RULES = (
+    ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), _conv_macs),
+    (
+        (
+            keras.layers.Conv1DTranspose,
+            keras.layers.Conv2DTranspose,
+            keras.layers.Conv3DTranspose,
+        ),
+        _conv_transpose_macs,
+    ),
+    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), _depthwise_macs),
+    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), _separable_macs),
+    ((keras.layers.Dense,), _dense_macs),
+)
+
+
+def _mac_rule(layer):
+    for classes, rule in MAC_RULES:
+        if isinstance(layer, classes):
+            return rule
+    return None
+
+
+def _positions(layer, output_shapes):
+    """Output positions of one call (for the separable pruning count)."""
+    return _size(_spatial(layer, output_shapes[0]))
+
+
+# --- pruned cost of PSP layers ------------------------------------------------
+
+
+def _pruned_costs(layer, positions, mask):
+    """MACs and parameters zeroed by the dead structures of a PSP layer.
+
+    Args:
+        layer: a built PSP layer.
+        positions: output positions summed over the layer's calls (MACs per
+            kernel entry).
+        mask: `layer.structure_mask()`, True where a structure is alive.
+
+    Returns:
+        `(pruned_macs, pruned_params)`, integers.
+    """
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        return _separable_pruned_costs(layer, positions, mask)
+    total, dead = mask.size, int(mask.size - np.count_nonzero(mask))
+    kernel = _variable_size(layer.kernel)
+    # Every structure covers the same number of kernel entries (and biases).
+    pruned_kernel = kernel * dead // total
+    pruned_params = pruned_kernel
+    if getattr(layer, "bias", None) is not None and structures.scales_bias(layer.structure):
+        pruned_params += _variable_size(layer.bias) * dead // total
+    return positions * pruned_kernel, pruned_params
+
+
+def _separable_pruned_costs(layer, positions, mask):
+    """`_pruned_costs` for separable convs: depthwise and pointwise parts apart."""
+    kh, kw, cin, m = (int(d) for d in layer.depthwise_kernel.shape)
+    filters = int(layer.pointwise_kernel.shape[-1])
+    bias = _variable_size(layer.bias) if layer.bias is not None else 0
+    depthwise, pointwise, pruned_bias = 0, 0, 0
+    if layer.structure == "channel":  # mask (cin,)
+        dead_channels = cin - np.count_nonzero(mask)
+        depthwise = dead_channels * kh * kw * m
+    elif layer.structure == "column":  # mask (kh, kw, cin)
+        depthwise = (mask.size - np.count_nonzero(mask)) * m
+        dead_channels = cin - np.count_nonzero(mask.any(axis=(0, 1)))
+    if layer.structure in ("channel", "column"):
+        # A dead depthwise channel feeds its m rows of the pointwise kernel with zeros.
+        pointwise = dead_channels * m * filters
+    else:  # 'filter' (mask (filters,)) or 'layer' (scalar): pointwise side and bias
+        dead = mask.size - np.count_nonzero(mask)
+        pointwise = dead * cin * m * filters // mask.size
+        pruned_bias = bias * dead // mask.size
+        if dead == mask.size:  # nothing left to consume the depthwise output
+            depthwise = kh * kw * cin * m
+    return positions * int(depthwise + pointwise), int(depthwise + pointwise + pruned_bias)
+
+
+# --- the profile --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerProfile:
+    """Cost of one layer (summed over its calls), and its PSP sparsity.
+
+    Attributes:
+        name: the layer's path, `'submodel/layer'` inside nested models.
+        class_name: the layer's class name.
+        output_shape: output shape of the layer's first call, batch dimension
+            excluded (a list of shapes for several outputs).
+        params: parameters of the layer (`layer.count_params()`).
+        macs: multiply-accumulates of all its calls for one sample.
+        calls: how often the layer is called in the model.
+        structure: PSP structure, None for plain layers.
+        structures_total: number of PSP structures (alpha entries), None for
+            plain layers.
+        structures_alive: structures with `|alpha| >= epsilon`.
+        pruned_macs: MACs of the dead structures.
+        pruned_params: kernel (and owned bias) entries of the dead structures.
+    """
+
+    name: str
+    class_name: str
+    output_shape: object
+    params: int
+    macs: int
+    calls: int = 1
+    structure: str = None
+    structures_total: int = None
+    structures_alive: int = None
+    pruned_macs: int = 0
+    pruned_params: int = 0
+
+    @property
+    def is_psp(self):
+        """True for PSP layers."""
+        return self.structure is not None
+
+    @property
+    def structures_pruned(self):
+        """Number of dead structures (None for plain layers)."""
+        if not self.is_psp:
+            return None
+        return self.structures_total - self.structures_alive
+
+    def to_dict(self):
+        """The fields as a JSON-serializable dict."""
+        data = dataclasses.asdict(self)
+        data["structures_pruned"] = self.structures_pruned
+        return data
+
+
+class ModelProfile:
+    """Per-layer costs of a model and the PSP sparsity they carry.
+
+    Built by `profile(model)`. The MAC counts are static; `refresh()` re-reads
+    the PSP layers' alphas and updates the pruned counts cheaply.
+
+    Attributes:
+        name: the model's name.
+        layers: list of `LayerProfile`, in graph order.
+    """
+
+    def __init__(self, name, layers, psp_entries):
+        self.name = name
+        self.layers = layers
+        # (LayerProfile, PSP layer, output positions over all calls)
+        self._psp_entries = psp_entries
+        self.refresh()
+
+    def refresh(self):
+        """Re-reads every PSP layer's alpha mask; returns `self`."""
+        for row, layer, positions in self._psp_entries:
+            mask = np.asarray(layer.structure_mask(), dtype=bool)
+            row.structures_total = int(mask.size)
+            row.structures_alive = int(np.count_nonzero(mask))
+            row.pruned_macs, row.pruned_params = (
+                int(v) for v in _pruned_costs(layer, positions, mask)
+            )
+        return self
+
+    # --- totals -------------------------------------------------------------
+    @property
+    def total_macs(self):
+        """MACs of the model for one sample."""
+        return sum(row.macs for row in self.layers)
+
+    @property
+    def total_params(self):
+        """Parameters of the model (equals `model.count_params()`)."""
+        return sum(row.params for row in self.layers)
+
+    @property
+    def pruned_macs(self):
+        """MACs zeroed by the dead PSP structures."""
+        return sum(row.pruned_macs for row in self.layers)
+
+    @property
+    def pruned_params(self):
+        """Parameters zeroed by the dead PSP structures."""
+        return sum(row.pruned_params for row in self.layers)
+
+    @property
+    def structures_total(self):
+        """Number of PSP structures over all PSP layers."""
+        return sum(row.structures_total for row in self.layers if row.is_psp)
+
+    @property
+    def structures_pruned(self):
+        """Number of dead PSP structures over all PSP layers."""
+        return sum(row.structures_pruned for row in self.layers if row.is_psp)
+
+    @property
+    def sparsity(self):
+        """Fraction of PSP structures that are dead (0.0 without PSP layers)."""
+        total = self.structures_total
+        return self.structures_pruned / total if total else 0.0
+
+    @property
+    def mac_reduction(self):
+        """Expected MAC reduction if the dead structures are removed, `>= 1`.
+
+        `total_macs / (total_macs - pruned_macs)`; 1.0 for a model without
+        MACs, `inf` when every MAC is pruned.
+        """
+        return _ratio(self.total_macs, self.pruned_macs)
+
+    @property
+    def param_reduction(self):
+        """`total_params / (total_params - pruned_params)`, `>= 1`."""
+        return _ratio(self.total_params, self.pruned_params)
+
+    # --- reports ------------------------------------------------------------
+    def to_dict(self):
+        """The profile as a JSON-serializable dict (layers and totals)."""
+        return {
+            "name": self.name,
+            "layers": [row.to_dict() for row in self.layers],
+            "total_macs": self.total_macs,
+            "total_params": self.total_params,
+            "pruned_macs": self.pruned_macs,
+            "pruned_params": self.pruned_params,
+            "structures_total": self.structures_total,
+            "structures_pruned": self.structures_pruned,
+            "sparsity": self.sparsity,
+            "mac_reduction": _json_float(self.mac_reduction),
+            "param_reduction": _json_float(self.param_reduction),
+        }
+
+    def summary(self, print_fn=print):
+        """Prints the table of `str(self)` with `print_fn`."""
+        print_fn(str(self))
+
+    def __str__(self):
+        header = (
+            "Layer (type)",
+            "Output shape",
+            "Params",
+            "MACs",
+            "Alive/total",
+            "Pruned MACs %",
+        )
+        rows = [header]
+        for row in self.layers:
+            rows.append(
+                (
+                    f"{row.name} ({row.class_name})",
+                    _format_shape(row.output_shape),
+                    f"{row.params:,}",
+                    f"{row.macs:,}",
+                    f"{row.structures_alive}/{row.structures_total}" if row.is_psp else "",
+                    _percent(row.pruned_macs, row.macs) if row.is_psp else "",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+        def line(cells):
+            first = cells[0].ljust(widths[0])
+            rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            return "  ".join([first] + rest).rstrip()
+
+        rule = "-" * len(line(header))
+        out = [f'Profile of model "{self.name}"', rule, line(header), rule]
+        out += [line(r) for r in rows[1:]]
+        out.append(rule)
+        out.append(f"Total params: {self.total_params:,}")
+        out.append(f"Total MACs: {self.total_macs:,}")
+        if self.structures_total:
+            out.append(
+                f"PSP structures pruned: {self.structures_pruned:,}/"
+                f"{self.structures_total:,} (sparsity {self.sparsity:.1%})"
+            )
+            out.append(
+                f"Pruned MACs: {self.pruned_macs:,} "
+                f"({_percent(self.pruned_macs, self.total_macs)}%), "
+                f"expected MAC reduction {self.mac_reduction:.2f}x"
+            )
+            out.append(
+                f"Pruned params: {self.pruned_params:,} "
+                f"({_percent(self.pruned_params, self.total_params)}%)"
+            )
+        return "\n".join(out)
+
+    def __repr__(self):
+        return (
+            f"<ModelProfile '{self.name}': {len(self.layers)} layers, "
+            f"{self.total_macs:,} MACs, {self.total_params:,} params, "
+            f"sparsity {self.sparsity:.3f}>"
+        )
+
+
+def _ratio(total, pruned):
+    if total == 0:
+        return 1.0
+    if pruned >= total:
+        return math.inf
+    return total / (total - pruned)
+
+
+def _json_float(value):
+    return value if math.isfinite(value) else None
+
+
+def _percent(part, whole):
+    return f"{100.0 * part / whole:.1f}" if whole else "0.0"
+
+
+def _format_shape(shape):
+    if isinstance(shape, list):
+        return ", ".join(_format_shape(s) for s in shape)
+    return str((None,) + tuple(shape))
+
+
+# --- graph walk ---------------------------------------------------------------
+
+
+def _graph_of(model):
+    """The Functional graph behind `model`, or None if it has none (yet)."""
+    if isinstance(model, keras.Sequential):
+        return model._functional
+    if isinstance(model, Functional):
+        return model
+    return None
+
+
+def _nodes_in_order(graph):
+    """The graph's call nodes, inputs first."""
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        yield from graph._nodes_by_depth[depth]
+
+
+def _shapes(tensors):
+    return [tuple(t.shape) for t in tensors]
+
+
+def _node_shapes(graph, input_shapes=None):
+    """Yields `(node, input shapes, output shapes)` in graph order (batched shapes).
+
+    Without `input_shapes` the shapes recorded in the graph are used; with
+    them (one per model input, no batch dimension) shapes are propagated anew
+    with each layer's `compute_output_spec`, which defines dimensions the
+    graph left as None.
+    """
+    if input_shapes is None:
+        for node in _nodes_in_order(graph):
+            yield node, _shapes(node.input_tensors), _shapes(node.output_tensors)
+        return
+    if len(input_shapes) != len(graph._inputs):
+        raise ValueError(
+            f"model '{graph.name}' has {len(graph._inputs)} inputs but "
+            f"{len(input_shapes)} input shapes were given."
+        )
+    specs = {
+        id(t): keras.KerasTensor((None,) + tuple(shape), dtype=t.dtype)
+        for t, shape in zip(graph._inputs, input_shapes)
+    }
+    for node in _nodes_in_order(graph):
+        if node.is_input or any(id(t) not in specs for t in node.input_tensors):
+            continue
+        args, kwargs = node.arguments.fill_in(specs)
+        outputs = keras.tree.flatten(node.operation.compute_output_spec(*args, **kwargs))
+        for tensor, spec in zip(node.outputs, outputs):
+            specs[id(tensor)] = spec
+        inputs = [specs[id(t)] for t in node.input_tensors]
+        yield node, _shapes(inputs), _shapes(outputs)
+
+
+def _check_static(layer, path, shapes, rule_name):
+    for shape in shapes:
+        if any(d is None for d in shape[1:]):
+            raise ValueError(
+                f"layer '{path}': {rule_name} shape {shape} has an unknown "
+                f"dimension, so its MACs cannot be counted. Pass "
+                f"profile(model, input_shape=...) with a fully defined shape."
+            )
+
+
+def _walk(model, prefix, rows, psp_entries, index, input_shapes=None):
+    """Appends rows for `model`'s layers; nested models are walked recursively.
+
+    `input_shapes` (unbatched, one per input) overrides the recorded shapes.
+
+    `index` maps each layer seen so far to its row, so that a shared layer
+    (or a nested model called twice) adds calls and MACs to one row.
+    """
+    graph = _graph_of(model)
+    for node, in_shapes, out_shapes in _node_shapes(graph, input_shapes):
+        layer = node.operation
+        if not isinstance(layer, keras.layers.Layer) or isinstance(
+            layer, keras.layers.InputLayer
+        ):
+            continue
+        path = f"{prefix}{layer.name}"
+        if _graph_of(layer) is not None:  # a nested model: count its layers
+            inner = None if input_shapes is None else [s[1:] for s in in_shapes]
+            _walk(layer, f"{path}/", rows, psp_entries, index, inner)
+            continue
+        rule = _mac_rule(layer)
+        macs, positions = 0, 0
+        if rule is not None:
+            _check_static(layer, path, in_shapes, "input")
+            _check_static(layer, path, out_shapes, "output")
+            macs = int(rule(layer, in_shapes, out_shapes))
+            positions = _positions(layer, out_shapes)
+        if layer in index:
+            row = index[layer]
+            row.macs += macs
+            row.calls += 1
+            for entry in psp_entries:
+                if entry[1] is layer:
+                    entry[2] += positions
+            continue
+        shape = [s[1:] for s in out_shapes]
+        row = LayerProfile(
+            name=path,
+            class_name=type(layer).__name__,
+            output_shape=shape[0] if len(shape) == 1 else shape,
+            params=int(layer.count_params()),
+            macs=macs,
+            calls=1,
+        )
+        if psp_layers.is_psp_layer(layer):
+            row.structure = layer.structure
+            psp_entries.append([row, layer, positions])
+        index[layer] = row
+        rows.append(row)
+
+
+def _input_shapes(input_shape):
+    """None, one shape or a list of shapes -> None or a list of tuples."""
+    if input_shape is None:
+        return None
+    input_shape = list(input_shape)
+    if all(d is None or isinstance(d, (int, np.integer)) for d in input_shape):
+        return [tuple(input_shape)]
+    return [tuple(shape) for shape in input_shape]
+
+
+def profile(model, input_shape=None):
+    """Counts MACs, parameters and PSP sparsity of every layer of `model`.
+
+    Args:
+        model: a built functional or Sequential Keras model; nested models are
+            walked and their layers reported as `'submodel/layer'`.
+        input_shape: shape of one sample, no batch dimension (a list of shapes
+            for several inputs). Counts the model as if fed inputs of this
+            shape, which defines dimensions the model leaves as None; a
+            Sequential model created without a `keras.Input` is built with it
+            (in place). None: use the shapes recorded in the model.
+
+    Returns:
+        A `ModelProfile`.
+
+    Raises:
+        ValueError: `model` is not a Keras model, is not built, has no graph
+            (subclassed models), or has unknown spatial dimensions.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"profile() expects a keras.Model, got {type(model).__name__}. "
+            f"Wrap layers in a keras.Sequential or functional model first."
+        )
+    if (
+        isinstance(model, keras.Sequential)
+        and _graph_of(model) is None
+        and input_shape is not None
+    ):
+        model.build((None,) + tuple(input_shape))
+    if _graph_of(model) is None:
+        if isinstance(model, keras.Sequential):
+            raise ValueError(
+                f"model '{model.name}' is not built: it has no defined inputs. "
+                f"Start it with keras.Input(shape=...) or pass "
+                f"profile(model, input_shape=...)."
+            )
+        raise ValueError(
+            f"model '{model.name}' ({type(model).__name__}) has no functional "
+            f"graph to profile: subclassed models are not supported. Use a "
+            f"functional or Sequential model."
+        )
+    rows, psp_entries = [], []
+    _walk(model, "", rows, psp_entries, {}, _input_shapes(input_shape))
+    return ModelProfile(model.name, rows, psp_entries)
