@@ -17,6 +17,7 @@ from tf_psp.layers import (
     is_psp_layer,
 )
 from tf_psp.profile import LayerProfile, ModelProfile, profile
+from tf_psp.shrink import strip, strip_and_shrink
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,7 @@ __all__ = [
     "parameterize",
     "profile",
     "regularizers",
+    "strip",
+    "strip_and_shrink",
     "structures",
 ]

@@ -1,0 +1,745 @@
+"""Channel dependency graph of a functional Keras model.
+
+Every tensor's last axis (channels_last) is a row of channel *slots*. Layers
+tie slots together: a pass-through layer (BatchNormalization, ReLU, pooling,
+DepthwiseConv2D ...) ties input channel `c` to output channel `c`; Add and the
+other merges tie all their inputs and their output; Concatenate maps with
+offsets; Flatten after NHWC ties input channel `c` to positions `c + k*C`.
+A union-find over slots yields *groups*: channels that can only be removed
+together. Producers (Conv, Dense, SeparableConv) start new channel spaces.
+
+Per-layer behaviour lives in small handler classes in `REGISTRY` (exact
+Keras class -> handler), so supporting a new layer is one class. Layers not in
+the registry, model inputs and model outputs *freeze* every channel they
+touch. The graph also propagates two facts the exactness contract needs:
+
+- `constants`: forward, per channel, the value when it is the same at every
+  position and for every input (NaN otherwise), e.g. a conv whose kernel
+  column is zero outputs `activation(bias)`, BatchNormalization maps it to
+  another constant.
+- `needed`: backward, per channel, whether the model outputs depend on the
+  channel's value (a consumer whose kernel row is zero does not read it).
+
+The graph is built on a *plain* model (see `tf_psp.shrink.strip`): pruning is
+read from exact zeros in the folded weights, so every PSP structure
+(`channel`, `filter`, `column`, `layer`) is handled the same way.
+"""
+
+import keras
+import numpy as np
+
+# --- small helpers ------------------------------------------------------------
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _channels(tensor):
+    dim = tensor.shape[-1] if len(tensor.shape) else None
+    return None if dim is None else int(dim)
+
+
+def _nonzero_rows(kernel, in_axis=-2):
+    """Bool per kernel input channel: any nonzero weight."""
+    k = np.moveaxis(kernel, in_axis, 0)
+    return np.any(k.reshape(k.shape[0], -1) != 0, axis=1)
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = []
+
+    def add(self, n):
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, a):
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class TensorInfo:
+    """One symbolic tensor of the graph: its channel count and first slot."""
+
+    def __init__(self, tensor, index, slot):
+        self.tensor = tensor
+        self.index = index
+        self.channels = _channels(tensor)
+        self.slot = slot
+
+    def slots(self):
+        return np.arange(self.slot, self.slot + (self.channels or 0))
+
+
+class Blocker:
+    """Why channels are kept: a layer (or None for model inputs/outputs) and a reason."""
+
+    def __init__(self, node, text):
+        self.layer = None if node is None else node.name
+        self.cls = None if node is None else type(node.layer).__name__
+        self.text = text
+
+    def key(self):
+        return (self.layer or "", self.cls or "", self.text)
+
+    def __str__(self):
+        if self.layer is None:
+            return self.text
+        return f"layer '{self.layer}' ({self.cls}) {self.text}"
+
+
+class NodeInfo:
+    """One call of one layer: its handler, input and output tensors."""
+
+    def __init__(self, node, handler, inputs, outputs):
+        self.node = node
+        self.layer = node.operation
+        self.handler = handler
+        self.inputs = inputs
+        self.outputs = outputs
+        self.in_needed = None
+
+    @property
+    def name(self):
+        return getattr(self.layer, "name", type(self.layer).__name__)
+
+    def describe(self):
+        return f"layer '{self.name}' ({type(self.layer).__name__})"
+
+
+# --- handlers -----------------------------------------------------------------
+
+
+class LayerHandler:
+    """How one layer type moves channels. The base class freezes everything.
+
+    `kind` is 'producer' (outputs are a new channel space, inputs are read
+    through a kernel), 'passthrough' (outputs share the inputs' groups) or
+    'frozen'.
+    """
+
+    kind = "frozen"
+
+    def frozen_reason(self, layer, node):
+        """None when this handler understands `layer`, else why not."""
+        return None
+
+    def couple(self, graph, node):
+        """Ties slots (graph.union / graph.freeze)."""
+        reason = "is not understood"
+        for t in node.inputs + node.outputs:
+            graph.freeze(t, node, reason)
+
+    def constants(self, node, in_consts):
+        """Per-output arrays of per-channel constants (NaN: not constant)."""
+        return [np.full(t.channels or 0, np.nan) for t in node.outputs]
+
+    def needed_inputs(self, node, out_needed):
+        """Per-input bool arrays: which input channels the needed outputs read."""
+        return [np.ones(t.channels or 0, bool) for t in node.inputs]
+
+    def absorbs(self, node, value):
+        """Whether a removed input channel of constant `value` can be folded in."""
+        return False
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        """Returns (new layer, weights or None) for the shrunk model."""
+        return node.layer, None
+
+
+class _FrozenHandler(LayerHandler):
+    pass
+
+
+def _new_layer(layer, **changes):
+    config = layer.get_config()
+    config.pop("build_config", None)
+    config.update(changes)
+    return type(layer).from_config(config)
+
+
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
+
+
+class PassThroughHandler(LayerHandler):
+    """Channel c in is channel c out; per-channel weights are sliced.
+
+    `keeps_constants`: a constant channel stays the same constant (pooling,
+    cropping, upsampling). Elementwise layers compute the new constant by
+    calling the layer on it.
+    """
+
+    kind = "passthrough"
+    keeps_constants = False
+    elementwise = True
+
+    def frozen_reason(self, layer, node):
+        if not _channels_last(layer):
+            return "is not channels_last"
+        if len(node.inputs) != 1 or len(node.outputs) != 1:
+            return "has several inputs or outputs"
+        if node.inputs[0].channels != node.outputs[0].channels:
+            return "changes the channel count"
+        return None
+
+    def couple(self, graph, node):
+        graph.union_tensors(node.inputs[0], node.outputs[0])
+
+    def constants(self, node, in_consts):
+        c = in_consts[0]
+        if self.keeps_constants or not np.any(np.isfinite(c)):
+            return [c.copy()]
+        rank = len(node.inputs[0].tensor.shape)
+        x = np.where(np.isfinite(c), c, 0.0).reshape((1,) * (rank - 1) + (-1,))
+        y = _np(node.layer(x.astype(node.inputs[0].tensor.dtype or "float32"), training=False))
+        y = y.reshape(-1).astype(np.float64)
+        return [np.where(np.isfinite(c), y, np.nan)]
+
+    def needed_inputs(self, node, out_needed):
+        return [out_needed[0].copy()]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = _new_layer(node.layer)
+        weights = [w[keep_out[0]] if w.ndim == 1 else w for w in node.layer.get_weights()]
+        return layer, weights
+
+
+class ShapeKeepingHandler(PassThroughHandler):
+    """Pooling, cropping, upsampling: a constant channel stays constant."""
+
+    keeps_constants = True
+
+
+class ZeroPaddingHandler(PassThroughHandler):
+    """Zero padding: only a constant 0 stays constant."""
+
+    def constants(self, node, in_consts):
+        c = in_consts[0]
+        return [np.where(c == 0, 0.0, np.nan)]
+
+
+class ActivationHandler(PassThroughHandler):
+    def frozen_reason(self, layer, node):
+        name = getattr(getattr(layer, "activation", None), "__name__", "")
+        if name in ("softmax", "log_softmax"):
+            return f"mixes channels ({name})"
+        return super().frozen_reason(layer, node)
+
+
+class BatchNormHandler(PassThroughHandler):
+    def frozen_reason(self, layer, node):
+        rank = len(node.inputs[0].tensor.shape)
+        if layer.axis not in (-1, rank - 1):
+            return f"normalizes axis {layer.axis}, not the channel axis"
+        return super().frozen_reason(layer, node)
+
+    def needed_inputs(self, node, out_needed):
+        needed = out_needed[0].copy()
+        if node.layer.scale:
+            needed &= _np(node.layer.gamma) != 0
+        return [needed]
+
+
+class RescalingHandler(PassThroughHandler):
+    def frozen_reason(self, layer, node):
+        if np.ndim(layer.scale) or np.ndim(layer.offset):
+            return "has per-channel scale or offset"
+        return super().frozen_reason(layer, node)
+
+
+class TrivialReshapeHandler(PassThroughHandler):
+    """A Reshape that keeps the last axis and only adds or drops size-1 axes."""
+
+    def frozen_reason(self, layer, node):
+        reason = super().frozen_reason(layer, node)
+        if reason:
+            return reason
+        shapes = [node.inputs[0].tensor.shape[1:], node.outputs[0].tensor.shape[1:]]
+        for shape in shapes:
+            if not shape or any(d != 1 for d in shape[:-1]):
+                return "reshapes more than size-1 axes"
+        return None
+
+    def constants(self, node, in_consts):
+        return [in_consts[0].copy()]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        target = tuple(node.layer.target_shape[:-1]) + (len(keep_out[0]),)
+        return _new_layer(node.layer, target_shape=target), []
+
+
+class DepthwiseHandler(PassThroughHandler):
+    """DepthwiseConv: input channel c owns outputs c*m .. c*m+m-1."""
+
+    def frozen_reason(self, layer, node):
+        if not _channels_last(layer):
+            return "is not channels_last"
+        return None
+
+    def couple(self, graph, node):
+        m = node.layer.depth_multiplier
+        t_in, t_out = node.inputs[0], node.outputs[0]
+        for c in range(t_in.channels):
+            for j in range(m):
+                graph.union(t_in.slot + c, t_out.slot + c * m + j)
+
+    def constants(self, node, in_consts):
+        layer = node.layer
+        kernel = _np(layer.kernel)
+        zero = ~np.any(kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) != 0, axis=0)
+        bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
+        out = np.where(zero, bias, np.nan)
+        if layer.activation is not None and np.any(zero):
+            out = np.where(zero, _np(layer.activation(np.where(zero, bias, 0.0))), np.nan)
+        return [out.astype(np.float64)]
+
+    def needed_inputs(self, node, out_needed):
+        kernel = _np(node.layer.kernel)
+        m = node.layer.depth_multiplier
+        live = np.any(kernel.reshape(-1, kernel.shape[-2], m) != 0, axis=0)
+        return [np.any(live & out_needed[0].reshape(-1, m), axis=1)]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = node.layer
+        weights = [_np(layer.kernel)[..., keep_in[0], :]]
+        if layer.use_bias:
+            m = layer.depth_multiplier
+            weights.append(_np(layer.bias).reshape(-1, m)[keep_in[0]].reshape(-1))
+        return _new_layer(layer), weights
+
+
+class MergeHandler(LayerHandler):
+    """Add, Subtract, Average, Maximum, Minimum, Multiply: shared channels."""
+
+    kind = "passthrough"
+
+    def frozen_reason(self, layer, node):
+        c = node.outputs[0].channels
+        if len(node.outputs) != 1 or c is None:
+            return "has an unknown channel count"
+        if any(t.channels not in (1, c) for t in node.inputs):
+            return "has inputs with different channel counts"
+        return None
+
+    def couple(self, graph, node):
+        out = node.outputs[0]
+        for t in node.inputs:
+            if t.channels == out.channels:
+                graph.union_tensors(t, out)
+            else:
+                graph.freeze(t, node, "broadcasts this size-1 input")
+
+    def constants(self, node, in_consts):
+        name = type(node.layer).__name__
+        arrays = np.broadcast_arrays(*in_consts)
+        if name == "Add":
+            out = np.sum(arrays, axis=0)
+        elif name == "Subtract":
+            out = arrays[0] - arrays[1]
+        elif name == "Average":
+            out = np.mean(arrays, axis=0)
+        elif name == "Maximum":
+            out = np.max(arrays, axis=0)
+        elif name == "Minimum":
+            out = np.min(arrays, axis=0)
+        else:  # Multiply: a zero factor makes the product exactly zero
+            out = np.prod(arrays, axis=0)
+            out = np.where(np.any(np.stack(arrays) == 0, axis=0), 0.0, out)
+        return [out]
+
+    def needed_inputs(self, node, out_needed):
+        needed = out_needed[0]
+        return [needed.copy() if t.channels == len(needed) else np.array([needed.any()])
+                for t in node.inputs]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return _new_layer(node.layer), []
+
+
+class ConcatenateHandler(LayerHandler):
+    kind = "passthrough"
+
+    def _channel_axis(self, node):
+        rank = len(node.outputs[0].tensor.shape)
+        return node.layer.axis in (-1, rank - 1)
+
+    def frozen_reason(self, layer, node):
+        if any(t.channels is None for t in node.inputs):
+            return "has an unknown channel count"
+        if not self._channel_axis(node):
+            if any(t.channels != node.outputs[0].channels for t in node.inputs):
+                return "has inputs with different channel counts"
+        return None
+
+    def couple(self, graph, node):
+        out = node.outputs[0]
+        if not self._channel_axis(node):
+            for t in node.inputs:
+                graph.union_tensors(t, out)
+            return
+        offset = 0
+        for t in node.inputs:
+            for c in range(t.channels):
+                graph.union(t.slot + c, out.slot + offset + c)
+            offset += t.channels
+
+    def constants(self, node, in_consts):
+        if self._channel_axis(node):
+            return [np.concatenate(in_consts)]
+        stack = np.stack(in_consts)
+        return [np.where(np.all(stack == stack[0], axis=0), stack[0], np.nan)]
+
+    def needed_inputs(self, node, out_needed):
+        if not self._channel_axis(node):
+            return [out_needed[0].copy() for _ in node.inputs]
+        splits = np.cumsum([t.channels for t in node.inputs])[:-1]
+        return list(np.split(out_needed[0], splits))
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return _new_layer(node.layer), []
+
+
+class FlattenHandler(LayerHandler):
+    """Flatten of channels_last [.., C]: channel c lands at c + k*C."""
+
+    kind = "passthrough"
+
+    def frozen_reason(self, layer, node):
+        t_in, t_out = node.inputs[0], node.outputs[0]
+        if not _channels_last(layer):
+            return "is not channels_last"
+        if t_in.channels is None or t_out.channels is None:
+            return "has an unknown size"
+        return None
+
+    def couple(self, graph, node):
+        t_in, t_out = node.inputs[0], node.outputs[0]
+        c = t_in.channels
+        for p in range(t_out.channels):
+            graph.union(t_in.slot + p % c, t_out.slot + p)
+
+    def constants(self, node, in_consts):
+        reps = node.outputs[0].channels // node.inputs[0].channels
+        return [np.tile(in_consts[0], reps)]
+
+    def needed_inputs(self, node, out_needed):
+        return [out_needed[0].reshape(-1, node.inputs[0].channels).any(axis=0)]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return _new_layer(node.layer), []
+
+
+class _KernelHandler(LayerHandler):
+    """Conv and Dense: kernel [*spatial, in, out], optional bias."""
+
+    kind = "producer"
+    width_key = "filters"
+
+    def frozen_reason(self, layer, node):
+        if not _channels_last(layer):
+            return "is not channels_last"
+        if getattr(layer, "groups", 1) != 1:
+            return "is a grouped convolution"
+        if len(node.inputs) != 1:
+            return "has several inputs"
+        return None
+
+    def couple(self, graph, node):
+        pass  # a new channel space: no ties between input and output
+
+    def _kernel(self, layer):
+        return _np(layer.kernel)
+
+    def constants(self, node, in_consts):
+        layer = node.layer
+        kernel = self._kernel(layer)
+        zero = ~np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)
+        bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
+        out = np.where(zero, bias, 0.0)
+        if layer.activation is not None:
+            out = _np(layer.activation(out.astype("float32")))
+        return [np.where(zero, out, np.nan).astype(np.float64)]
+
+    def needed_inputs(self, node, out_needed):
+        kernel = self._kernel(node.layer)
+        return [_nonzero_rows(kernel[..., out_needed[0]])]
+
+    def absorbs(self, node, value):
+        if value == 0:
+            return True  # zero padding and a zero input agree
+        layer = node.layer  # without a bias, the shrunk layer gets one
+        padding = getattr(layer, "padding", "valid")
+        kernel_size = getattr(layer, "kernel_size", ())
+        return padding == "valid" or all(k == 1 for k in kernel_size)
+
+    def bias_delta(self, node, kernel, removed_consts):
+        """Sum over removed constant inputs of value * kernel row."""
+        spatial = tuple(range(kernel.ndim - 2))
+        rows = kernel.sum(axis=spatial) if spatial else kernel
+        return removed_consts @ rows
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = node.layer
+        kernel = self._kernel(layer)
+        consts = np.where(np.isfinite(in_consts[0]) & in_needed[0], in_consts[0], 0.0)
+        consts[keep_in[0]] = 0.0
+        weights = [kernel[..., keep_in[0], :][..., keep_out[0]]]
+        delta = self.bias_delta(node, kernel, consts)[keep_out[0]]
+        use_bias = layer.use_bias or bool(np.any(delta != 0))
+        if use_bias:
+            bias = _np(layer.bias)[keep_out[0]] if layer.use_bias else np.zeros_like(delta)
+            weights.append((bias + delta).astype(kernel.dtype))
+        changes = {self.width_key: len(keep_out[0]), "use_bias": use_bias}
+        return _new_layer(layer, **changes), weights
+
+
+class ConvHandler(_KernelHandler):
+    pass
+
+
+class DenseHandler(_KernelHandler):
+    width_key = "units"
+
+
+class SeparableConvHandler(_KernelHandler):
+    """SeparableConv: depthwise [.., cin, m] then pointwise [.., cin*m, out]."""
+
+    def _kernel(self, layer):
+        return _np(layer.pointwise_kernel)
+
+    def needed_inputs(self, node, out_needed):
+        layer = node.layer
+        dw = _np(layer.depthwise_kernel)
+        m = dw.shape[-1]
+        pw_live = _nonzero_rows(_np(layer.pointwise_kernel)[..., out_needed[0]])
+        dw_live = np.any(dw.reshape(-1, dw.shape[-2] * m) != 0, axis=0)
+        return [np.any((dw_live & pw_live).reshape(-1, m), axis=1)]
+
+    def absorbs(self, node, value):
+        return value == 0
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = node.layer
+        dw, pw = _np(layer.depthwise_kernel), _np(layer.pointwise_kernel)
+        m = dw.shape[-1]
+        rows = (keep_in[0][:, None] * m + np.arange(m)).reshape(-1)
+        weights = [dw[..., keep_in[0], :], pw[..., rows, :][..., keep_out[0]]]
+        if layer.use_bias:
+            weights.append(_np(layer.bias)[keep_out[0]])
+        return _new_layer(layer, filters=len(keep_out[0])), weights
+
+
+L = keras.layers
+REGISTRY = {
+    L.Conv1D: ConvHandler,
+    L.Conv2D: ConvHandler,
+    L.Conv3D: ConvHandler,
+    L.Dense: DenseHandler,
+    L.SeparableConv1D: SeparableConvHandler,
+    L.SeparableConv2D: SeparableConvHandler,
+    L.DepthwiseConv1D: DepthwiseHandler,
+    L.DepthwiseConv2D: DepthwiseHandler,
+    L.BatchNormalization: BatchNormHandler,
+    L.Activation: ActivationHandler,
+    L.ReLU: PassThroughHandler,
+    L.LeakyReLU: PassThroughHandler,
+    L.ELU: PassThroughHandler,
+    L.Identity: PassThroughHandler,
+    L.Dropout: PassThroughHandler,
+    L.SpatialDropout1D: PassThroughHandler,
+    L.SpatialDropout2D: PassThroughHandler,
+    L.SpatialDropout3D: PassThroughHandler,
+    L.GaussianNoise: PassThroughHandler,
+    L.GaussianDropout: PassThroughHandler,
+    L.AlphaDropout: PassThroughHandler,
+    L.Rescaling: RescalingHandler,
+    L.MaxPooling1D: ShapeKeepingHandler,
+    L.MaxPooling2D: ShapeKeepingHandler,
+    L.MaxPooling3D: ShapeKeepingHandler,
+    L.AveragePooling1D: ShapeKeepingHandler,
+    L.AveragePooling2D: ShapeKeepingHandler,
+    L.AveragePooling3D: ShapeKeepingHandler,
+    L.GlobalAveragePooling1D: ShapeKeepingHandler,
+    L.GlobalAveragePooling2D: ShapeKeepingHandler,
+    L.GlobalAveragePooling3D: ShapeKeepingHandler,
+    L.GlobalMaxPooling1D: ShapeKeepingHandler,
+    L.GlobalMaxPooling2D: ShapeKeepingHandler,
+    L.GlobalMaxPooling3D: ShapeKeepingHandler,
+    L.Cropping1D: ShapeKeepingHandler,
+    L.Cropping2D: ShapeKeepingHandler,
+    L.Cropping3D: ShapeKeepingHandler,
+    L.UpSampling1D: ShapeKeepingHandler,
+    L.UpSampling2D: ShapeKeepingHandler,
+    L.UpSampling3D: ShapeKeepingHandler,
+    L.ZeroPadding1D: ZeroPaddingHandler,
+    L.ZeroPadding2D: ZeroPaddingHandler,
+    L.ZeroPadding3D: ZeroPaddingHandler,
+    L.Add: MergeHandler,
+    L.Subtract: MergeHandler,
+    L.Average: MergeHandler,
+    L.Maximum: MergeHandler,
+    L.Minimum: MergeHandler,
+    L.Multiply: MergeHandler,
+    L.Concatenate: ConcatenateHandler,
+    L.Flatten: FlattenHandler,
+    L.Reshape: TrivialReshapeHandler,
+}
+del L
+
+
+def handler_for(layer):
+    """The registered handler instance for `layer`'s exact class (or a freezer)."""
+    return REGISTRY.get(type(layer), _FrozenHandler)()
+
+
+# --- the graph ------------------------------------------------------------------
+
+
+def functional_view(model):
+    """A functional model over the same layers (Sequential is converted)."""
+    if isinstance(model, keras.Sequential):
+        if not model.built or not getattr(model, "inputs", None):
+            raise ValueError(
+                f"model '{model.name}': Sequential model has no defined input; "
+                "build it with an `keras.Input` first."
+            )
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+        return keras.Model(inputs, outputs, name=model.name)
+    if not hasattr(model, "_nodes_by_depth"):
+        raise ValueError(
+            f"model '{model.name}': only functional and Sequential models are "
+            "supported (subclassed models have no static graph)."
+        )
+    return model
+
+
+class ChannelGraph:
+    """Channel groups, constants and liveness of a functional Keras model.
+
+    Args:
+        model: a built functional or Sequential Keras model (plain layers; use
+            `tf_psp.shrink.strip` first for PSP models).
+
+    Attributes:
+        nodes: `NodeInfo` per layer call, in topological order.
+        tensors: `TensorInfo` per symbolic tensor, keyed by `id(tensor)`.
+        constants / needed: per tensor id, per-channel arrays.
+        frozen: group root -> list of reasons.
+    """
+
+    def __init__(self, model):
+        self.model = functional_view(model)
+        self._uf = _UnionFind()
+        self.tensors = {}
+        self.frozen = {}
+        self.nodes = []
+        self._collect()
+        for node in self.nodes:
+            node.handler.couple(self, node)
+        for t in self.model.inputs:
+            self.freeze(self.tensors[id(t)], None, "model input")
+        for t in self.model.outputs:
+            self.freeze(self.tensors[id(t)], None, "model output")
+        self._propagate()
+
+    # --- construction -----------------------------------------------------
+    def _tensor(self, tensor):
+        key = id(tensor)
+        if key not in self.tensors:
+            info = TensorInfo(tensor, len(self.tensors), 0)
+            info.slot = self._uf.add(info.channels or 0)
+            self.tensors[key] = info
+        return self.tensors[key]
+
+    def _collect(self):
+        for t in self.model.inputs:
+            self._tensor(t)
+        calls = {}
+        ordered = []
+        for depth in sorted(self.model._nodes_by_depth, reverse=True):
+            for node in self.model._nodes_by_depth[depth]:
+                if not node.operation or node.is_input:
+                    continue
+                ordered.append(node)
+                calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        for node in ordered:
+            inputs = [self._tensor(t) for t in node.arguments.keras_tensors]
+            outputs = [self._tensor(t) for t in node.outputs]
+            handler = handler_for(node.operation)
+            info = NodeInfo(node, handler, inputs, outputs)
+            reason = None
+            if calls[id(node.operation)] > 1:
+                reason = "is shared (called more than once)"
+            elif any(t.channels is None for t in inputs + outputs):
+                reason = "has an unknown channel count"
+            elif handler.kind != "frozen":
+                reason = handler.frozen_reason(node.operation, info)
+            if reason is not None:
+                info.handler = _FrozenHandler()
+                info.frozen_reason = reason
+            self.nodes.append(info)
+
+    def union(self, slot_a, slot_b):
+        self._uf.union(int(slot_a), int(slot_b))
+
+    def union_tensors(self, a, b):
+        for c in range(a.channels):
+            self._uf.union(a.slot + c, b.slot + c)
+
+    def freeze(self, tensor, node, reason):
+        """Keeps every channel of `tensor`; the reason is a `Blocker`."""
+        if node is not None:
+            reason = Blocker(node, getattr(node, "frozen_reason", reason))
+        else:
+            reason = Blocker(None, reason)
+        for s in tensor.slots():
+            self.frozen.setdefault(int(s), []).append(reason)
+
+    def tensor_of_slot(self, slot):
+        """The TensorInfo holding `slot`."""
+        if not hasattr(self, "_slot_starts"):
+            infos = sorted(self.tensors.values(), key=lambda t: t.slot)
+            self._slot_infos = [t for t in infos if t.channels]
+            self._slot_starts = np.array([t.slot for t in self._slot_infos])
+        return self._slot_infos[int(np.searchsorted(self._slot_starts, slot, side="right")) - 1]
+
+    def space_name(self, slot):
+        """A readable name of the channel space of `slot`: its earliest tensor's producer."""
+        t = self.tensor_of_slot(self.group(slot))
+        op = getattr(getattr(t.tensor, "_keras_history", None), "operation", None)
+        if op is None or isinstance(op, keras.layers.InputLayer):
+            return "model input"
+        return f"output of '{op.name}'"
+
+    def group(self, slot):
+        """Root slot of the group `slot` belongs to."""
+        return self._uf.find(int(slot))
+
+    # --- value facts --------------------------------------------------------
+    def _propagate(self):
+        self.constants = {k: np.full(t.channels or 0, np.nan) for k, t in self.tensors.items()}
+        for node in self.nodes:
+            outs = node.handler.constants(node, [self.constants[id(t.tensor)] for t in node.inputs])
+            for t, c in zip(node.outputs, outs):
+                self.constants[id(t.tensor)] = np.asarray(c, np.float64)
+        self.needed = {k: np.zeros(t.channels or 0, bool) for k, t in self.tensors.items()}
+        for t in self.model.outputs:
+            self.needed[id(t)][:] = True
+        for node in reversed(self.nodes):
+            ins = node.handler.needed_inputs(node, [self.needed[id(t.tensor)] for t in node.outputs])
+            node.in_needed = [np.asarray(n, bool) for n in ins]
+            for t, n in zip(node.inputs, node.in_needed):
+                self.needed[id(t.tensor)] |= n
