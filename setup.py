@@ -41,6 +41,6 @@ setup(
     packages=find_packages(include=["tf_psp", "tf_psp.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["tf-psp = tf_psp.cli:main"]},
     license="Apache-2.0",
 )
