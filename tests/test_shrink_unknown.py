@@ -69,3 +69,19 @@ def test_custom_layer_freezes():
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
     _, report = _check(model, x, {"c1": 6, "c2": 3})
     assert "custom" in str(report)
+
+
+def test_bad_inputs_are_refused_with_clear_errors():
+    import pytest
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, tf_psp.PSPDense(3, name="d")(inputs))
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        tf_psp.strip_and_shrink(model, round_to=0)
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        tf_psp.strip_and_shrink(model, round_to=2.5)
+    model.get_layer("d").alpha.assign(np.array([1.0, np.nan, 1.0, 1.0], "float32"))
+    with pytest.raises(ValueError, match=r"\['d'\] have NaN"):
+        tf_psp.strip_and_shrink(model)
+    with pytest.raises(ValueError, match="expected a keras.Model"):
+        tf_psp.strip_and_shrink(keras.layers.Dense(2))

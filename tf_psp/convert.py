@@ -63,7 +63,7 @@ def parameterize(
         ValueError: the model is not a built Sequential/functional model, a
             name in `layers` does not exist, or an argument is invalid.
     """
-    _check_model(model)
+    check_model(model)
     if not callable(structure):
         structures.validate_structure(structure)
     unknown = set(psp_kwargs) - set(psp_layers.PSP_CONFIG_KEYS)
@@ -104,7 +104,7 @@ def parameterize(
     return new_model
 
 
-def _check_model(model):
+def check_model(model):
     """Raises a ValueError unless `model` is a built Sequential/functional model."""
     if not isinstance(model, keras.Model):
         raise ValueError(

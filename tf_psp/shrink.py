@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from tf_psp import graph as psp_graph
+from tf_psp.convert import check_model
 from tf_psp.layers import is_psp_layer
 
 # --- strip --------------------------------------------------------------------
@@ -58,6 +59,16 @@ def strip(model):
         weights = old.folded_weights() if is_psp_layer(old) else old.get_weights()
         new.set_weights(weights)
     return clone
+
+
+def _check_finite_alphas(model):
+    bad = [layer.name for layer in model._flatten_layers(include_self=False)
+           if is_psp_layer(layer) and not np.all(np.isfinite(keras.ops.convert_to_numpy(layer.alpha.value)))]
+    if bad:
+        raise ValueError(
+            f"PSP layers {bad} have NaN or infinite alphas; training diverged. "
+            "Lower the learning rate or the alpha decay and train again."
+        )
 
 
 # --- report -------------------------------------------------------------------
@@ -286,9 +297,11 @@ def strip_and_shrink(model, round_to=1, return_report=False):
     Returns:
         A functional `keras.Model`, or `(model, report)` with `return_report`.
     """
+    check_model(model)
+    if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
     round_to = int(round_to)
-    if round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to}.")
+    _check_finite_alphas(model)
     scores = _psp_scores(model)
     g = psp_graph.ChannelGraph(strip(model))
     plan = _decide(g)
