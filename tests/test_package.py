@@ -25,7 +25,7 @@ def test_public_api():
 def test_quickstart_runs_and_prints_sparsity():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "mnist_quickstart.py"), "--epochs=1", "--limit=256"],
+        [sys.executable, str(ROOT / "examples" / "mnist_quickstart.py"), "--epochs=1", "--pretrain_epochs=1", "--limit=256"],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "structure sparsity" in result.stdout and "test accuracy" in result.stdout
