@@ -15,12 +15,13 @@ TensorFlow and Keras are imported only once a command runs, so `--help` is fast.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import tempfile
 import zipfile
+
+from tf_psp import atomic
 
 PROG = "tf-psp"
 
@@ -136,38 +137,12 @@ def _save_keras_atomic(model, path):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CLIError("output directory does not exist", directory, status=1)
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".keras"
-    )
-    os.close(fd)
-    try:
+    with atomic.temp_file_beside(path, suffix=".keras") as tmp:
         model.save(tmp, overwrite=True)
-        _chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-
-
-def _chmod_like_new_file(path):
-    """Gives a `mkstemp` file (mode 0600) the mode `open()` would have given it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_json(path, data):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        _chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _human_bytes(size):

@@ -12,16 +12,16 @@ TensorFlow, tf2onnx, onnxruntime and ai_edge_litert are imported only when a
 function needs them, so `import tf_psp` stays light.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
 
 import numpy as np
+
+from tf_psp import atomic
 
 FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_QUANTIZATIONS = (None, "float16", "int8")
@@ -116,7 +116,7 @@ def export_saved_model(model, path, probe=None):
             "directory. Remove it or choose another path."
         )
     inputs = _probe_inputs(model, probe)
-    with _atomic_directory(path) as tmp_dir:
+    with atomic.directory_beside(path) as tmp_dir:
         model.export(tmp_dir, format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(path)
     outputs = _flatten(loaded.serve(_pack_inputs(model, inputs)))
@@ -170,7 +170,7 @@ def export_tflite(model, path, quantization=None, representative_data=None, prob
         content = _with_tflite_metadata(
             content, TFLITE_INPUT_NAMES_METADATA, json.dumps(_input_names(model)).encode()
         )
-    _write_atomic(path, content)
+    atomic.write_bytes(path, content)
     outputs = run_tflite(path, inputs)
     return _result(model, path, "tflite", inputs, outputs)
 
@@ -203,7 +203,7 @@ def export_onnx(model, path, opset=None, probe=None):
     model_proto, _ = tf2onnx.convert.from_function(
         function, input_signature=specs, opset=opset
     )
-    _write_atomic(path, model_proto.SerializeToString())
+    atomic.write_bytes(path, model_proto.SerializeToString())
     outputs = run_onnx(path, inputs)
     return _result(model, path, "onnx", inputs, outputs)
 
@@ -626,57 +626,6 @@ def _dequantize(array, detail):
 def _check_file_target(path):
     if os.path.isdir(path):
         raise ValueError(f"Cannot write '{path}': it is a directory.")
-
-
-def _write_atomic(path, content):
-    """Writes bytes to a temporary file beside `path`, then renames it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _atomic_directory(path):
-    """Yields a temporary directory beside `path`, moved to `path` on success.
-
-    An existing directory at `path` is renamed away first and deleted once
-    the new one is in place (restored if the move fails).
-    """
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(path)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
-            os.rmdir(old)
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _size_bytes(path):
