@@ -20,6 +20,11 @@ touch. The graph also propagates two facts the exactness contract needs:
 - `needed`: backward, per channel, whether the model outputs depend on the
   channel's value (a consumer whose kernel row is zero does not read it).
 
+An Add, Subtract or Average input that is constant on every channel (a
+residual branch pruned away, e.g. by the 'layer' structure) is *dropped*: the
+merge becomes its other inputs plus that constant, and the layers that only
+fed the dropped input are *dead* (not coupled, not rebuilt).
+
 The graph is built on a *plain* model (see `tf_psp.shrink.strip`): pruning is
 read from exact zeros in the folded weights, so every PSP structure
 (`channel`, `filter`, `column`, `layer`) is handled the same way.
@@ -109,6 +114,7 @@ class NodeInfo:
         self.inputs = inputs
         self.outputs = outputs
         self.in_needed = None
+        self.dropped = []  # input indices replaced by their constants
 
     @property
     def name(self):
@@ -130,6 +136,7 @@ class LayerHandler:
     """
 
     kind = "frozen"
+    approximate = False  # fold constants as if convolutions had no padding
 
     def frozen_reason(self, layer, node):
         """None when this handler understands `layer`, else why not."""
@@ -253,10 +260,24 @@ class BatchNormHandler(PassThroughHandler):
 
 
 class RescalingHandler(PassThroughHandler):
+    """Scalar or per-channel (shape `(channels,)`) scale and offset."""
+
     def frozen_reason(self, layer, node):
-        if np.ndim(layer.scale) or np.ndim(layer.offset):
-            return "has per-channel scale or offset"
+        for value in (layer.scale, layer.offset):
+            if np.ndim(value) and np.shape(value) != (node.outputs[0].channels,):
+                return "has a scale or offset that is not per channel"
         return super().frozen_reason(layer, node)
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = node.layer
+
+        def pick(value):
+            return np.asarray(value)[keep_out[0]] if np.ndim(value) else value
+
+        new = keras.layers.Rescaling(
+            pick(layer.scale), offset=pick(layer.offset), name=layer.name, dtype=layer.dtype_policy
+        )
+        return new, []
 
 
 class TrivialReshapeHandler(PassThroughHandler):
@@ -300,9 +321,14 @@ class DepthwiseHandler(PassThroughHandler):
         kernel = _np(layer.kernel)
         zero = ~np.any(kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) != 0, axis=0)
         bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
+        m = layer.depth_multiplier
+        value = np.repeat(np.where(np.isfinite(in_consts[0]), in_consts[0], 0.0), m)
+        folds = np.repeat([np.isfinite(v) and _folds_exactly(self, layer, v) for v in in_consts[0]], m)
+        zero |= folds
+        bias = bias + value * kernel.reshape(-1, kernel.shape[-2] * m).sum(axis=0)
         out = np.where(zero, bias, np.nan)
         if layer.activation is not None and np.any(zero):
-            out = np.where(zero, _np(layer.activation(np.where(zero, bias, 0.0))), np.nan)
+            out = np.where(zero, _np(layer.activation(np.where(zero, bias, 0.0).astype("float32"))), np.nan)
         return [out.astype(np.float64)]
 
     def needed_inputs(self, node, out_needed):
@@ -335,7 +361,9 @@ class MergeHandler(LayerHandler):
 
     def couple(self, graph, node):
         out = node.outputs[0]
-        for t in node.inputs:
+        for k, t in enumerate(node.inputs):
+            if k in node.dropped:
+                continue  # replaced by its constant: not coupled
             if t.channels == out.channels:
                 graph.union_tensors(t, out)
             else:
@@ -363,6 +391,46 @@ class MergeHandler(LayerHandler):
         needed = out_needed[0]
         return [needed.copy() if t.channels == len(needed) else np.array([needed.any()])
                 for t in node.inputs]
+
+    def dropped_inputs(self, node, in_consts):
+        """Indices of inputs constant on every channel that an offset can replace.
+
+        Add, Subtract and Average only (a constant input of Maximum, Minimum
+        or Multiply is kept). One input with the output's full shape stays.
+        """
+        if type(node.layer).__name__ not in ("Add", "Subtract", "Average"):
+            return []
+        shape = tuple(node.outputs[0].tensor.shape)
+        full = [tuple(t.tensor.shape) == shape for t in node.inputs]
+        kept = [k for k, c in enumerate(in_consts) if not np.all(np.isfinite(c))]
+        if not any(full[k] for k in kept):
+            if not any(full):
+                return []
+            kept.append(full.index(True))
+        return [k for k in range(len(node.inputs)) if k not in kept]
+
+    def call_without_dropped(self, node, tensors, keep_out, in_consts):
+        """The merge's output from its kept input `tensors` plus the dropped constants.
+
+        Returns the new output tensor: the kept input itself when the dropped
+        constants are exactly zero, else a `Rescaling` with a per-channel offset.
+        """
+        n, width = len(node.inputs), node.outputs[0].channels
+        kept = [k for k in range(n) if k not in node.dropped]
+        offset = np.sum([np.broadcast_to(in_consts[k], (width,)) for k in node.dropped], axis=0)
+        scale = 1.0
+        name = type(node.layer).__name__
+        if name == "Subtract":
+            scale, offset = (-1.0, offset) if kept == [1] else (1.0, -offset)
+        elif name == "Average":
+            scale, offset = len(kept) / n, offset / n
+        x = _new_layer(node.layer)(tensors) if len(tensors) > 1 else tensors[0]
+        offset = offset[keep_out[0]]
+        if scale == 1.0 and not np.any(offset):
+            return x
+        return keras.layers.Rescaling(
+            scale, offset=offset.astype("float32"), name=f"{node.name}_constant"
+        )(x)
 
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
         return _new_layer(node.layer), []
@@ -462,11 +530,20 @@ class _KernelHandler(LayerHandler):
     def _kernel(self, layer):
         return _np(layer.kernel)
 
+    def _folded_inputs(self, node, consts):
+        """Per kernel input row: whether its constant input folds into the bias."""
+        return np.array([np.isfinite(v) and self.absorbs(node, v) for v in consts], bool)
+
     def constants(self, node, in_consts):
+        """An output channel is constant when every input it reads is a foldable constant."""
         layer = node.layer
         kernel = self._kernel(layer)
-        zero = ~np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)
+        rows = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])
+        folds = self._folded_inputs(node, in_consts[0])
+        zero = ~np.any(np.any(rows != 0, axis=0) & ~folds[:, None], axis=0)
         bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
+        if np.any(folds):
+            bias = bias + np.where(folds, in_consts[0], 0.0) @ rows.sum(axis=0)
         out = np.where(zero, bias, 0.0)
         if layer.activation is not None:
             out = _np(layer.activation(out.astype("float32")))
@@ -477,12 +554,8 @@ class _KernelHandler(LayerHandler):
         return [_nonzero_rows(kernel[..., out_needed[0]])]
 
     def absorbs(self, node, value):
-        if value == 0:
-            return True  # zero padding and a zero input agree
-        layer = node.layer  # without a bias, the shrunk layer gets one
-        padding = getattr(layer, "padding", "valid")
-        kernel_size = getattr(layer, "kernel_size", ())
-        return padding == "valid" or all(k == 1 for k in kernel_size)
+        # without a bias, the shrunk layer gets one
+        return _folds_exactly(self, node.layer, value)
 
     def bias_delta(self, node, kernel, removed_consts):
         """Sum over removed constant inputs of value * kernel row."""
@@ -503,6 +576,19 @@ class _KernelHandler(LayerHandler):
             weights.append((bias + delta).astype(kernel.dtype))
         changes = {self.width_key: len(keep_out[0]), "use_bias": use_bias}
         return _new_layer(layer, **changes), weights
+
+
+def _folds_exactly(handler, layer, value):
+    """Whether a constant input `value` of a conv/dense `layer` can be folded into its bias.
+
+    Exact for 0 (zero padding and a zero input agree), 'valid' padding and
+    1x1 kernels; with `handler.approximate`, always (borders then differ).
+    """
+    if value == 0 or handler.approximate:
+        return True
+    padding = getattr(layer, "padding", "valid")
+    kernel_size = getattr(layer, "kernel_size", ())
+    return padding == "valid" or all(k == 1 for k in kernel_size)
 
 
 class ConvHandler(_KernelHandler):
@@ -529,6 +615,9 @@ class SeparableConvHandler(_KernelHandler):
 
     def absorbs(self, node, value):
         return value == 0
+
+    def _folded_inputs(self, node, consts):
+        return np.zeros(self._kernel(node.layer).shape[-2], bool)
 
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
         layer = node.layer
@@ -632,28 +721,35 @@ class ChannelGraph:
     Args:
         model: a built functional or Sequential Keras model (plain layers; use
             `tf_psp.shrink.strip` first for PSP models).
+        approximate: treat constants read by convolutions with padding as
+            foldable, as if there were no padding (not exact at the borders).
 
     Attributes:
         nodes: `NodeInfo` per layer call, in topological order.
         tensors: `TensorInfo` per symbolic tensor, keyed by `id(tensor)`.
         constants / needed: per tensor id, per-channel arrays.
         frozen: group root -> list of reasons.
+        live: ids of the nodes the outputs still depend on (see `is_live`).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, approximate=False):
         self.model = functional_view(model)
+        self.approximate = bool(approximate)
         self._uf = _UnionFind()
         self.tensors = {}
         self.frozen = {}
         self.nodes = []
         self._collect()
+        self._propagate_constants()
+        self._drop_constant_inputs()
         for node in self.nodes:
-            node.handler.couple(self, node)
+            if self.is_live(node):
+                node.handler.couple(self, node)
         for t in self.model.inputs:
             self.freeze(self.tensors[id(t)], None, "model input")
         for t in self.model.outputs:
             self.freeze(self.tensors[id(t)], None, "model output")
-        self._propagate()
+        self._propagate_needed()
 
     # --- construction -----------------------------------------------------
     def _tensor(self, tensor):
@@ -679,6 +775,7 @@ class ChannelGraph:
             inputs = [self._tensor(t) for t in node.arguments.keras_tensors]
             outputs = [self._tensor(t) for t in node.outputs]
             handler = handler_for(node.operation)
+            handler.approximate = self.approximate
             info = NodeInfo(node, handler, inputs, outputs)
             reason = None
             if calls[id(node.operation)] > 1:
@@ -728,18 +825,56 @@ class ChannelGraph:
         """Root slot of the group `slot` belongs to."""
         return self._uf.find(int(slot))
 
+    def is_live(self, node):
+        """Whether the model outputs depend on `node` (not only through dropped inputs)."""
+        return id(node) in self.live
+
+    def dead_branch(self, node):
+        """Names of the dead layers that fed `node`'s dropped inputs, in order."""
+        producers = {id(t.tensor): n for n in self.nodes for t in n.outputs}
+        stack, found = [node.inputs[k] for k in node.dropped], set()
+        while stack:
+            n = producers.get(id(stack.pop().tensor))
+            if n is not None and not self.is_live(n) and id(n) not in found:
+                found.add(id(n))
+                stack.extend(n.inputs)
+        return [n.name for n in self.nodes if id(n) in found]
+
     # --- value facts --------------------------------------------------------
-    def _propagate(self):
+    def _propagate_constants(self):
         self.constants = {k: np.full(t.channels or 0, np.nan) for k, t in self.tensors.items()}
         for node in self.nodes:
             outs = node.handler.constants(node, [self.constants[id(t.tensor)] for t in node.inputs])
             for t, c in zip(node.outputs, outs):
                 self.constants[id(t.tensor)] = np.asarray(c, np.float64)
+
+    def _drop_constant_inputs(self):
+        """Sets `node.dropped` of merges and `live`: nodes reached from the outputs
+        without passing through a dropped input."""
+        live_tensors = {id(t) for t in self.model.outputs}
+        self.live = set()
+        for node in reversed(self.nodes):
+            if not any(id(t.tensor) in live_tensors for t in node.outputs):
+                continue
+            self.live.add(id(node))
+            if isinstance(node.handler, MergeHandler):
+                in_consts = [self.constants[id(t.tensor)] for t in node.inputs]
+                node.dropped = node.handler.dropped_inputs(node, in_consts)
+            for k, t in enumerate(node.inputs):
+                if k not in node.dropped:
+                    live_tensors.add(id(t.tensor))
+
+    def _propagate_needed(self):
         self.needed = {k: np.zeros(t.channels or 0, bool) for k, t in self.tensors.items()}
         for t in self.model.outputs:
             self.needed[id(t)][:] = True
         for node in reversed(self.nodes):
-            ins = node.handler.needed_inputs(node, [self.needed[id(t.tensor)] for t in node.outputs])
+            if self.is_live(node):
+                ins = node.handler.needed_inputs(node, [self.needed[id(t.tensor)] for t in node.outputs])
+            else:
+                ins = [np.zeros(t.channels or 0, bool) for t in node.inputs]
+            for k in node.dropped:
+                ins[k] = np.zeros(node.inputs[k].channels or 0, bool)
             node.in_needed = [np.asarray(n, bool) for n in ins]
             for t, n in zip(node.inputs, node.in_needed):
                 self.needed[id(t.tensor)] |= n

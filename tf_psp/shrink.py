@@ -7,11 +7,15 @@ channels whose value no longer matters, using `tf_psp.graph.ChannelGraph`:
 - a channel is removed when every layer reading it ignores it (zero kernel
   rows), or when it is a known constant every reader can fold into its bias
   exactly (Dense, 'valid' or 1x1 convs; a constant 0 needs no folding);
+- an Add, Subtract or Average input that is constant on every channel (a
+  residual branch pruned with the 'layer' structure) is removed with the
+  layers feeding only it; the merge adds the constant (`Rescaling` offset);
 - channels touched by layers the graph does not understand, model inputs and
   model outputs are kept, and the report says which layer kept them.
 
 The result computes exactly what the PSP model computes in inference mode
-(up to float32 round-off).
+(up to float32 round-off), unless `approximate=True` trades exactness at the
+borders of padded convolutions for size and reports the measured deviation.
 """
 
 import keras
@@ -78,20 +82,35 @@ class ShrinkReport:
     """What `strip_and_shrink` removed, per layer, and what kept channels.
 
     Attributes:
-        layers: list of dicts `{name, class, channels_before, channels_after}`
-            (output channels of each layer).
+        layers: list of dicts `{name, class, channels_before, channels_after,
+            removed}` (output channels of each layer; `removed`: the layer
+            only fed a removed branch and is gone).
         blocked: list of dicts `{layer, class, reason, space, channels}`:
             channels that were prunable somewhere (a constant, or ignored by
             a reader) but had to be kept, which layer kept them and why;
             `space` names the channel space (its first producer).
         round_to: the rounding used; `readmitted`: channels kept for rounding.
+        removed_branches: list of dicts `{merge, layers, offset}`: merge inputs
+            that were constant and removed with the layers computing them;
+            `offset` names the `Rescaling` adding the constant (None if 0).
+        column_sparsity: list of dicts `{name, columns, zero_columns,
+            sparsity}` per kept PSP 'column' layer: zero kernel columns left
+            among the columns of its kept input channels.
+        approximation_error: with `approximate=True`, max |shrunk - PSP| /
+            max |PSP| measured on random inputs (None if not measured);
+            `approximation_note` says how it was measured or why not.
     """
 
-    def __init__(self, layers, blocked, round_to, readmitted):
+    def __init__(self, layers, blocked, round_to, readmitted, removed_branches=(),
+                 column_sparsity=(), approximation_error=None, approximation_note=None):
         self.layers = layers
         self.blocked = blocked
         self.round_to = round_to
         self.readmitted = readmitted
+        self.removed_branches = list(removed_branches)
+        self.column_sparsity = list(column_sparsity)
+        self.approximation_error = approximation_error
+        self.approximation_note = approximation_note
 
     def to_dict(self):
         return {
@@ -99,12 +118,17 @@ class ShrinkReport:
             "blocked": [dict(x) for x in self.blocked],
             "round_to": self.round_to,
             "readmitted": self.readmitted,
+            "removed_branches": [dict(x) for x in self.removed_branches],
+            "column_sparsity": [dict(x) for x in self.column_sparsity],
+            "approximation_error": self.approximation_error,
+            "approximation_note": self.approximation_note,
         }
 
     def __str__(self):
         lines = ["strip_and_shrink report", "layer                            channels"]
         for row in self.layers:
             mark = "" if row["channels_before"] == row["channels_after"] else "  (shrunk)"
+            mark = "  (removed)" if row.get("removed") else mark
             lines.append(
                 f"  {row['name']:<30} {row['channels_before']:>5} -> "
                 f"{row['channels_after']:<5}{mark}"
@@ -119,6 +143,26 @@ class ShrinkReport:
                 )
         if self.readmitted:
             lines.append(f"kept {self.readmitted} pruned channel(s) to round widths to {self.round_to}")
+        for row in self.removed_branches:
+            how = f"adds it with '{row['offset']}'" if row["offset"] else "it is 0"
+            lines.append(
+                f"removed branch {', '.join(row['layers']) or '(no layers)'}: a constant "
+                f"input of '{row['merge']}', {how}"
+            )
+        if self.column_sparsity:
+            lines.append("column sparsity left in kept 'column' layers:")
+            for row in self.column_sparsity:
+                lines.append(
+                    f"  {row['name']:<30} {row['zero_columns']}/{row['columns']} columns "
+                    f"zero ({100 * row['sparsity']:.1f} %)"
+                )
+        if self.approximation_error is not None:
+            lines.append(
+                f"approximate folding: max deviation {self.approximation_error:.3g} "
+                f"of the largest output ({self.approximation_note})"
+            )
+        elif self.approximation_note:
+            lines.append(f"approximate folding: {self.approximation_note}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -158,7 +202,7 @@ def _decide(g):
     for slot, reasons in g.frozen.items():
         blockers.setdefault(g.group(slot), []).extend(reasons)
     for node in g.nodes:
-        if node.handler.kind != "producer":
+        if node.handler.kind != "producer" or not g.is_live(node):
             continue  # pass-through outputs join the group; frozen ones froze it
         for k, t in enumerate(node.inputs):
             consts = g.constants[id(t.tensor)]
@@ -184,7 +228,7 @@ def _group_score(g, scores):
     out = {}
     for node in g.nodes:
         entry = scores.get(node.name)
-        if entry is None:
+        if entry is None or not g.is_live(node):
             continue
         layer, alpha = entry
         structure = layer.structure
@@ -211,9 +255,10 @@ def _identity_spaces(g):
     Concatenate or Flatten follow from the spaces they are made of.
     """
     produced = {id(t.tensor) for n in g.nodes if n.handler.kind == "producer" for t in n.outputs}
+    dead = {id(t.tensor) for n in g.nodes if not g.is_live(n) for t in n.outputs}
     by_groups = {}
     for key, t in g.tensors.items():
-        if t.channels:
+        if t.channels and key not in dead:
             by_groups.setdefault(tuple(g.group(s) for s in t.slots()), []).append(t)
     return [(ts, any(id(t.tensor) in produced for t in ts)) for ts in by_groups.values()]
 
@@ -262,9 +307,17 @@ def _rebuild(g, keep):
         tensor_map[id(t)] = new
         new_inputs.append(new)
     for node in g.nodes:
+        if not g.is_live(node):
+            continue
         keep_in = [keep[id(t.tensor)] for t in node.inputs]
         keep_out = [keep[id(t.tensor)] for t in node.outputs]
         in_consts = [g.constants[id(t.tensor)] for t in node.inputs]
+        if node.dropped:
+            tensors = [tensor_map[id(t.tensor)] for k, t in enumerate(node.inputs)
+                       if k not in node.dropped]
+            out = node.handler.call_without_dropped(node, tensors, keep_out, in_consts)
+            tensor_map[id(node.node.outputs[0])] = out
+            continue
         layer, weights = node.handler.rebuild(node, keep_in, keep_out, in_consts, node.in_needed)
         args, kwargs = node.node.arguments.fill_in(tensor_map)
         outputs = layer(*args, **kwargs)
@@ -279,7 +332,7 @@ def _rebuild(g, keep):
     return keras.Model(inputs, outputs, name=model.name)
 
 
-def strip_and_shrink(model, round_to=1, return_report=False):
+def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
     """A new, smaller plain Keras model computing what the PSP `model` computes.
 
     PSP layers become their plain twins with thresholded alphas folded in;
@@ -293,6 +346,12 @@ def strip_and_shrink(model, round_to=1, return_report=False):
             keeping the pruned channels with the largest |alpha| (never more
             than the original width). Every space keeps at least one channel.
         return_report: also return a `ShrinkReport`.
+        approximate: also remove constant channels that a padded convolution
+            reads (e.g. a 3x3 'same' conv), folding them into its bias as if
+            there were no padding. Not exact at the borders: with
+            `return_report`, the deviation from `model` is measured on
+            `np.random.default_rng(0).normal` inputs of batch 4 (see
+            `ShrinkReport.approximation_error`). Default False: exact.
 
     Returns:
         A functional `keras.Model`, or `(model, report)` with `return_report`.
@@ -303,7 +362,7 @@ def strip_and_shrink(model, round_to=1, return_report=False):
     round_to = int(round_to)
     _check_finite_alphas(model)
     scores = _psp_scores(model)
-    g = psp_graph.ChannelGraph(strip(model))
+    g = psp_graph.ChannelGraph(strip(model), approximate=approximate)
     plan = _decide(g)
     removed = {r for r, (ok, _, _) in plan.items() if ok}
     readmitted = _apply_rounding(g, removed, _group_score(g, scores), round_to)
@@ -314,7 +373,55 @@ def strip_and_shrink(model, round_to=1, return_report=False):
     shrunk = _rebuild(g, keep)
     if not return_report:
         return shrunk
-    return shrunk, _report(g, plan, keep, round_to, readmitted)
+    report = _report(g, plan, keep, round_to, readmitted)
+    report.column_sparsity = _column_sparsity(scores, shrunk)
+    if approximate:
+        report.approximation_error, report.approximation_note = _deviation(model, shrunk)
+    return shrunk, report
+
+
+def _probe_inputs(model, batch=4, seed=0):
+    """Random normal inputs for `model` (`rng.normal` per input, in order), or a reason why not."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for t in model.inputs:
+        if any(d is None for d in t.shape[1:]):
+            return None, f"input '{t.name}' has unknown dimensions {tuple(t.shape)}"
+        if "float" not in str(t.dtype):
+            return None, f"input '{t.name}' is not a float input ({t.dtype})"
+        xs.append(rng.normal(size=(batch,) + tuple(t.shape[1:])).astype(t.dtype))
+    return xs, None
+
+
+def _deviation(model, shrunk):
+    """(max |shrunk - model| / max |model|, note) on `_probe_inputs`, or (None, why not)."""
+    model = psp_graph.functional_view(model)
+    xs, why = _probe_inputs(model)
+    if xs is None:
+        return None, f"deviation not measured: {why}"
+    xs = keras.tree.pack_sequence_as(model._inputs_struct, xs)
+    ref, out = (
+        np.concatenate([np.ravel(keras.ops.convert_to_numpy(y))
+                        for y in keras.tree.flatten(m(xs, training=False))])
+        for m in (model, shrunk)
+    )
+    scale = float(np.max(np.abs(ref))) or 1.0
+    return float(np.max(np.abs(out - ref)) / scale), "random normal inputs, seed 0, batch 4"
+
+
+def _column_sparsity(scores, shrunk):
+    """Zero kernel columns left in each kept PSP 'column' layer of `shrunk`."""
+    kept = {layer.name: layer for layer in shrunk._flatten_layers(include_self=False)}
+    rows = []
+    for name, (layer, _) in scores.items():
+        if layer.structure != "column" or name not in kept:
+            continue
+        kernel = np.asarray(keras.ops.convert_to_numpy(getattr(kept[name], layer._alpha_kernel_name)))
+        columns = kernel.reshape(-1, kernel.shape[-1])
+        zero = int(np.sum(~np.any(columns != 0, axis=1)))
+        rows.append({"name": name, "columns": len(columns), "zero_columns": zero,
+                     "sparsity": zero / len(columns) if len(columns) else 0.0})
+    return rows
 
 
 def _report(g, plan, keep, round_to, readmitted):
@@ -323,14 +430,21 @@ def _report(g, plan, keep, round_to, readmitted):
         if not node.outputs:
             continue
         t = node.outputs[0]
+        live = g.is_live(node)
         layers.append(
             {
                 "name": node.name,
                 "class": type(node.layer).__name__,
                 "channels_before": int(t.channels or 0),
-                "channels_after": int(len(keep[id(t.tensor)])),
+                "channels_after": int(len(keep[id(t.tensor)])) if live else 0,
+                "removed": not live,
             }
         )
+    removed_branches = [
+        {"merge": node.name, "layers": g.dead_branch(node),
+         "offset": None if _zero_offset(g, node) else f"{node.name}_constant"}
+        for node in g.nodes if node.dropped
+    ]
     counts = {}
     for root, (ok, reasons, evidence) in plan.items():
         if ok or not evidence:
@@ -343,4 +457,12 @@ def _report(g, plan, keep, round_to, readmitted):
          "channels": n}
         for (layer, cls, text, space), n in sorted(counts.items())
     ]
-    return ShrinkReport(layers, blocked, round_to, readmitted)
+    return ShrinkReport(layers, blocked, round_to, readmitted, removed_branches)
+
+
+def _zero_offset(g, node):
+    """Whether `node`'s dropped inputs add nothing (no `Rescaling` was needed)."""
+    consts = [g.constants[id(node.inputs[k].tensor)] for k in node.dropped]
+    flips = type(node.layer).__name__ == "Average" or (
+        type(node.layer).__name__ == "Subtract" and node.dropped == [0])
+    return not flips and not any(np.any(c) for c in consts)
