@@ -1,0 +1,58 @@
+"""benchmarks/latency.py runs end to end in --quick mode and writes its results.
+
+No timing is asserted: machines are shared and noisy. The script runs in a
+subprocess, as a user would run it, on a tiny residual CNN.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the benchmark exports to TFLite and ONNX with the TensorFlow backend",
+)
+
+
+def test_latency_quick_writes_results(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--quick", "--models=tiny",
+         f"--output_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("latency.json", "latency.md", "latency.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    result = json.loads((tmp_path / "latency.json").read_text())
+    assert {"meta", "models"} <= set(result)
+    model = result["models"]["tiny"]
+    runtimes = {"tflite_1t", "tflite_2t", "onnx_1t", "keras"}
+    assert runtimes <= set(model["dense"]["latency_ms"])
+    assert model["dense"]["macs"] > 0 and model["dense"]["tflite_bytes"] > 0
+    variants = model["variants"]
+    assert {v["round_to"] for v in variants} == {1, 8}
+    for v in variants:
+        assert v["kind"] == "psp" and v["target_reduction"] == 0.5
+        assert 0 < v["macs"] < model["dense"]["macs"]
+        assert v["mac_reduction"] == pytest.approx(model["dense"]["macs"] / v["macs"])
+        assert v["max_rel_error_vs_psp"] <= 1e-5
+        assert v["tflite_bytes"] > 0 and v["onnx_bytes"] > 0
+        assert runtimes <= set(v["latency"])
+        for lat in v["latency"].values():
+            assert {"median_ms", "speedup", "fidelity"} <= set(lat)
+            assert lat["fidelity"] == pytest.approx(lat["speedup"] / v["mac_reduction"])
+    assert "| i50_r1 |" in proc.stdout
