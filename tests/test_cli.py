@@ -313,3 +313,13 @@ def test_error_exits_without_traceback(workdir):
     assert lines == [
         f"tf-psp: error: not a valid .keras file (it is not a zip archive) ({corrupt})"
     ]
+
+
+def test_shrink_approximate_flag_is_recorded(psp_path, workdir):
+    out_path = str(workdir / "approx.keras")
+    report_path = str(workdir / "approx.json")
+    status, _, err = _run(["shrink", psp_path, out_path, "--approximate", "--report", report_path])
+    assert status == 0, err
+    report = json.loads(open(report_path).read())
+    assert report["approximate"] is True
+    assert report["macs_after"] <= report["macs_before"]

@@ -1,7 +1,7 @@
 """`tf-psp`: profile, shrink, export and benchmark PSP models from the shell.
 
     tf-psp profile model.keras [--json]
-    tf-psp shrink model.keras small.keras [--round-to 8] [--report report.json]
+    tf-psp shrink model.keras small.keras [--round-to 8] [--approximate] [--report report.json]
     tf-psp export small.keras small.tflite [--format tflite-int8 --calibration x.npy]
     tf-psp bench model.keras --compare small.keras [--threads 1 2] [--runs 50]
 
@@ -187,7 +187,9 @@ def _cmd_shrink(args, out):
 
     model = _load_keras(args.model)
     try:
-        shrunk, report = strip_and_shrink(model, round_to=args.round_to, return_report=True)
+        shrunk, report = strip_and_shrink(
+            model, round_to=args.round_to, approximate=args.approximate, return_report=True
+        )
         before, after = profile(model), profile(shrunk)
     except ValueError as error:
         raise CLIError(f"cannot shrink: {_first_line(error)}", args.model) from error
@@ -217,6 +219,7 @@ def _cmd_shrink(args, out):
                 "model": args.model,
                 "output": args.output,
                 "round_to": args.round_to,
+                "approximate": args.approximate,
                 "macs_before": macs_before,
                 "macs_after": macs_after,
                 "mac_reduction": reduction if reduction != float("inf") else None,
@@ -463,6 +466,12 @@ def build_parser():
         metavar="N",
         help="keep every channel width a multiple of N (keeps the pruned channels "
         "with the largest |alpha|; default 1: no rounding). 8 or 16 often runs faster.",
+    )
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also remove constant channels that padded convs cannot absorb exactly "
+        "(folds them as if there were no padding; the deviation is measured and printed)",
     )
     p.add_argument(
         "--report",
