@@ -5,28 +5,7 @@ import numpy as np
 import pytest
 
 import tf_psp
-
-
-def _checksum(model):
-    return [np.array(w).copy() for w in model.get_weights()]
-
-
-def _assert_unchanged(before, model):
-    after = model.get_weights()
-    assert len(before) == len(after)
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(a, b)
-
-
-def _randomize(model, seed=0):
-    rng = np.random.default_rng(seed)
-    weights = []
-    for w in model.get_weights():
-        w = rng.normal(scale=0.3, size=w.shape).astype(w.dtype)
-        weights.append(w)
-    # BatchNorm variances must stay positive
-    model.set_weights([np.abs(w) + 0.5 if "variance" in v.path else w
-                       for w, v in zip(weights, model.weights)])
+from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 
 def _close(a, b, tol):
@@ -61,13 +40,13 @@ def _residual():
 @pytest.mark.parametrize("build", [_sequential, _residual])
 def test_outputs_equal_and_input_untouched(build, structure):
     model = build()
-    _randomize(model)
-    before = _checksum(model)
+    randomize_weights(model)
+    before = weights_snapshot(model)
     psp = tf_psp.parameterize(model, structure=structure)
     x = np.random.default_rng(1).normal(size=(2,) + tuple(model.input_shape[1:])).astype("float32")
     for a, b in zip(keras.tree.flatten(psp(x)), keras.tree.flatten(model(x))):
         _close(a, b, 1e-6)
-    _assert_unchanged(before, model)
+    assert_weights_unchanged(before, model)
     assert not any(tf_psp.is_psp_layer(layer) for layer in model.layers)
     converted = [layer for layer in psp.layers if tf_psp.is_psp_layer(layer)]
     assert converted and all(layer.structure == structure for layer in converted)
@@ -102,11 +81,11 @@ def test_per_layer_structure_callable():
 
 def test_mobilenetv2_small_input_equivalent():
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, alpha=0.35, classes=10)
-    before = _checksum(model)
+    before = weights_snapshot(model)
     psp = tf_psp.parameterize(model)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     _close(psp(x, training=False), model(x, training=False), 1e-6)
-    _assert_unchanged(before, model)
+    assert_weights_unchanged(before, model)
     kinds = {type(l).__name__ for l in psp.layers if tf_psp.is_psp_layer(l)}
     assert kinds == {"PSPConv2D", "PSPDepthwiseConv2D", "PSPDense"}
 
@@ -116,7 +95,7 @@ def test_nested_model_is_converted():
     inner = keras.Model(inner_in, keras.layers.Dense(3, name="inner_dense")(inner_in), name="inner")
     outer_in = keras.Input((4,))
     model = keras.Model(outer_in, keras.layers.Dense(2, name="outer_dense")(inner(outer_in)))
-    _randomize(model)
+    randomize_weights(model)
     psp = tf_psp.parameterize(model)
     assert tf_psp.is_psp_layer(psp.get_layer("inner").get_layer("inner_dense"))
     x = np.ones((2, 4), "float32")

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 
 from tf_psp import export as tf_psp_export
+from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="export needs the TensorFlow backend",
 )
-
-
-def _randomize(model, seed=0):
-    rng = np.random.default_rng(seed)
-    weights = [rng.normal(scale=0.3, size=w.shape).astype(w.dtype) for w in model.get_weights()]
-    # BatchNorm variances must stay positive
-    model.set_weights([np.abs(w) + 0.5 if "variance" in v.path else w
-                       for w, v in zip(weights, model.weights)])
-    return model
 
 
 def _conv_model():
@@ -32,7 +24,7 @@ def _conv_model():
     x = keras.layers.ReLU(name="relu")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(4, name="logits")(x)
-    return _randomize(keras.Model(inputs, outputs, name="small_conv"))
+    return randomize_weights(keras.Model(inputs, outputs, name="small_conv"))
 
 
 def _two_io_model(structure):
@@ -47,18 +39,7 @@ def _two_io_model(structure):
         model = keras.Model({"alpha": image, "zeta": vector}, {"total": total, "side": side})
     else:
         model = keras.Model([vector, image], [total, side])
-    return _randomize(model, seed=1)
-
-
-def _weights(model):
-    return [np.array(w).copy() for w in model.get_weights()]
-
-
-def _assert_unchanged(before, model):
-    after = model.get_weights()
-    assert len(before) == len(after)
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(a, b)
+    return randomize_weights(model, seed=1)
 
 
 def _assert_clean(directory, expected):
@@ -72,7 +53,7 @@ def conv_model():
 
 
 def test_saved_model_round_trip(conv_model, tmp_path):
-    before = _weights(conv_model)
+    before = weights_snapshot(conv_model)
     path = tmp_path / "model"
     result = tf_psp_export.export_saved_model(conv_model, path)
     assert result.format == "saved_model"
@@ -81,7 +62,7 @@ def test_saved_model_round_trip(conv_model, tmp_path):
     assert result.max_rel_error <= 1e-5, result
     assert os.path.isfile(path / "saved_model.pb")
     _assert_clean(tmp_path, ["model"])
-    _assert_unchanged(before, conv_model)
+    assert_weights_unchanged(before, conv_model)
 
 
 @pytest.mark.parametrize("quantization, tolerance", [
@@ -90,7 +71,7 @@ def test_saved_model_round_trip(conv_model, tmp_path):
     ("int8", 0.1),
 ])
 def test_tflite_round_trip(conv_model, tmp_path, quantization, tolerance):
-    before = _weights(conv_model)
+    before = weights_snapshot(conv_model)
     path = tmp_path / "model.tflite"
     calibration = np.random.default_rng(3).normal(size=(32, 8, 8, 3)).astype("float32")
     result = tf_psp_export.export_tflite(
@@ -101,7 +82,7 @@ def test_tflite_round_trip(conv_model, tmp_path, quantization, tolerance):
     assert result.size_bytes == os.path.getsize(path)
     assert result.max_rel_error <= tolerance, result
     _assert_clean(tmp_path, ["model.tflite"])
-    _assert_unchanged(before, conv_model)
+    assert_weights_unchanged(before, conv_model)
 
     interpreter = tf_psp_export.litert_interpreter(path)
     expected_dtype = np.int8 if quantization == "int8" else np.float32
@@ -123,14 +104,14 @@ def test_int8_accepts_batches_with_targets(conv_model, tmp_path):
 
 
 def test_onnx_round_trip(conv_model, tmp_path):
-    before = _weights(conv_model)
+    before = weights_snapshot(conv_model)
     path = tmp_path / "model.onnx"
     result = tf_psp_export.export_onnx(conv_model, path)
     assert result.format == "onnx"
     assert result.size_bytes == os.path.getsize(path)
     assert result.max_rel_error <= 1e-5, result
     _assert_clean(tmp_path, ["model.onnx"])
-    _assert_unchanged(before, conv_model)
+    assert_weights_unchanged(before, conv_model)
 
 
 def test_given_probe_is_used(conv_model, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 import tf_psp
 from tf_psp import export as tf_psp_export
+from model_helpers import randomize_weights
 
 TFLITE_CONVERT = os.path.join(os.path.dirname(sys.executable), "tflite_convert")
 
@@ -42,14 +43,7 @@ def _psp_model():
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(5, name="fc")(x)
     model = keras.Model(inputs, outputs, name="convert_me")
-    rng = np.random.default_rng(0)
-    model.set_weights(
-        [
-            np.abs(rng.normal(size=w.shape)) + 0.5 if "variance" in w.path
-            else rng.normal(scale=0.3, size=w.shape)
-            for w in model.weights
-        ]
-    )
+    randomize_weights(model)
     psp = tf_psp.parameterize(model, structure="channel")
     for name in ("c2", "fc"):
         layer = psp.get_layer(name)
