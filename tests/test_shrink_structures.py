@@ -43,7 +43,8 @@ def test_column_structure():
 BRANCH = ["ba", "ba_bn", "ba_relu", "bb"]
 
 
-def _branch_model(merge="Add", branch_first=False, dead="ba", bb_bias=True, bb_bn=False):
+def _branch_model(merge="Add", branch_first=False, dead="ba", bb_bias=True, bb_bn=False,
+                  gap_name="gap"):
     """stem -> merge([stem, branch]) -> gap -> head; the branch ba (3x3) .. bb (1x1)."""
     inputs = keras.Input((6, 6, 3))
     h = L.Conv2D(4, 3, padding="same", name="stem")(inputs)
@@ -54,7 +55,7 @@ def _branch_model(merge="Add", branch_first=False, dead="ba", bb_bias=True, bb_b
     if bb_bn:
         b = L.BatchNormalization(name="bb_bn")(b)
     h = getattr(L, merge)(name="merge")([b, h] if branch_first else [h, b])
-    h = L.GlobalAveragePooling2D(name="gap")(h)
+    h = L.GlobalAveragePooling2D(name=gap_name)(h)
     outputs = L.Dense(2, name="head")(h)
     model = keras.Model(inputs, outputs)
     _randomize(model)
@@ -112,3 +113,12 @@ def test_constant_input_of_maximum_is_kept():
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
     _, report = _check(model, x, {"stem": 4, "merge": 4, "bb": 4})
     assert report.removed_branches == []
+
+
+def test_constant_layer_name_does_not_clash_with_existing_layers():
+    model = _branch_model(gap_name="merge_constant")
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
+    shrunk, report = _check(model, x, {"stem": 4, "merge": 4, "head": 2})
+    names = {layer.name for layer in shrunk.layers}
+    assert {"merge_constant", "merge_constant_1"} <= names
+    assert report.to_dict()["removed_branches"][0]["offset"] == "merge_constant_1"

@@ -115,6 +115,7 @@ class NodeInfo:
         self.outputs = outputs
         self.in_needed = None
         self.dropped = []  # input indices replaced by their constants
+        self.constant_name = None  # name of the Rescaling carrying their constant
 
     @property
     def name(self):
@@ -429,7 +430,7 @@ class MergeHandler(LayerHandler):
         if scale == 1.0 and not np.any(offset):
             return x
         return keras.layers.Rescaling(
-            scale, offset=offset.astype("float32"), name=f"{node.name}_constant"
+            scale, offset=offset.astype("float32"), name=node.constant_name
         )(x)
 
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
@@ -860,9 +861,21 @@ class ChannelGraph:
             if isinstance(node.handler, MergeHandler):
                 in_consts = [self.constants[id(t.tensor)] for t in node.inputs]
                 node.dropped = node.handler.dropped_inputs(node, in_consts)
+                if node.dropped:
+                    node.constant_name = self._unused_name(f"{node.name}_constant")
             for k, t in enumerate(node.inputs):
                 if k not in node.dropped:
                     live_tensors.add(id(t.tensor))
+
+    def _unused_name(self, name):
+        """`name`, or `name_1`, `name_2` ... if a layer of the model already has it."""
+        taken = {layer.name for layer in self.model._flatten_layers(include_self=False)}
+        taken |= {n.constant_name for n in self.nodes if n.constant_name}
+        candidate, k = name, 0
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        return candidate
 
     def _propagate_needed(self):
         self.needed = {k: np.zeros(t.channels or 0, bool) for k, t in self.tensors.items()}

@@ -442,7 +442,7 @@ def _report(g, plan, keep, round_to, readmitted):
         )
     removed_branches = [
         {"merge": node.name, "layers": g.dead_branch(node),
-         "offset": None if _zero_offset(g, node) else f"{node.name}_constant"}
+         "offset": None if _zero_offset(g, node) else node.constant_name}
         for node in g.nodes if node.dropped
     ]
     counts = {}
