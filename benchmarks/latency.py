@@ -597,30 +597,17 @@ def plot(results, runtimes, path):
                ncol=min(4, len(labels)), fontsize=8)
     legend_rows = -(-len(labels) // 4)
     fig.tight_layout(rect=(0, (0.35 + 0.22 * legend_rows) / fig.get_figheight(), 1, 1))
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    from tf_psp import atomic
+
+    with atomic.temp_file_beside(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
-def _atomic(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
+    from tf_psp import atomic
 
-    _atomic(path, write)
+    atomic.write_text(path, text)
 
 
 def settings_from_flags():

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 from absl import app, flags
@@ -126,14 +125,9 @@ def main(argv):
         print(f"| {name} | {r['layers']} | {r['psp_layers']} | {r['dense_macs'] / 1e6:.0f} -> "
               f"{r['shrunk_macs'] / 1e6:.0f} | {r['median_s']:.2f} s | < {r['goal_s']:g} s "
               f"({'met' if r['goal_met'] else 'NOT met'}) |")
-    directory = os.path.dirname(os.path.abspath(FLAGS.output))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".shrink_time.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(output, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, FLAGS.output)
+    from tf_psp import atomic
+
+    atomic.write_text(FLAGS.output, json.dumps(output, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def main(argv):
     import numpy as np
 
     import tf_psp
+    from tf_psp import atomic
 
     keras.utils.set_random_seed(0)
     plain = resnet20()
@@ -86,11 +87,7 @@ def main(argv):
         "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps,
     }
     print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-    tmp = FLAGS.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, FLAGS.output)
+    atomic.write_text(FLAGS.output, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
