@@ -66,6 +66,11 @@ def parameterize(
     check_model(model)
     if not callable(structure):
         structures.validate_structure(structure)
+    if not float(epsilon) > 0 or float(epsilon) == float("inf"):
+        raise ValueError(
+            f"parameterize(model '{model.name}'): epsilon must be a positive "
+            f"finite threshold, got {epsilon}."
+        )
     unknown = set(psp_kwargs) - set(psp_layers.PSP_CONFIG_KEYS)
     if unknown:
         raise TypeError(f"parameterize: unknown PSP arguments {sorted(unknown)}.")
@@ -79,6 +84,7 @@ def parameterize(
         twin = psp_layers.PSP_TWINS.get(type(layer))
         if twin is not None and select(layer):
             chosen = structure(layer) if callable(structure) else structure
+            structures.validate_structure(chosen, layer.name)
             config = layer.get_config()
             config.pop("build_config", None)
             config.update(psp_kwargs, structure=chosen, epsilon=epsilon)

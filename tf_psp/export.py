@@ -319,6 +319,14 @@ def _check_model(model):
             f"Exporting model '{model.name}' needs the TensorFlow backend, "
             f"Keras runs on '{keras.backend.backend()}'."
         )
+    from keras.src.models.functional import Functional
+
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise ValueError(
+            f"Model '{model.name}' is a subclassed keras.Model ({type(model).__name__}): "
+            "it has no static graph to export with verification. Rebuild it with "
+            "the functional API or Sequential (starting with keras.Input)."
+        )
     try:
         model_inputs = model.inputs
     except (AttributeError, ValueError):

@@ -18,6 +18,8 @@ The result computes exactly what the PSP model computes in inference mode
 borders of padded convolutions for size and reports the measured deviation.
 """
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -49,7 +51,13 @@ def strip(model):
 
     Returns:
         A new Keras model of the same kind, without tf_psp layers.
+
+    Raises:
+        ValueError: `model` is not a built Sequential/functional model, or a
+            PSP layer has NaN or infinite alphas (the layers are named).
     """
+    check_model(model)
+    _check_finite_alphas(model)
     pairs = []
 
     def clone_function(layer):
@@ -371,6 +379,7 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
         for key, t in g.tensors.items()
     }
     shrunk = _rebuild(g, keep)
+    _warn_fully_pruned(g, scores, keep)
     if not return_report:
         return shrunk
     report = _report(g, plan, keep, round_to, readmitted)
@@ -378,6 +387,32 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
     if approximate:
         report.approximation_error, report.approximation_note = _deviation(model, shrunk)
     return shrunk, report
+
+
+def _warn_fully_pruned(g, scores, keep):
+    """Warns, naming them, about live PSP layers whose every structure is pruned.
+
+    Such a layer outputs a constant. Inside a residual branch the branch is
+    removed (the layer is then not live, and nothing is said); elsewhere the
+    layer stays, with the output channels exactness needs (at least one).
+    """
+    rows = []
+    for node in g.nodes:
+        entry = scores.get(node.name)
+        if entry is None or not g.is_live(node) or np.any(entry[0].structure_mask()):
+            continue
+        t = node.outputs[0]
+        rows.append(f"'{node.name}' (keeps {len(keep[id(t.tensor)])} of {t.channels} output channels)")
+    if rows:
+        warnings.warn(
+            f"strip_and_shrink: every structure of layer {', '.join(rows)} is pruned "
+            "(all |alpha| < epsilon), so it outputs a constant. Only a whole residual "
+            "branch can be removed exactly; this layer is kept with the fewest channels "
+            "that keep the model exact. Remove the layer from the model, or train with "
+            "less alpha decay.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _probe_inputs(model, batch=4, seed=0):
