@@ -4,7 +4,8 @@ Train one scale `alpha` per structure with weight decay, then physically
 remove the structures whose alpha reached zero.
 """
 
-from tf_psp import callbacks, regularizers, structures
+from tf_psp import batchnorm, callbacks, regularizers, structures
+from tf_psp.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
 from tf_psp.callbacks import PSPMonitor
 from tf_psp.convert import parameterize
 from tf_psp.layers import (
@@ -29,12 +30,15 @@ __all__ = [
     "PSPDepthwiseConv2D",
     "PSPSeparableConv2D",
     "PSPMonitor",
+    "RecalibrateBatchNorm",
     "LayerProfile",
     "ModelProfile",
+    "batchnorm",
     "callbacks",
     "is_psp_layer",
     "parameterize",
     "profile",
+    "recalibrate_batchnorm",
     "regularizers",
     "strip",
     "strip_and_shrink",
