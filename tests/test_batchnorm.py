@@ -102,7 +102,7 @@ def test_callback_updates_statistics_and_logs_validation():
         from_logits=True), metrics=["accuracy"], jit_compile=False)
     x, y = _data(32), np.random.default_rng(1).integers(0, 3, 32)
     history = model.fit(
-        x, y, epochs=1, batch_size=32, verbose=0,
+        x, y, epochs=2, batch_size=32, verbose=0,
         callbacks=[tf_psp.RecalibrateBatchNorm(x, batch_size=32, validation_data=(x, y))])
     assert "val_accuracy" in history.history
     _assert_stats(model, "bn1", x)

@@ -124,53 +124,74 @@ def batchnorm_statistics(model, data, steps=None, batch_size=DEFAULT_BATCH_SIZE)
         included). A layer that `data` never reached has `None` statistics.
 
     Raises:
-        ValueError: the model is not a built functional/Sequential model, or
-            `steps`/`batch_size` is invalid.
+        ValueError: the model is not a built functional/Sequential model, a
+            layer subclasses BatchNormalization, or `steps`/`batch_size` is
+            invalid.
     """
-    _check_model(model)
-    data, kwargs = _prepare_data(data, batch_size, steps, f"model '{model.name}'")
-    originals = {}
-
-    def clone_function(layer):
-        if isinstance(layer, keras.layers.Lambda):
-            return layer  # stateless; a Python lambda cannot round-trip a config
-        if type(layer) is keras.layers.BatchNormalization:
-            config = layer.get_config()
-            config.pop("build_config", None)
-            new = _RecordingBatchNormalization.from_config(config)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            raise ValueError(
-                f"layer '{layer.name}' ({type(layer).__name__}) subclasses "
-                "BatchNormalization; only plain BatchNormalization layers can be "
-                "recalibrated.")
-        else:
-            new = type(layer).from_config(layer.get_config())
-        originals[id(new)] = layer
-        return new
-
-    recording = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-    _copy_weights(recording, originals)
-    recording.compile(jit_compile=False)
-    recording.predict(data, verbose=0, **kwargs)
-    result = []
-    for layer in _batchnorm_layers(recording):
-        count = float(keras.ops.convert_to_numpy(layer.recorded_count.value))
-        if count == 0:
-            result.append((layer.name, None, None))
-            continue
-        mean = keras.ops.convert_to_numpy(layer.recorded_mean.value)
-        variance = keras.ops.convert_to_numpy(layer.recorded_m2.value) / count
-        result.append((layer.name, mean, variance))
-    return result
+    return _Recorder(model).statistics(model, data, steps, batch_size)
 
 
-def _copy_weights(new_model, originals):
-    for new in new_model._flatten_layers(include_self=False):
-        old = originals.get(id(new))
-        if old is None or old is new or isinstance(new, keras.Model):
-            continue
-        for target, source in zip(new.weights, old.weights):
-            target.assign(source.value)
+class _Recorder:
+    """A clone of a model whose BatchNormalizations record their input statistics.
+
+    Built (and its predict function traced) once; `statistics` copies the
+    current weights of the model in, so a callback can reuse it every epoch.
+    """
+
+    def __init__(self, model):
+        _check_model(model)
+
+        def clone_function(layer):
+            if isinstance(layer, keras.layers.Lambda):
+                return layer  # stateless; a Python lambda cannot round-trip a config
+            if type(layer) is keras.layers.BatchNormalization:
+                config = layer.get_config()
+                config.pop("build_config", None)
+                return _RecordingBatchNormalization.from_config(config)
+            if isinstance(layer, keras.layers.BatchNormalization):
+                raise ValueError(
+                    f"layer '{layer.name}' ({type(layer).__name__}) subclasses "
+                    "BatchNormalization; only plain BatchNormalization layers can be "
+                    "recalibrated.")
+            return type(layer).from_config(layer.get_config())
+
+        self.model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+        self.model.compile(jit_compile=False)
+        self._pairs = None
+
+    def _layer_pairs(self, model):
+        """(source layer, recording layer) pairs with weights, in the same order."""
+        if self._pairs is None:
+            sources = [layer for layer in model._flatten_layers(include_self=False)
+                       if not isinstance(layer, keras.Model)]
+            targets = [layer for layer in self.model._flatten_layers(include_self=False)
+                       if not isinstance(layer, keras.Model)]
+            if [type(s).__name__ for s in sources] != [
+                    "BatchNormalization" if isinstance(t, _RecordingBatchNormalization)
+                    else type(t).__name__ for t in targets]:
+                raise ValueError(f"model '{model.name}' changed since its recorder was built.")
+            self._pairs = list(zip(sources, targets))
+        return self._pairs
+
+    def statistics(self, model, data, steps, batch_size):
+        data, kwargs = _prepare_data(data, batch_size, steps, f"model '{model.name}'")
+        for source, target in self._layer_pairs(model):
+            for variable, value in zip(target.weights, source.weights):
+                variable.assign(value.value)
+            if isinstance(target, _RecordingBatchNormalization):
+                for variable in (target.recorded_count, target.recorded_mean, target.recorded_m2):
+                    variable.assign(keras.ops.zeros_like(variable.value))
+        self.model.predict(data, verbose=0, **kwargs)
+        result = []
+        for layer in _batchnorm_layers(self.model):
+            count = float(keras.ops.convert_to_numpy(layer.recorded_count.value))
+            if count == 0:
+                result.append((layer.name, None, None))
+                continue
+            mean = keras.ops.convert_to_numpy(layer.recorded_mean.value)
+            variance = keras.ops.convert_to_numpy(layer.recorded_m2.value) / count
+            result.append((layer.name, mean, variance))
+        return result
 
 
 def assign_batchnorm_statistics(model, statistics):
@@ -264,10 +285,12 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         self.steps = steps
         self.batch_size = batch_size
         self.validation_data = validation_data
+        self._recorder = None
 
     def on_epoch_end(self, epoch, logs=None):
-        statistics = batchnorm_statistics(
-            self.model, self.data, steps=self.steps, batch_size=self.batch_size)
+        if self._recorder is None:
+            self._recorder = _Recorder(self.model)
+        statistics = self._recorder.statistics(self.model, self.data, self.steps, self.batch_size)
         assign_batchnorm_statistics(self.model, statistics)
         if self.validation_data is None:
             return
