@@ -1,4 +1,4 @@
-"""Mixed precision: alpha stays float32, training works, the shrunk model matches."""
+"""Mixed precision (float16, bfloat16): alpha stays float32, training works, the shrunk model matches."""
 
 import keras
 import numpy as np
@@ -7,15 +7,20 @@ import pytest
 import tf_psp
 
 
-@pytest.fixture
-def mixed_float16():
+# Policy -> max deviation of the shrunk model from the PSP model, relative to
+# the largest output: both compute in the low precision, in different orders.
+TOLERANCE = {"mixed_float16": 1e-2, "mixed_bfloat16": 5e-2}
+
+
+@pytest.fixture(params=sorted(TOLERANCE))
+def policy(request):
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
     keras.mixed_precision.set_global_policy(previous)
 
 
-def test_psp_layers_train_and_shrink_under_mixed_float16(mixed_float16):
+def test_psp_layers_train_and_shrink_under_mixed_precision(policy):
     inputs = keras.Input((8, 8, 3))
     x = tf_psp.PSPConv2D(6, 3, padding="same", activation="relu", name="c")(inputs)
     x = tf_psp.PSPDepthwiseConv2D(3, name="dw")(x)
@@ -24,7 +29,7 @@ def test_psp_layers_train_and_shrink_under_mixed_float16(mixed_float16):
     model = keras.Model(inputs, tf_psp.PSPDense(2, dtype="float32", name="head")(x))
     psp_layers = [layer for layer in model.layers if tf_psp.is_psp_layer(layer)]
     assert all(layer.alpha.dtype == "float32" for layer in psp_layers)
-    assert model.get_layer("c").compute_dtype == "float16"
+    assert model.get_layer("c").compute_dtype == policy.split("_")[1]
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
@@ -39,4 +44,4 @@ def test_psp_layers_train_and_shrink_under_mixed_float16(mixed_float16):
     assert shrunk.get_layer("sep").filters == 2
     ref = keras.ops.convert_to_numpy(model(x, training=False)).astype("float32")
     out = keras.ops.convert_to_numpy(shrunk(x, training=False)).astype("float32")
-    assert np.max(np.abs(out - ref)) <= 1e-2 * np.max(np.abs(ref))  # float16 compute
+    assert np.max(np.abs(out - ref)) <= TOLERANCE[policy] * np.max(np.abs(ref))
