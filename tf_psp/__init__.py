@@ -4,10 +4,11 @@ Train one scale `alpha` per structure with weight decay, then physically
 remove the structures whose alpha reached zero.
 """
 
-from tf_psp import batchnorm, callbacks, regularizers, structures
+from tf_psp import batchnorm, callbacks, coupling, regularizers, structures
 from tf_psp.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
 from tf_psp.callbacks import PSPMonitor
 from tf_psp.convert import parameterize
+from tf_psp.coupling import PSPGroupAlphas
 from tf_psp.layers import (
     PSPConv1D,
     PSPConv2D,
@@ -17,7 +18,7 @@ from tf_psp.layers import (
     PSPSeparableConv2D,
     is_psp_layer,
 )
-from tf_psp.profile import LayerProfile, ModelProfile, profile
+from tf_psp.profile import LayerProfile, ModelProfile, Removability, profile, removability
 from tf_psp.shrink import strip, strip_and_shrink
 
 __version__ = "0.1.0"
@@ -27,19 +28,23 @@ __all__ = [
     "PSPConv2D",
     "PSPConv3D",
     "PSPDense",
+    "PSPGroupAlphas",
     "PSPDepthwiseConv2D",
     "PSPSeparableConv2D",
     "PSPMonitor",
     "RecalibrateBatchNorm",
     "LayerProfile",
     "ModelProfile",
+    "Removability",
     "batchnorm",
     "callbacks",
+    "coupling",
     "is_psp_layer",
     "parameterize",
     "profile",
     "recalibrate_batchnorm",
     "regularizers",
+    "removability",
     "strip",
     "strip_and_shrink",
     "structures",

@@ -16,7 +16,13 @@ class PSPMonitor(keras.callbacks.Callback):
     - `psp_mac_reduction`: `total MACs / (total MACs - pruned MACs)`, the
       expected reduction if the pruned structures are removed (see
       `tf_psp.profile`);
-    - `psp_pruned_macs` (with `log_pruned_macs=True`): the pruned MACs.
+    - `psp_pruned_macs` (with `log_pruned_macs=True`): the pruned MACs;
+    - with `removable=True` (costs one `strip_and_shrink` per epoch):
+      `psp_removable_mac_reduction`, the MAC reduction `strip_and_shrink`
+      actually gives now, and `psp_removable_share`, the fraction of the
+      zeroed MACs it removes (the rest stays as zeros: with per-layer alphas,
+      a channel one reader prunes and another uses; see
+      `tf_psp.profile.Removability`).
 
     The per-layer MAC counts are computed once when training begins; each
     epoch only the alpha masks are re-read. A model without PSP layers logs
@@ -27,25 +33,30 @@ class PSPMonitor(keras.callbacks.Callback):
         log_pruned_macs: also log `psp_pruned_macs`.
         input_shape: passed to `tf_psp.profile.profile`; needed only when the
             model's input shape has unknown spatial dimensions.
+        removable: also log what `strip_and_shrink` removes (see above).
 
     Attributes:
         profile: the `tf_psp.profile.ModelProfile` of the last epoch (None
             before training starts).
     """
 
-    def __init__(self, verbose=0, log_pruned_macs=False, input_shape=None):
+    def __init__(self, verbose=0, log_pruned_macs=False, input_shape=None, removable=False):
         super().__init__()
         self.verbose = verbose
         self.log_pruned_macs = log_pruned_macs
         self.input_shape = input_shape
+        self.removable = bool(removable)
         self.profile = None
 
+    def _profile(self):
+        return profile_model(self.model, input_shape=self.input_shape, removable=self.removable)
+
     def on_train_begin(self, logs=None):
-        self.profile = profile_model(self.model, input_shape=self.input_shape)
+        self.profile = self._profile()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.profile is None:  # used outside fit(): profile lazily
-            self.profile = profile_model(self.model, input_shape=self.input_shape)
+            self.profile = self._profile()
         values = self.current_values()
         if logs is not None:
             logs.update(values)
@@ -56,6 +67,11 @@ class PSPMonitor(keras.callbacks.Callback):
                 f"({p.structures_pruned}/{p.structures_total} structures), "
                 f"pruned MACs {p.pruned_macs:,}/{p.total_macs:,}, "
                 f"expected MAC reduction {p.mac_reduction:.2f}x"
+                + (
+                    f", removable {p.removability.mac_reduction:.2f}x "
+                    f"({p.removability.removable_share:.0%} of zeroed MACs)"
+                    if p.removability is not None else ""
+                )
             )
 
     def current_values(self):
@@ -67,4 +83,8 @@ class PSPMonitor(keras.callbacks.Callback):
         }
         if self.log_pruned_macs:
             values["psp_pruned_macs"] = float(self.profile.pruned_macs)
+        r = self.profile.removability
+        if r is not None:
+            values["psp_removable_mac_reduction"] = float(r.mac_reduction)
+            values["psp_removable_share"] = float(r.removable_share)
         return values

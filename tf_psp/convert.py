@@ -3,10 +3,11 @@
 import dataclasses
 
 import keras
+import numpy as np
 from keras.src.models.functional import Functional
 
 from tf_psp import layers as psp_layers
-from tf_psp import structures
+from tf_psp import regularizers, structures
 
 
 @dataclasses.dataclass
@@ -14,16 +15,22 @@ class ConversionReport:
     """What `parameterize` converted and what it left alone.
 
     Attributes:
-        converted: names of layers replaced by their PSP twin.
+        converted: names of layers replaced by their PSP twin (with
+            `coupling='group'`: of the layers whose inputs the group alphas scale).
         skipped: `(name, class, reason)` for layers with weights that were not
             converted (unsupported type, or not selected).
+        coupling: the `coupling` argument of `parameterize`.
     """
 
     converted: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
+    coupling: str = "layer"
 
     def __str__(self):
-        lines = [f"parameterize: {len(self.converted)} layers converted to PSP"]
+        if self.coupling == "group":
+            lines = [f"parameterize: group alphas on the inputs of {len(self.converted)} layers"]
+        else:
+            lines = [f"parameterize: {len(self.converted)} layers converted to PSP"]
         for name, cls, reason in self.skipped:
             lines.append(f"  kept layer '{name}' ({cls}) as is: {reason}")
         return "\n".join(lines)
@@ -35,6 +42,8 @@ def parameterize(
     layers=None,
     epsilon=psp_layers.DEFAULT_EPSILON,
     return_report=False,
+    coupling="layer",
+    cost=None,
     **psp_kwargs,
 ):
     """Returns a copy of `model` whose prunable layers are PSP layers.
@@ -53,6 +62,18 @@ def parameterize(
             layer names, or a predicate `layer -> bool`.
         epsilon: pruning threshold of the new layers.
         return_report: also return a `ConversionReport`.
+        coupling: `'layer'` (the paper's PSP: every converted layer owns its
+            alphas) or `'group'`: one alpha per removable channel of each
+            dependency group, shared by every Conv/Dense/SeparableConv that
+            reads it (see `tf_psp.coupling`), so every pruned channel can be
+            removed by `strip_and_shrink`. With `'group'`, `structure` must be
+            `'channel'`, `layers` must be None, the layers stay plain Keras
+            layers, one `PSPGroupAlphas` layer holds the alphas, and a
+            Sequential model comes back as a functional one.
+        cost: None, or `'macs'`: weight each alpha's regularizer by the MACs
+            its structure costs, divided by the mean over all alphas (so the
+            strength keeps its meaning); training then removes expensive
+            structures first. Needs a `WeightDecay` or `L1` regularizer.
         **psp_kwargs: further PSP layer arguments (`alpha_regularizer`,
             `alpha_constraint`, `straight_through`, `alpha_initializer`).
 
@@ -74,7 +95,18 @@ def parameterize(
     unknown = set(psp_kwargs) - set(psp_layers.PSP_CONFIG_KEYS)
     if unknown:
         raise TypeError(f"parameterize: unknown PSP arguments {sorted(unknown)}.")
+    if coupling not in COUPLINGS:
+        raise ValueError(
+            f"parameterize: coupling must be one of {COUPLINGS}, got {coupling!r}."
+        )
+    if cost not in (None, "macs"):
+        raise ValueError(f"parameterize: cost must be None or 'macs', got {cost!r}.")
+    if coupling == "group":
+        return _parameterize_groups(
+            model, structure, layers, epsilon, return_report, cost, psp_kwargs
+        )
     select = _selector(model, layers)
+    costs = _layer_cost_weights(model, structure, select) if cost else None
     report = ConversionReport()
     originals = {}
 
@@ -88,6 +120,10 @@ def parameterize(
             config = layer.get_config()
             config.pop("build_config", None)
             config.update(psp_kwargs, structure=chosen, epsilon=epsilon)
+            if costs is not None and layer.name in costs:
+                config["alpha_regularizer"] = _weighted_regularizer(
+                    psp_kwargs, costs[layer.name]
+                )
             new = twin.from_config(config)
             report.converted.append(layer.name)
         else:
@@ -108,6 +144,63 @@ def parameterize(
     if return_report:
         return new_model, report
     return new_model
+
+
+COUPLINGS = ("layer", "group")
+
+
+def _parameterize_groups(model, structure, layers, epsilon, return_report, cost, psp_kwargs):
+    from tf_psp import coupling  # coupling imports this module's dependencies
+
+    if structure != "channel" or layers is not None:
+        raise ValueError(
+            "parameterize(coupling='group') puts one alpha on each channel a "
+            "layer reads; it takes structure='channel' and layers=None."
+        )
+    bad = set(psp_kwargs) - set(coupling.GROUP_KWARGS)
+    if bad:
+        raise TypeError(f"parameterize(coupling='group'): unsupported arguments {sorted(bad)}.")
+    new_model, plan = coupling.parameterize_groups(model, epsilon, cost=cost, **psp_kwargs)
+    if not return_report:
+        return new_model
+    report = ConversionReport(converted=sorted(plan.readers), coupling="group")
+    for layer in _walk(model):
+        if type(layer) in psp_layers.PSP_TWINS and layer.name not in plan.readers:
+            report.skipped.append(
+                (layer.name, type(layer).__name__, "reads only frozen channels")
+            )
+    return new_model, report
+
+
+def _layer_cost_weights(model, structure, select):
+    """Per convertible layer name: its MACs per structure / the mean over all structures."""
+    from tf_psp.profile import profile  # profile imports the PSP layers
+
+    per_structure = {}
+    rows = {row.name: row for row in profile(model).layers}
+    for layer in _walk(model):
+        row = rows.get(layer.name)
+        twin = psp_layers.PSP_TWINS.get(type(layer))
+        if twin is None or row is None or not select(layer) or not row.macs:
+            continue
+        chosen = structure(layer) if callable(structure) else structure
+        depthwise = isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
+        kernel = layer.kernel
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            depthwise = chosen in ("channel", "column")
+            kernel = layer.depthwise_kernel if depthwise else layer.pointwise_kernel
+        count = int(np.prod(structures.alpha_shape(chosen, tuple(kernel.shape), depthwise)))
+        per_structure[layer.name] = (row.macs / count, count)
+    total = sum(c for _, c in per_structure.values())
+    mean = sum(m * c for m, c in per_structure.values()) / total if total else 1.0
+    return {name: [m / mean] * c for name, (m, c) in per_structure.items()}
+
+
+def _weighted_regularizer(psp_kwargs, weights):
+    regularizer = psp_kwargs.get("alpha_regularizer", psp_layers._DEFAULT)
+    if regularizer is psp_layers._DEFAULT:
+        regularizer = regularizers.default_alpha_regularizer()
+    return regularizers.with_weights(keras.regularizers.get(regularizer), weights)
 
 
 def check_model(model):

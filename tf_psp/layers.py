@@ -29,6 +29,31 @@ PSP_CONFIG_KEYS = (
 )
 
 
+def threshold(alpha, epsilon, straight_through=True):
+    """`alpha` with `|alpha| < epsilon` set to exactly zero (a tensor).
+
+    With `straight_through`, the gradient passes the threshold unchanged, so
+    a pruned structure keeps its gradient and can come back.
+    """
+    alpha = ops.convert_to_tensor(alpha)
+    kept = ops.where(ops.abs(alpha) >= epsilon, alpha, ops.zeros_like(alpha))
+    if straight_through:
+        # alpha + (kept - alpha) is exactly `kept` in value, identity in gradient.
+        return alpha + ops.stop_gradient(kept - alpha)
+    return kept
+
+
+def validate_epsilon(epsilon, name):
+    """Returns `epsilon` as a float, or raises a ValueError naming the layer."""
+    epsilon = float(epsilon)
+    if not epsilon > 0 or not np.isfinite(epsilon):
+        raise ValueError(
+            f"layer '{name}': epsilon must be a positive finite "
+            f"threshold, got {epsilon}."
+        )
+    return epsilon
+
+
 class PSPMixin:
     """The alpha machinery shared by all PSP layers.
 
@@ -52,13 +77,7 @@ class PSPMixin:
     ):
         super().__init__(*args, **kwargs)
         self.structure = structures.validate_structure(structure, self.name)
-        epsilon = float(epsilon)
-        if not epsilon > 0 or not np.isfinite(epsilon):
-            raise ValueError(
-                f"layer '{self.name}': epsilon must be a positive finite "
-                f"threshold, got {epsilon}."
-            )
-        self.epsilon = epsilon
+        self.epsilon = validate_epsilon(epsilon, self.name)
         self.alpha_initializer = keras.initializers.get(alpha_initializer)
         if alpha_regularizer is _DEFAULT:
             alpha_regularizer = psp_regularizers.default_alpha_regularizer()
@@ -89,12 +108,7 @@ class PSPMixin:
 
         With `straight_through`, the gradient passes the threshold unchanged.
         """
-        alpha = ops.convert_to_tensor(self.alpha)
-        kept = ops.where(ops.abs(alpha) >= self.epsilon, alpha, ops.zeros_like(alpha))
-        if self.straight_through:
-            # alpha + (kept - alpha) is exactly `kept` in value, identity in gradient.
-            return alpha + ops.stop_gradient(kept - alpha)
-        return kept
+        return threshold(self.alpha, self.epsilon, self.straight_through)
 
     def structure_mask(self):
         """Numpy bool array, alpha's shape: True where the structure is alive."""

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras.src.models.functional import Functional
 
+from tf_psp import coupling
 from tf_psp import layers as psp_layers
 from tf_psp import structures
 
@@ -123,6 +124,18 @@ def _pruned_costs(layer, positions, mask):
     return positions * pruned_kernel, pruned_params
 
 
+def _group_pruned_costs(readers, mask):
+    """MACs and kernel entries the dead group alphas zero in their readers."""
+    table = np.concatenate([mask, [True]])  # index -1: a frozen channel, alive
+    macs = params = 0
+    for reader_macs, size, index in readers:
+        positions = np.where(np.asarray(index) < 0, len(mask), np.asarray(index))
+        dead = float(np.mean(~table[positions])) if len(positions) else 0.0
+        macs += reader_macs * dead
+        params += size * dead
+    return int(round(macs)), int(round(params))
+
+
 def _separable_pruned_costs(layer, positions, mask):
     """`_pruned_costs` for separable convs: depthwise and pointwise parts apart."""
     kh, kw, cin, m = (int(d) for d in layer.depthwise_kernel.shape)
@@ -205,18 +218,26 @@ class ModelProfile:
     """Per-layer costs of a model and the PSP sparsity they carry.
 
     Built by `profile(model)`. The MAC counts are static; `refresh()` re-reads
-    the PSP layers' alphas and updates the pruned counts cheaply.
+    the PSP layers' alphas and updates the pruned counts cheaply (and, with
+    `profile(model, removable=True)`, measures `removability` again, which
+    runs `strip_and_shrink`).
 
     Attributes:
         name: the model's name.
         layers: list of `LayerProfile`, in graph order.
+        removability: a `Removability` (with `removable=True`), else None.
     """
 
-    def __init__(self, name, layers, psp_entries):
+    def __init__(self, name, layers, psp_entries, kernel_rows=(), model=None, input_shape=None):
         self.name = name
         self.layers = layers
-        # (LayerProfile, PSP layer, output positions over all calls)
+        # (LayerProfile, PSP layer, output positions over all calls); for the
+        # group alphas: (row, layer, [(reader MACs, reader kernel size, index)])
         self._psp_entries = psp_entries
+        self._kernel_rows = list(kernel_rows)  # (LayerProfile, layer) with a MAC rule
+        self._model = model  # kept only to measure removability
+        self._input_shape = input_shape
+        self.removability = None
         self.refresh()
 
     def refresh(self):
@@ -225,9 +246,11 @@ class ModelProfile:
             mask = np.asarray(layer.structure_mask(), dtype=bool)
             row.structures_total = int(mask.size)
             row.structures_alive = int(np.count_nonzero(mask))
-            row.pruned_macs, row.pruned_params = (
-                int(v) for v in _pruned_costs(layer, positions, mask)
-            )
+            costs = (_group_pruned_costs(positions, mask) if coupling.is_group_alphas(layer)
+                     else _pruned_costs(layer, positions, mask))
+            row.pruned_macs, row.pruned_params = (int(v) for v in costs)
+        if self._model is not None:
+            self.removability = removability(self._model, self._input_shape)
         return self
 
     # --- totals -------------------------------------------------------------
@@ -296,6 +319,7 @@ class ModelProfile:
             "sparsity": self.sparsity,
             "mac_reduction": _json_float(self.mac_reduction),
             "param_reduction": _json_float(self.param_reduction),
+            "removability": None if self.removability is None else self.removability.to_dict(),
         }
 
     def summary(self, print_fn=print):
@@ -320,7 +344,7 @@ class ModelProfile:
                     f"{row.params:,}",
                     f"{row.macs:,}",
                     f"{row.structures_alive}/{row.structures_total}" if row.is_psp else "",
-                    _percent(row.pruned_macs, row.macs) if row.is_psp else "",
+                    _percent(row.pruned_macs, row.macs or self.total_macs) if row.is_psp else "",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -349,6 +373,13 @@ class ModelProfile:
             out.append(
                 f"Pruned params: {self.pruned_params:,} "
                 f"({_percent(self.pruned_params, self.total_params)}%)"
+            )
+        r = self.removability
+        if r is not None:
+            out.append(
+                f"strip_and_shrink removes {r.removable_macs:,} MACs ({r.mac_reduction:.2f}x "
+                f"fewer); {r.removable_share:.1%} of the {r.zeroed_macs:,} zeroed MACs are "
+                f"removed, {r.kept_zero_macs:,} stay as zeros"
             )
         return "\n".join(out)
 
@@ -446,7 +477,22 @@ def _check_static(layer, path, shapes, rule_name):
             )
 
 
-def _walk(model, prefix, rows, psp_entries, index, input_shapes=None):
+def _gate_of(node):
+    """(PSPGroupAlphas layer, index) when `node` reads a group-alpha output."""
+    for x in node.input_tensors:
+        gate, node_index, _ = x._keras_history
+        if coupling.is_group_alphas(gate):
+            return gate, gate._inbound_nodes[node_index].arguments.kwargs["index"]
+    return None, None
+
+
+def _kernel_entries(layer):
+    kernels = [getattr(layer, name) for name in ("depthwise_kernel", "pointwise_kernel")
+               if getattr(layer, name, None) is not None]
+    return kernels or [layer.kernel]
+
+
+def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_rows=None):
     """Appends rows for `model`'s layers; nested models are walked recursively.
 
     `input_shapes` (unbatched, one per input) overrides the recorded shapes.
@@ -464,7 +510,7 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None):
         path = f"{prefix}{layer.name}"
         if _graph_of(layer) is not None:  # a nested model: count its layers
             inner = None if input_shapes is None else [s[1:] for s in in_shapes]
-            _walk(layer, f"{path}/", rows, psp_entries, index, inner)
+            _walk(layer, f"{path}/", rows, psp_entries, index, inner, kernel_rows)
             continue
         rule = _mac_rule(layer)
         macs, positions = 0, 0
@@ -473,12 +519,18 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None):
             _check_static(layer, path, out_shapes, "output")
             macs = int(rule(layer, in_shapes, out_shapes))
             positions = _positions(layer, out_shapes)
+            gate, gate_index = _gate_of(node)
+            if gate is not None:
+                size = sum(_variable_size(k) for k in _kernel_entries(layer))
+                for entry in psp_entries:
+                    if entry[1] is gate:
+                        entry[2].append((macs, size, gate_index))
         if layer in index:
             row = index[layer]
             row.macs += macs
             row.calls += 1
             for entry in psp_entries:
-                if entry[1] is layer:
+                if entry[1] is layer and not coupling.is_group_alphas(layer):
                     entry[2] += positions
             continue
         shape = [s[1:] for s in out_shapes]
@@ -493,6 +545,11 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None):
         if psp_layers.is_psp_layer(layer):
             row.structure = layer.structure
             psp_entries.append([row, layer, positions])
+        elif coupling.is_group_alphas(layer):
+            row.structure = layer.structure
+            psp_entries.append([row, layer, []])
+        if rule is not None and kernel_rows is not None:
+            kernel_rows.append((row, layer))
         index[layer] = row
         rows.append(row)
 
@@ -507,7 +564,7 @@ def _input_shapes(input_shape):
     return [tuple(shape) for shape in input_shape]
 
 
-def profile(model, input_shape=None):
+def profile(model, input_shape=None, removable=False):
     """Counts MACs, parameters and PSP sparsity of every layer of `model`.
 
     Args:
@@ -518,6 +575,9 @@ def profile(model, input_shape=None):
             shape, which defines dimensions the model leaves as None; a
             Sequential model created without a `keras.Input` is built with it
             (in place). None: use the shapes recorded in the model.
+        removable: also measure what `strip_and_shrink` removes now and how
+            much of the pruned MACs stay as zeros (`ModelProfile.removability`;
+            costs a shrink per `refresh()`).
 
     Returns:
         A `ModelProfile`.
@@ -549,6 +609,86 @@ def profile(model, input_shape=None):
             f"graph to profile: subclassed models are not supported. Use a "
             f"functional or Sequential model."
         )
-    rows, psp_entries = [], []
-    _walk(model, "", rows, psp_entries, {}, _input_shapes(input_shape))
-    return ModelProfile(model.name, rows, psp_entries)
+    rows, psp_entries, kernel_rows = [], [], []
+    _walk(model, "", rows, psp_entries, {}, _input_shapes(input_shape), kernel_rows)
+    return ModelProfile(
+        model.name, rows, psp_entries, kernel_rows,
+        model=model if removable else None, input_shape=input_shape,
+    )
+
+
+def zeroed_macs(model, input_shape=None):
+    """MACs of a *plain* model that multiply by an exact zero weight.
+
+    Each kernel entry is used the same number of times per sample, so a
+    layer's zeroed MACs are its MACs times its fraction of zero kernel
+    entries (Conv, Dense, DepthwiseConv, SeparableConv, ConvTranspose).
+    """
+    p = profile(model, input_shape)
+    total = 0
+    for row, layer in p._kernel_rows:
+        kernels = [np.asarray(keras.ops.convert_to_numpy(k)) for k in _kernel_entries(layer)]
+        entries = sum(k.size for k in kernels)
+        if entries and row.macs:
+            total += row.macs * sum(int(np.sum(k == 0)) for k in kernels) / entries
+    return int(round(total))
+
+
+@dataclasses.dataclass
+class Removability:
+    """How much of the pruned sparsity `strip_and_shrink` can physically remove.
+
+    Attributes:
+        total_macs: MACs of the model.
+        zeroed_macs: MACs that multiply by a zero weight once the alphas are
+            folded in (`tf_psp.strip`): what the pruned structures zero.
+        removable_macs: MACs `strip_and_shrink` removes (`total_macs` minus
+            the shrunk model's MACs). It also counts filters that nobody reads
+            any more, so it can exceed `zeroed_macs`.
+        kept_zero_macs: zeroed MACs still in the shrunk model: sparsity that
+            is only zeroed (e.g. a channel one reader prunes and another uses).
+    """
+
+    total_macs: int
+    zeroed_macs: int
+    removable_macs: int
+    kept_zero_macs: int
+
+    @property
+    def removable_share(self):
+        """Fraction of the zeroed MACs that shrink removes (1.0 when none are zeroed)."""
+        if not self.zeroed_macs:
+            return 1.0
+        return 1.0 - self.kept_zero_macs / self.zeroed_macs
+
+    @property
+    def mac_reduction(self):
+        """`total_macs / shrunk MACs`: the MAC reduction `strip_and_shrink` gives."""
+        return _ratio(self.total_macs, self.removable_macs)
+
+    def to_dict(self):
+        data = dataclasses.asdict(self)
+        data["removable_share"] = self.removable_share
+        data["mac_reduction"] = _json_float(self.mac_reduction)
+        return data
+
+
+def removability(model, input_shape=None, round_to=1):
+    """Measures `Removability` of a PSP model by stripping and shrinking it.
+
+    Args:
+        model: a PSP model (per-layer or group alphas), or a plain one.
+        input_shape: as for `profile`.
+        round_to: passed to `strip_and_shrink`.
+    """
+    from tf_psp.shrink import strip, strip_and_shrink  # shrink imports profile's siblings
+
+    plain = strip(model)
+    shrunk = strip_and_shrink(model, round_to=round_to)
+    total = profile(plain, input_shape).total_macs
+    return Removability(
+        total_macs=total,
+        zeroed_macs=zeroed_macs(plain, input_shape),
+        removable_macs=total - profile(shrunk, input_shape).total_macs,
+        kept_zero_macs=zeroed_macs(shrunk, input_shape),
+    )

@@ -8,6 +8,7 @@
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 DEFAULT_DECAY = 5e-4
@@ -22,16 +23,20 @@ class WeightDecay(keras.regularizers.Regularizer):
 
     Args:
         decay: non-negative strength `lambda`.
+        weights: optional non-negative per-entry factors (alpha's shape,
+            flattened), e.g. the relative MAC cost of each structure for
+            cost-aware decay: loss `0.5 * decay * sum(weights * alpha**2)`.
     """
 
-    def __init__(self, decay=DEFAULT_DECAY):
+    def __init__(self, decay=DEFAULT_DECAY, weights=None):
         self.decay = _non_negative(decay, "decay")
+        self.weights = _weights(weights)
 
     def __call__(self, x):
-        return 0.5 * self.decay * ops.sum(ops.square(x))
+        return 0.5 * self.decay * ops.sum(_weighted(ops.square(x), self.weights))
 
     def get_config(self):
-        return {"decay": self.decay}
+        return {"decay": self.decay, "weights": self.weights}
 
 
 @keras.saving.register_keras_serializable(package="tf_psp")
@@ -40,16 +45,18 @@ class L1(keras.regularizers.Regularizer):
 
     Args:
         l1: non-negative strength.
+        weights: optional non-negative per-entry factors, as for `WeightDecay`.
     """
 
-    def __init__(self, l1=1e-4):
+    def __init__(self, l1=1e-4, weights=None):
         self.l1 = _non_negative(l1, "l1")
+        self.weights = _weights(weights)
 
     def __call__(self, x):
-        return self.l1 * ops.sum(ops.abs(x))
+        return self.l1 * ops.sum(_weighted(ops.abs(x), self.weights))
 
     def get_config(self):
-        return {"l1": self.l1}
+        return {"l1": self.l1, "weights": self.weights}
 
 
 @keras.saving.register_keras_serializable(package="tf_psp")
@@ -86,6 +93,44 @@ class FixedSparsity(keras.constraints.Constraint):
 
     def get_config(self):
         return {"sparsity": self.sparsity}
+
+
+def _weights(weights):
+    """None, or a list of non-negative finite floats (JSON-serializable)."""
+    if weights is None:
+        return None
+    values = [float(w) for w in np.ravel(np.asarray(weights, dtype="float64"))]
+    if not all(np.isfinite(w) and w >= 0 for w in values):
+        raise ValueError("regularizer weights must be finite and >= 0.")
+    return values
+
+
+def _weighted(values, weights):
+    """`values` (any shape) flattened and multiplied by `weights` when given."""
+    if weights is None:
+        return values
+    flat = ops.reshape(values, (-1,))
+    if int(flat.shape[0]) != len(weights):
+        raise ValueError(
+            f"regularizer has {len(weights)} weights for {int(flat.shape[0])} entries."
+        )
+    return flat * ops.convert_to_tensor(np.asarray(weights, "float32"), dtype=flat.dtype)
+
+
+def with_weights(regularizer, weights):
+    """A copy of a `WeightDecay` or `L1` regularizer with per-entry `weights`.
+
+    Raises:
+        ValueError: for other regularizers, which cannot be weighted per entry.
+    """
+    if isinstance(regularizer, (WeightDecay, L1)):
+        config = regularizer.get_config()
+        config["weights"] = weights
+        return type(regularizer)(**config)
+    raise ValueError(
+        f"cost-aware decay needs a tf_psp.regularizers.WeightDecay or L1 "
+        f"alpha_regularizer, got {type(regularizer).__name__}."
+    )
 
 
 def _non_negative(value, name):

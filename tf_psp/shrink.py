@@ -23,6 +23,7 @@ import warnings
 import keras
 import numpy as np
 
+from tf_psp import coupling
 from tf_psp import graph as psp_graph
 from tf_psp.convert import check_model
 from tf_psp.layers import is_psp_layer
@@ -59,23 +60,44 @@ def strip(model):
     check_model(model)
     _check_finite_alphas(model)
     pairs = []
+    scales = coupling.reader_scales(model)
 
     def clone_function(layer):
+        if coupling.is_group_alphas(layer):
+            return layer  # dropped by call_function: its alphas fold into the readers
         new = _clone_layer(layer)
         if new is not layer:
             pairs.append((layer, new))
         return new
 
-    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    def call_function(layer, *args, **kwargs):
+        if coupling.is_group_alphas(layer):
+            return args[0]
+        return layer(*args, **kwargs)
+
+    clone = keras.models.clone_model(
+        model, clone_function=clone_function, recursive=True,
+        call_function=call_function if scales else None,
+    )
     for old, new in pairs:
         weights = old.folded_weights() if is_psp_layer(old) else old.get_weights()
+        if old.name in scales:
+            weights = coupling.fold_input_scale(weights, scales[old.name])
         new.set_weights(weights)
     return clone
 
 
 def _check_finite_alphas(model):
-    bad = [layer.name for layer in model._flatten_layers(include_self=False)
-           if is_psp_layer(layer) and not np.all(np.isfinite(keras.ops.convert_to_numpy(layer.alpha.value)))]
+    bad = []
+    for layer in model._flatten_layers(include_self=False):
+        if is_psp_layer(layer):
+            values = keras.ops.convert_to_numpy(layer.alpha.value)
+        elif coupling.is_group_alphas(layer):
+            values = layer.alphas()
+        else:
+            continue
+        if not np.all(np.isfinite(values)):
+            bad.append(layer.name)
     if bad:
         raise ValueError(
             f"PSP layers {bad} have NaN or infinite alphas; training diverged. "
@@ -191,6 +213,8 @@ def _psp_scores(model):
                 visit(layer)
 
     visit(model)
+    for name, (gate, index) in coupling.reader_calls(model).items():
+        scores[name] = (coupling.ReaderView(gate, index), coupling.reader_alpha(gate, index))
     return scores
 
 

@@ -1,0 +1,441 @@
+"""Coupling-aware PSP: one alpha per channel of each dependency group.
+
+With the paper's per-layer alphas (`parameterize(coupling='layer')`), a
+channel of a tensor with several readers (a residual stream, a concatenated
+feature map) can only be removed when every reader happens to prune the same
+index, which independent alphas rarely do. `parameterize(coupling='group')`
+instead gives every *removable channel* of `tf_psp.graph.ChannelGraph` (the
+slots `strip_and_shrink` removes together) one alpha, shared by every layer
+that reads the channel: the alpha scales the channel at the input of each
+reading Conv, Dense and SeparableConv. A zero alpha therefore zeroes the
+channel for all of its readers, and `strip_and_shrink` removes it together
+with every filter that writes it and every per-channel layer on the way
+(BatchNormalization, DepthwiseConv2D ...): pruned is removable by
+construction.
+
+Why reads and not writes: a BatchNormalization after the writing conv makes
+the loss invariant to a scale on that conv's filters, so a write-side alpha
+would be shrunk by decay alone (and leave the BN statistics behind), never
+by the loss. A read-side alpha is the paper's `channel` structure, shared.
+
+All alphas live in one `PSPGroupAlphas` layer, one variable per *channel
+space* (the channels written by one producer, or by several producers tied
+by Add/Multiply, e.g. a whole residual stream). The layer is called once
+before each reading layer with `index`: per channel of that input, the
+position of its alpha among the concatenated group alphas, or -1 for a
+frozen channel (model inputs and outputs, layers the graph does not
+understand), which keeps the scale 1.
+
+Cost-aware decay (`cost='macs'`) weights each alpha's regularizer by the MACs
+its channel costs (every read and write of it, see `GroupPlan.costs`),
+divided by the mean cost, so the default strength keeps its meaning and
+expensive channels are pushed harder (MorphNet's FLOP regularizer, with
+PSP's alphas).
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_psp import graph as psp_graph
+from tf_psp import layers as psp_layers
+from tf_psp import regularizers as psp_regularizers
+
+GROUP_KWARGS = (
+    "alpha_initializer",
+    "alpha_regularizer",
+    "alpha_constraint",
+    "straight_through",
+)
+COSTS = (None, "macs")
+
+
+@keras.saving.register_keras_serializable(package="tf_psp")
+class PSPGroupAlphas(keras.layers.Layer):
+    """Shared PSP alphas: one per channel of each dependency group.
+
+    One instance serves a whole model: it is called before every reading
+    layer, `outputs = inputs * threshold(alphas)[index]` on the last axis.
+
+    Args:
+        group_sizes: number of alphas of each group.
+        group_names: a readable name per group (its first producer).
+        epsilon: pruning threshold, as for the PSP layers.
+        alpha_initializer, alpha_regularizer, alpha_constraint,
+            straight_through: as for the PSP layers (the default regularizer
+            is `tf_psp.regularizers.WeightDecay()`).
+        costs: None, or per group a list of non-negative factors that weight
+            the regularizer of each alpha (cost-aware decay).
+    """
+
+    structure = "group"
+
+    def __init__(
+        self,
+        group_sizes,
+        group_names=None,
+        epsilon=psp_layers.DEFAULT_EPSILON,
+        alpha_initializer="ones",
+        alpha_regularizer=psp_layers._DEFAULT,
+        alpha_constraint=None,
+        straight_through=True,
+        costs=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.group_sizes = [int(n) for n in group_sizes]
+        if not self.group_sizes or min(self.group_sizes) < 1:
+            raise ValueError(
+                f"layer '{self.name}': group_sizes must be positive, got {self.group_sizes}."
+            )
+        names = group_names or [f"group_{g}" for g in range(len(self.group_sizes))]
+        self.group_names = [str(n) for n in names]
+        if len(self.group_names) != len(self.group_sizes):
+            raise ValueError(f"layer '{self.name}': one group name per group is needed.")
+        self.epsilon = psp_layers.validate_epsilon(epsilon, self.name)
+        self.alpha_initializer = keras.initializers.get(alpha_initializer)
+        if alpha_regularizer is psp_layers._DEFAULT:
+            alpha_regularizer = psp_regularizers.default_alpha_regularizer()
+        self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
+        self.alpha_constraint = keras.constraints.get(alpha_constraint)
+        self.straight_through = bool(straight_through)
+        if costs is not None:
+            costs = [[float(c) for c in group] for group in costs]
+            if [len(c) for c in costs] != self.group_sizes:
+                raise ValueError(f"layer '{self.name}': costs must have one entry per alpha.")
+            if self.alpha_regularizer is None:
+                raise ValueError(f"layer '{self.name}': cost-aware decay needs an alpha_regularizer.")
+        self.costs = costs
+        self.group_alphas = []
+        self._total = sum(self.group_sizes)
+
+    def build(self, input_shape=None):
+        if self.group_alphas:
+            return
+        for g, (size, name) in enumerate(zip(self.group_sizes, self.group_names)):
+            regularizer = self.alpha_regularizer
+            if self.costs is not None:
+                regularizer = psp_regularizers.with_weights(regularizer, self.costs[g])
+            self.group_alphas.append(
+                self.add_weight(
+                    name=f"alpha_{name}",
+                    shape=(size,),
+                    initializer=self.alpha_initializer,
+                    regularizer=regularizer,
+                    constraint=self.alpha_constraint,
+                    trainable=True,
+                    dtype="float32",
+                )
+            )
+
+    def _table(self):
+        """Thresholded alphas of all groups, then a constant 1 for index -1."""
+        parts = [psp_layers.threshold(a, self.epsilon, self.straight_through)
+                 for a in self.group_alphas]
+        return ops.concatenate(parts + [ops.ones((1,), "float32")], axis=0)
+
+    def _positions(self, index):
+        index = np.asarray(index, dtype="int32").reshape(-1)
+        if index.size and (index.max() >= self._total or index.min() < -1):
+            raise ValueError(
+                f"layer '{self.name}': index entries must be in [-1, {self._total}), "
+                f"got {index.min()}..{index.max()}."
+            )
+        return np.where(index < 0, self._total, index)
+
+    def call(self, inputs, index):
+        scale = ops.take(self._table(), self._positions(index), axis=0)
+        return inputs * ops.cast(scale, inputs.dtype)
+
+    def compute_output_spec(self, inputs, index=None):
+        return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+
+    # --- numpy views ------------------------------------------------------------
+    def alphas(self):
+        """All alphas, groups concatenated (numpy)."""
+        return np.concatenate([_np(a.value) for a in self.group_alphas])
+
+    def structure_mask(self):
+        """Numpy bool per alpha (groups concatenated): True where alive."""
+        return np.abs(self.alphas()) >= self.epsilon
+
+    def scales(self, index):
+        """The thresholded scale the call with `index` applies (numpy)."""
+        table = np.concatenate([np.where(self.structure_mask(), self.alphas(), 0.0), [1.0]])
+        return table[self._positions(index)].astype("float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "group_sizes": self.group_sizes,
+                "group_names": self.group_names,
+                "epsilon": self.epsilon,
+                "alpha_initializer": keras.initializers.serialize(self.alpha_initializer),
+                "alpha_regularizer": keras.regularizers.serialize(self.alpha_regularizer),
+                "alpha_constraint": keras.constraints.serialize(self.alpha_constraint),
+                "straight_through": self.straight_through,
+                "costs": self.costs,
+            }
+        )
+        return config
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def is_group_alphas(layer):
+    """True for the shared-alpha layer of a `coupling='group'` model."""
+    return isinstance(layer, PSPGroupAlphas)
+
+
+# --- planning: which channels get an alpha, and who reads them -----------------
+
+
+class GroupPlan:
+    """The groups of a plain model and the layers that read them.
+
+    Attributes:
+        group_sizes / group_names: per group (channel space).
+        readers: reading layer name -> index list (one entry per channel of
+            its input: position among the concatenated alphas, or -1).
+        costs: per group, per alpha, the MACs its channel costs: every read
+            (a reader's MACs / its input channels) and every write (a
+            producer's MACs / its output channels).
+        frozen: the `tf_psp.graph.Blocker` texts that kept channels out.
+    """
+
+    def __init__(self, group_sizes, group_names, readers, costs, frozen):
+        self.group_sizes = group_sizes
+        self.group_names = group_names
+        self.readers = readers
+        self.costs = costs
+        self.frozen = frozen
+
+    def cost_weights(self):
+        """Costs divided by their mean over all alphas (mean 1), per group."""
+        flat = np.concatenate([np.asarray(c, "float64") for c in self.costs])
+        mean = flat.mean() if flat.size and flat.mean() > 0 else 1.0
+        return [[c / mean for c in group] for group in self.costs]
+
+
+def _node_macs(node):
+    """MACs of one call of a kernel layer, from the graph's shapes."""
+    from tf_psp.profile import _mac_rule  # profile imports coupling lazily
+
+    shapes_in = [tuple(t.tensor.shape) for t in node.inputs]
+    shapes_out = [tuple(t.tensor.shape) for t in node.outputs]
+    return float(_mac_rule(node.layer)(node.layer, shapes_in, shapes_out))
+
+
+def _read_write_costs(node):
+    """(MACs per input channel read, MACs per output channel written)."""
+    layer = node.layer
+    cin, cout = node.inputs[0].channels, node.outputs[0].channels
+    if isinstance(node.handler, psp_graph.SeparableConvHandler):
+        positions = math.prod(int(d) for d in node.outputs[0].tensor.shape[1:-1])
+        dw = positions * math.prod(layer.depthwise_kernel.shape)
+        pw = positions * math.prod(layer.pointwise_kernel.shape)
+        return (dw + pw) / cin, pw / cout
+    macs = _node_macs(node)
+    if isinstance(node.handler, psp_graph.DepthwiseHandler):
+        return macs / cin, 0.0
+    return macs / cin, macs / cout
+
+
+def plan_groups(model):
+    """Finds the channel groups of a plain functional model and their readers.
+
+    Returns:
+        A `GroupPlan`.
+    """
+    graph = psp_graph.ChannelGraph(model)
+    frozen_roots = {graph.group(s) for s in graph.frozen}
+    live = [n for n in graph.nodes if graph.is_live(n)]
+    producers = [n for n in live if n.handler.kind == "producer"]
+
+    # Channel spaces: the units written by one producer, merged when producers share units.
+    space_of = {}
+    parent = {}
+
+    def find(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    order, names = [], {}
+    for node in producers:
+        roots = [graph.group(s) for s in node.outputs[0].slots()]
+        spaces = {find(space_of[r]) for r in roots if r in space_of}
+        target = min(spaces) if spaces else len(parent)
+        if not spaces:
+            parent[target] = target
+            names[target] = node.name
+        for s in spaces:
+            parent[s] = target
+        for r in roots:
+            if r not in space_of:
+                space_of[r] = target
+                order.append(r)
+
+    units = {}  # root -> (space, position in order)
+    for r in order:
+        if r not in frozen_roots:
+            units[r] = find(space_of[r])
+    spaces = sorted({s for s in units.values()})
+    members = {s: [r for r in order if units.get(r) == s] for s in spaces}
+    offset, position = 0, {}
+    for s in spaces:
+        for k, r in enumerate(members[s]):
+            position[r] = offset + k
+        offset += len(members[s])
+
+    costs = {r: 0.0 for r in position}
+    readers = {}
+    for node in live:
+        handler = node.handler
+        if handler.kind == "frozen" or not node.inputs or not node.outputs:
+            continue
+        is_depthwise = isinstance(handler, psp_graph.DepthwiseHandler)
+        if handler.kind != "producer" and not is_depthwise:
+            continue
+        read, write = _read_write_costs(node)
+        for s in node.inputs[0].slots():
+            r = graph.group(s)
+            if r in costs:
+                costs[r] += read
+        for s in node.outputs[0].slots() if not is_depthwise else ():
+            r = graph.group(s)
+            if r in costs:
+                costs[r] += write
+        if handler.kind == "producer":
+            index = [position.get(graph.group(s), -1) for s in node.inputs[0].slots()]
+            if any(i >= 0 for i in index):
+                readers[node.name] = index
+
+    frozen = sorted({str(b) for reasons in graph.frozen.values() for b in reasons})
+    return GroupPlan(
+        group_sizes=[len(members[s]) for s in spaces],
+        group_names=[names[s] for s in spaces],
+        readers=readers,
+        costs=[[costs[r] for r in members[s]] for s in spaces],
+        frozen=frozen,
+    )
+
+
+# --- parameterize(coupling='group') -------------------------------------------
+
+
+def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
+    """Returns `(group PSP model, GroupPlan)`; see `tf_psp.parameterize`."""
+    psp = [layer.name for layer in model._flatten_layers(include_self=False)
+           if psp_layers.is_psp_layer(layer) or is_group_alphas(layer)]
+    if psp:
+        raise ValueError(
+            f"parameterize(coupling='group') expects a plain model, but model "
+            f"'{model.name}' has PSP layers {psp[:5]}; call tf_psp.strip(model) first."
+        )
+    if cost not in COSTS:
+        raise ValueError(f"parameterize: cost must be one of {COSTS}, got {cost!r}.")
+    functional = psp_graph.functional_view(model)
+    plan = plan_groups(functional)
+    if not plan.group_sizes:
+        raise ValueError(
+            f"model '{model.name}' has no channel that PSP can prune: every "
+            f"channel is frozen ({'; '.join(plan.frozen[:5])})."
+        )
+    taken = {layer.name for layer in model._flatten_layers(include_self=False)}
+    name, k = "psp_group_alphas", 0
+    while name in taken:
+        k += 1
+        name = f"psp_group_alphas_{k}"
+    gate = PSPGroupAlphas(
+        plan.group_sizes,
+        plan.group_names,
+        epsilon=epsilon,
+        costs=plan.cost_weights() if cost == "macs" else None,
+        name=name,
+        **psp_kwargs,
+    )
+    clones, originals = {}, {}
+
+    def clone_function(layer):
+        if id(layer) not in clones:
+            if isinstance(layer, keras.layers.Lambda):
+                new = layer  # a Python lambda cannot round-trip a config safely
+            else:
+                new = type(layer).from_config(layer.get_config())
+            clones[id(layer)] = new
+            originals[id(new)] = layer
+        return clones[id(layer)]
+
+    def call_function(layer, *args, **kwargs):
+        index = plan.readers.get(originals[id(layer)].name)
+        if index is not None:
+            args = (gate(args[0], index=index),) + tuple(args[1:])
+        return layer(*args, **kwargs)
+
+    new_model = keras.models.clone_model(
+        functional, clone_function=clone_function, call_function=call_function
+    )
+    for new in new_model.layers:
+        old = originals.get(id(new))
+        if old is not None and old is not new:
+            new.set_weights(old.get_weights())
+    return new_model, plan
+
+
+# --- strip: fold the shared alphas into the readers -----------------------------
+
+
+def reader_calls(model):
+    """Reading layer name -> (its PSPGroupAlphas layer, index) for every gate call."""
+    calls = {}
+    for layer in model._flatten_layers(include_self=False):
+        for node in getattr(layer, "_inbound_nodes", []):
+            for x in node.input_tensors:
+                gate, node_index, _ = x._keras_history
+                if is_group_alphas(gate):
+                    index = gate._inbound_nodes[node_index].arguments.kwargs["index"]
+                    calls[layer.name] = (gate, index)
+    return calls
+
+
+def reader_scales(model):
+    """Reading layer name -> numpy thresholded scale per input channel."""
+    return {name: gate.scales(index) for name, (gate, index) in reader_calls(model).items()}
+
+
+def reader_alpha(gate, index):
+    """|alpha| per input channel of one reader (inf for frozen channels)."""
+    table = np.concatenate([np.abs(gate.alphas()), [np.inf]])
+    return table[gate._positions(index)]
+
+
+class ReaderView:
+    """A reader seen as a PSP layer with the `channel` structure (for shrink's report)."""
+
+    structure = "channel"
+    _alpha_depthwise = False
+
+    def __init__(self, gate, index):
+        self.gate, self.index = gate, index
+
+    def structure_mask(self):
+        return self.gate.scales(self.index) != 0
+
+
+def fold_input_scale(weights, scale):
+    """Reader `weights` with input channel `c` scaled by `scale[c]`.
+
+    The first weight of every reader is indexed `[..., in, out]` (Conv, Dense,
+    DepthwiseConv `[.., in, multiplier]`, SeparableConv's depthwise kernel),
+    so one broadcast covers them all.
+    """
+    weights = [np.array(w) for w in weights]
+    weights[0] = weights[0] * scale.reshape(-1, 1).astype(weights[0].dtype)
+    return weights
