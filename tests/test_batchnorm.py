@@ -106,3 +106,33 @@ def test_callback_updates_statistics_and_logs_validation():
         callbacks=[tf_psp.RecalibrateBatchNorm(x, batch_size=32, validation_data=(x, y))])
     assert "val_accuracy" in history.history
     _assert_stats(model, "bn1", x)
+
+
+def test_fold_batchnorm_matches_inference_and_removes_batch_statistics():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    y = keras.layers.Conv2D(12, 1, activation="relu", name="c2")(x)
+    y = keras.layers.BatchNormalization(name="bn3")(y)  # after an activation: kept
+    x = keras.layers.Add()([x, y])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(4, name="d")(x)
+    x = keras.layers.BatchNormalization(name="bn4")(x)
+    model = randomize_weights(keras.Model(inputs, x))
+    before = weights_snapshot(model)
+    folded, names = tf_psp.fold_batchnorm(model)
+    assert_weights_unchanged(before, model)
+    assert names == ["bn1", "bn2", "bn4"]
+    assert isinstance(folded.get_layer("bn1"), keras.layers.Identity)
+    assert isinstance(folded.get_layer("bn3"), keras.layers.BatchNormalization)
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32")
+    expected = model(x, training=False).numpy()
+    np.testing.assert_allclose(folded(x, training=False).numpy(), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+    # The folded model parameterizes and shrinks like any plain model.
+    psp = tf_psp.parameterize(folded)
+    np.testing.assert_allclose(psp(x, training=False).numpy(), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())

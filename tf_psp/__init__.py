@@ -5,7 +5,7 @@ remove the structures whose alpha reached zero.
 """
 
 from tf_psp import batchnorm, callbacks, coupling, regularizers, structures
-from tf_psp.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
+from tf_psp.batchnorm import RecalibrateBatchNorm, fold_batchnorm, recalibrate_batchnorm
 from tf_psp.callbacks import PSPMonitor
 from tf_psp.convert import parameterize
 from tf_psp.coupling import PSPGroupAlphas
@@ -38,6 +38,7 @@ __all__ = [
     "Removability",
     "batchnorm",
     "callbacks",
+    "fold_batchnorm",
     "coupling",
     "is_psp_layer",
     "parameterize",

@@ -14,6 +14,11 @@ BatchNormalization input over `data`, measured in one pass with every
 BatchNormalization normalizing with its batch statistics (as in training)
 and all other layers in inference mode (no dropout). `RecalibrateBatchNorm`
 is a callback doing the same to the model being trained, at each epoch end.
+
+`fold_batchnorm(model)` removes the problem at its root: it returns a copy in
+which every BatchNormalization directly after a linear convolution or Dense
+layer is folded into that layer's kernel and bias (inference statistics), so
+alphas parameterized afterwards scale what the loss sees.
 """
 
 import keras
@@ -302,3 +307,108 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
             values = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
         if logs is not None:
             logs.update({f"val_{name}": float(value) for name, value in values.items()})
+
+
+# --- folding ------------------------------------------------------------------
+
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+             keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+def _foldable_pairs(model):
+    """{id(producer): batchnorm} for BatchNorms folding into the layer before them."""
+    pairs = {}
+    for bn in model.layers:
+        if type(bn) is not keras.layers.BatchNormalization or len(bn._inbound_nodes) != 1:
+            continue
+        tensors = bn._inbound_nodes[0].input_tensors
+        if len(tensors) != 1:
+            continue
+        producer = tensors[0]._keras_history.operation
+        rank = len(tensors[0].shape)
+        if (type(producer) not in _FOLDABLE or len(producer._inbound_nodes) != 1
+                or len(producer._outbound_nodes) != 1
+                or producer.activation is not keras.activations.linear
+                or bn.axis not in (-1, rank - 1) or getattr(bn, "renorm", False)):
+            continue
+        pairs[id(producer)] = bn
+    return pairs
+
+
+def fold_batchnorm(model):
+    """A copy of `model` with BatchNormalizations folded into the layers before them.
+
+    A BatchNormalization (on the last axis) whose only input is the output of
+    a Conv1D/2D/3D, DepthwiseConv2D or Dense layer with linear activation,
+    used by nothing else, becomes a `keras.layers.Identity` of the same name,
+    and the producer gets `kernel * s` and bias `(bias - moving_mean) * s +
+    beta` with `s = gamma / sqrt(moving_variance + epsilon)`. The copy
+    computes what `model` computes in inference mode (float32 round-off) and
+    has no batch statistics: training it changes only kernels and biases.
+    Other BatchNormalizations, and layers of nested models, are left as they
+    are. `model` is not modified.
+
+    Args:
+        model: a built functional or Sequential Keras model.
+
+    Returns:
+        `(folded_model, names)`: the new model and the names of the folded
+        BatchNormalization layers.
+    """
+    _check_model(model)
+    pairs = _foldable_pairs(model)
+    folded_names = {bn.name for bn in pairs.values()}
+    originals = {}
+
+    def clone_function(layer):
+        if isinstance(layer, keras.layers.Lambda):
+            return layer  # stateless; a Python lambda cannot round-trip a config
+        if layer.name in folded_names and isinstance(layer, keras.layers.BatchNormalization):
+            new = keras.layers.Identity(name=layer.name)
+        else:
+            config = layer.get_config()
+            if id(layer) in pairs:
+                config.pop("build_config", None)
+                config["use_bias"] = True
+            new = type(layer).from_config(config)
+        originals[id(new)] = layer
+        return new
+
+    def call_function(layer, *args, **kwargs):
+        if isinstance(layer, keras.layers.Identity):
+            kwargs.pop("mask", None)  # recorded for the BatchNormalization call
+        return layer(*args, **kwargs)
+
+    folded = keras.models.clone_model(model, clone_function=clone_function,
+                                      call_function=call_function)
+    for new in folded.layers:
+        old = originals.get(id(new))
+        if old is None or old is new or not new.weights:
+            continue  # unchanged, weightless, or a folded BatchNormalization
+        if id(old) not in pairs:
+            new.set_weights(old.get_weights())
+            continue
+        new.set_weights(_folded_weights(old, pairs[id(old)]))
+    return folded, sorted(folded_names)
+
+
+def _folded_weights(layer, bn):
+    """The kernel and bias of `layer` with `bn` (inference mode) folded in."""
+    kernel = keras.ops.convert_to_numpy(layer.kernel.value).astype("float64")
+    channels = bn.moving_mean.shape[0]
+    bias = (keras.ops.convert_to_numpy(layer.bias.value).astype("float64")
+            if layer.use_bias else np.zeros(channels))
+    gamma = (keras.ops.convert_to_numpy(bn.gamma.value).astype("float64")
+             if bn.scale else np.ones(channels))
+    beta = (keras.ops.convert_to_numpy(bn.beta.value).astype("float64")
+            if bn.center else np.zeros(channels))
+    mean = keras.ops.convert_to_numpy(bn.moving_mean.value).astype("float64")
+    variance = keras.ops.convert_to_numpy(bn.moving_variance.value).astype("float64")
+    scale = gamma / np.sqrt(variance + bn.epsilon)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        # kernel [kh, kw, cin, m]: output channel c * m + j.
+        kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
+    else:
+        kernel = kernel * scale
+    dtype = layer.kernel.dtype
+    return [kernel.astype(dtype), ((bias - mean) * scale + beta).astype(dtype)]
