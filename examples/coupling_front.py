@@ -1,0 +1,294 @@
+"""Per-layer vs group-coupled vs cost-aware PSP: accuracy against *removed* MACs.
+
+    python examples/coupling_front.py                          # MNIST-5k ResNet-8 + MobileNetV2
+    python examples/coupling_front.py --models=resnet_small --strengths=0.2,0.4
+
+Variants, each trained from the same pre-trained dense model for the same
+epochs (the recipe of `reproduce_fig3.py`, see `pruning_experiments.run_psp`)
+over `--strengths` of alpha weight decay:
+
+* `layer`: the paper's PSP, one alpha per input channel of every layer
+  (`parameterize(structure='channel')`);
+* `group`: one alpha per removable channel, shared by all of its readers
+  (`parameterize(coupling='group')`);
+* `group_macs`: group alphas with MAC-weighted decay (`cost='macs'`).
+
+Every model is shrunk with `tf_psp.strip_and_shrink`; what is reported is the
+shrunk model's test accuracy, the MACs it *removed* (`tf_psp.profile` on the
+dense and the shrunk model) and its TFLite latency (LiteRT/XNNPACK, 1 thread,
+all models of one architecture timed interleaved, medians). Models:
+`resnet_small` (the Fig. 3 ResNet on 28x28 MNIST-5k) and `mobilenetv2`
+(keras.applications, width 0.35, MNIST-5k resized to `--image_size` RGB).
+
+Writes `coupling.json`, `coupling.md` and `coupling.png` to `--output_dir`;
+finished runs are cached in `<output_dir>/runs/`, so a rerun skips them.
+"""
+
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "layer": ("per-layer alphas (paper)", {}),
+    "group": ("group alphas", {"coupling": "group", "layers": None}),
+    "group_macs": ("group alphas, MAC-weighted decay",
+                   {"coupling": "group", "layers": None, "cost": "macs"}),
+}
+MODELS = ("resnet_small", "mobilenetv2")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", list(MODELS), f"Models to run, from {', '.join(MODELS)}.")
+flags.DEFINE_list("variants", list(VARIANTS), f"Variants, from {', '.join(VARIANTS)}.")
+flags.DEFINE_list("strengths", ["0.1", "0.2", "0.4", "0.8"], "Alpha weight decay strengths.")
+flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of dense pre-training (Adam).")
+flags.DEFINE_integer("epochs", 10, "Epochs of PSP training (SGD+momentum, cosine decay).")
+flags.DEFINE_float("lr", 0.01, "Initial SGD learning rate.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_list("widths", ["16", "32", "64"], "Channels of the three ResNet stages.")
+flags.DEFINE_integer("image_size", 32, "MobileNetV2 input size (MNIST is resized).")
+flags.DEFINE_float("alpha_width", 0.35, "MobileNetV2 width multiplier.")
+flags.DEFINE_integer("steps_per_epoch", 0, "Use only this many batches per epoch (0: all; tests).")
+flags.DEFINE_integer("latency_rounds", 50, "Interleaved TFLite timing rounds (0: skip).")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "results"), "Where the figures go.")
+
+
+def load_data(model_name):
+    """MNIST-5k as a `pruning_experiments.Data`, resized to RGB for MobileNetV2."""
+    import keras
+    import numpy as np
+
+    import datasets
+    from pruning_experiments import Data
+
+    (x_train, y_train), (x_test, y_test) = datasets.load_mnist5k(seed=FLAGS.seed)
+    if model_name == "mobilenetv2":
+        size = (FLAGS.image_size, FLAGS.image_size)
+
+        def rgb(x):
+            x = np.asarray(keras.ops.convert_to_numpy(keras.ops.image.resize(x, size)))
+            return np.repeat(x, 3, axis=-1).astype("float32")
+
+        x_train, x_test = rgb(x_train), rgb(x_test)
+    return Data(x_train, y_train, x_test, y_test)
+
+
+def builder(model_name, num_classes):
+    import models
+    import pruning_experiments as pe
+
+    if model_name == "resnet_small":
+        widths = tuple(int(w) for w in FLAGS.widths)
+        return lambda: pe.resnet_small(num_classes=num_classes, widths=widths)
+    return lambda: models.mobilenetv2(FLAGS.image_size, num_classes, FLAGS.alpha_width)
+
+
+def _steps():
+    return FLAGS.steps_per_epoch or None
+
+
+def _pretrained(model_name, build, data, runs_dir):
+    import keras
+
+    import pruning_experiments as pe
+
+    path = os.path.join(runs_dir, f"{model_name}_pretrained.keras")
+    if os.path.exists(path):
+        return keras.models.load_model(path)
+    print(f"{model_name}: pre-training", flush=True)
+    model = pe.pretrain(build, data, epochs=FLAGS.pretrain_epochs, seed=FLAGS.seed,
+                        batch_size=FLAGS.batch_size, steps_per_epoch=_steps())
+    _save_model(model, path)
+    return model
+
+
+def _save_model(model, path):
+    from tf_psp import atomic
+
+    with atomic.temp_file_beside(path, suffix=".keras") as tmp:
+        model.save(tmp)
+
+
+def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
+    """One run, cached as JSON plus its shrunk model."""
+    import pruning_experiments as pe
+    import tf_psp
+    from tf_psp import atomic
+
+    stem = os.path.join(runs_dir, f"{model_name}_{variant}_{strength:g}")
+    if os.path.exists(stem + ".json"):
+        print(f"{model_name} {variant} {strength:g}: done before, skipped", flush=True)
+        with open(stem + ".json") as f:
+            return json.load(f)
+    print(f"{model_name} {variant} {strength:g}: running", flush=True)
+    common = dict(epochs=FLAGS.epochs, lr=FLAGS.lr, seed=FLAGS.seed, pretrained=pretrained,
+                  batch_size=FLAGS.batch_size, steps_per_epoch=_steps())
+    if variant == "dense":
+        result = pe.run_dense(build, data, label="dense", **common)
+        shrunk = None
+    else:
+        result, psp = pe.run_psp(
+            build, data, structure="channel",
+            regularizer=tf_psp.regularizers.WeightDecay(strength),
+            parameterize_kwargs=dict(VARIANTS[variant][1]), label=f"{variant} {strength:g}",
+            return_model=True, **common)
+        removability = tf_psp.removability(psp)
+        result["removable_share"] = removability.removable_share
+        result["kept_zero_macs"] = removability.kept_zero_macs
+        shrunk = tf_psp.strip_and_shrink(psp)
+        _save_model(shrunk, stem + ".keras")
+    result.pop("alphas", None)
+    result.update(model=model_name, variant=variant, strength=strength)
+    atomic.write_text(stem + ".json", json.dumps(result, indent=1))
+    return result
+
+
+def _latencies(model_name, results, pretrained, runs_dir):
+    """TFLite median latency (ms) per run label, all timed interleaved."""
+    import keras
+
+    from tf_psp import bench, export
+
+    if not FLAGS.latency_rounds:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"dense": os.path.join(tmp, "dense.tflite")}
+        export.export_tflite(pretrained, paths["dense"])
+        for r in results:
+            if r["variant"] == "dense":
+                continue
+            label = f"{r['variant']}_{r['strength']:g}"
+            model = keras.models.load_model(
+                os.path.join(runs_dir, f"{model_name}_{label}.keras"))
+            paths[label] = os.path.join(tmp, f"{label}.tflite")
+            export.export_tflite(model, paths[label])
+        timers = {name: bench.tflite_timer(path, num_threads=1) for name, path in paths.items()}
+        medians = bench.interleaved(timers, rounds=FLAGS.latency_rounds, warmup=5)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
+
+
+def frontier(results, variant, accuracy_floor):
+    """Largest removed-MAC fraction of `variant` with accuracy >= `accuracy_floor`."""
+    best = [r["mac_reduction"] for r in results
+            if r["variant"] == variant and r["accuracy"] >= accuracy_floor - 1e-9]
+    return max(best, default=0.0)
+
+
+def summarize(results, dense):
+    """Per variant: removed MACs at accuracy >= dense - 0.5/1.0 pp, and the ratio to `layer`."""
+    out = {}
+    for tolerance in (0.005, 0.01):
+        row = {v: frontier(results, v, dense["accuracy"] - tolerance) for v in VARIANTS}
+        for v in ("group", "group_macs"):
+            row[f"{v}_vs_layer"] = row[v] / row["layer"] if row["layer"] else None
+        out[f"loss<={tolerance * 100:g}pp"] = row
+    return out
+
+
+def markdown(model_name, results, dense, latency, summary):
+    lines = [f"### {model_name}", "",
+             f"Dense (same epochs): accuracy {dense['accuracy']:.4f}, "
+             f"{dense['macs_dense']:,} MACs"
+             + (f", TFLite {latency['dense']:.3f} ms" if latency else "") + ".", "",
+             "| variant | decay | accuracy | removed MACs | MAC speed-up | removable share "
+             "| TFLite ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["strength"])):
+        ms = latency.get(f"{r['variant']}_{r['strength']:g}")
+        timing = "| |" if ms is None else f"| {ms:.3f} | {latency['dense'] / ms:.2f}x |"
+        lines.append(
+            f"| {VARIANTS[r['variant']][0]} | {r['strength']:g} | {r['accuracy']:.4f} "
+            f"| {r['mac_reduction']:.1%} | {r['speedup_macs']:.2f}x | {r['removable_share']:.1%} "
+            + timing)
+    lines += ["", "Removed MACs at equal accuracy (best run within the accuracy loss):", "",
+              "| accuracy loss | per-layer | group | group + MACs | group / per-layer "
+              "| group+MACs / per-layer |", "|---|---|---|---|---|---|"]
+    for key, row in summary.items():
+        ratio = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+        lines.append(f"| {key} | {row['layer']:.1%} | {row['group']:.1%} | "
+                     f"{row['group_macs']:.1%} | {ratio(row['group_vs_layer'])} | "
+                     f"{ratio(row['group_macs_vs_layer'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_results, dense_by_model):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(all_results)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for variant, (label, _) in VARIANTS.items():
+            runs = sorted((r for r in all_results[name] if r["variant"] == variant),
+                          key=lambda r: r["mac_reduction"])
+            if runs:
+                ax.plot([100 * r["mac_reduction"] for r in runs],
+                        [100 * r["accuracy"] for r in runs], "o-", label=label)
+        ax.axhline(100 * dense_by_model[name]["accuracy"], color="gray", ls="--",
+                   label="dense, same epochs")
+        ax.set_xlabel("MACs removed by strip_and_shrink (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{name} on MNIST-5k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv):
+    del argv
+    for name in FLAGS.models:
+        if name not in MODELS:
+            raise app.UsageError(f"--models: unknown model {name!r}; expected {MODELS}.")
+    for name in FLAGS.variants:
+        if name not in VARIANTS:
+            raise app.UsageError(f"--variants: unknown variant {name!r}; expected {list(VARIANTS)}.")
+    from tf_psp import atomic
+
+    start = time.time()
+    runs_dir = os.path.join(FLAGS.output_dir, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    all_results, dense_by_model, report = {}, {}, {}
+    sections = []
+    for name in FLAGS.models:
+        data = load_data(name)
+        build = builder(name, data.num_classes)
+        pretrained = _pretrained(name, build, data, runs_dir)
+        dense = _run(name, "dense", 0.0, build, data, pretrained, runs_dir)
+        results = [_run(name, v, float(s), build, data, pretrained, runs_dir)
+                   for v in FLAGS.variants for s in FLAGS.strengths]
+        latency = _latencies(name, results, pretrained, runs_dir)
+        summary = summarize(results, dense)
+        all_results[name], dense_by_model[name] = results, dense
+        report[name] = {"dense": dense, "runs": results, "tflite_ms": latency, "summary": summary}
+        sections.append(markdown(name, results, dense, latency, summary))
+        print(sections[-1], flush=True)
+    wall = time.time() - start
+    command = "python examples/coupling_front.py " + " ".join(sys.argv[1:])
+    text = (f"## Per-layer vs group vs cost-aware PSP\n\n`{command.strip()}` "
+            f"({wall / 60:.0f} min here, 2 CPU cores)\n\n" + "\n".join(sections))
+    atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.md"), text)
+    report["flags"] = {f: FLAGS[f].value for f in (
+        "strengths", "widths", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size",
+        "alpha_width", "steps_per_epoch", "seed")}
+    atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.json"),
+                      json.dumps(report, indent=1, default=float))
+    atomic.write_bytes(os.path.join(FLAGS.output_dir, "coupling.png"),
+                       plot(all_results, dense_by_model))
+    print(f"wrote coupling.md/.json/.png to {FLAGS.output_dir} in {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
