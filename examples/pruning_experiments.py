@@ -1,0 +1,627 @@
+"""Reusable pruning experiments: models, PSP training, l1-norm pruning, evaluation.
+
+Used by `reproduce_fig3.py` (the paper's Fig. 3 ablation) and meant to be
+imported by other experiments. Every run follows the same recipe:
+
+1. `pretrain`: train the dense model (Adam, L2 decay on the kernels).
+2. `run_psp`: `tf_psp.parameterize` it, train with SGD+momentum and a penalty
+   or constraint on alpha (cosine learning-rate decay), then
+   `tf_psp.strip_and_shrink`; or `run_magnitude`: remove the filters with the
+   smallest l1-norm (Li et al. 2017), then fine-tune the smaller model; or
+   `run_dense`: keep training the dense model the same way (the baseline with
+   the same number of epochs).
+3. `measure`: accuracy of the *shrunk* plain model and the MACs it *removed*,
+   counted with `tf_psp.profile` on the dense and the shrunk model.
+
+BatchNormalization: after a PSP conv, BN makes the loss invariant to the
+joint scale of that conv's alphas, so decay shrinks them together instead of
+separating important from unimportant channels. The default
+`batchnorm='frozen'` therefore runs BN in inference mode (fixed statistics,
+fixed gamma/beta, i.e. a per-channel affine map) while pruning;
+`batchnorm='train'` keeps it training and recalibrates its statistics before
+evaluation.
+
+All functions return plain dicts of JSON-serializable numbers.
+"""
+
+import dataclasses
+import time
+
+import keras
+import numpy as np
+
+import tf_psp
+
+# Layers that pass channel c to channel c, followed when looking for the
+# consumer of a producer's filters (l1-norm pruning).
+_PASS_THROUGH = (
+    keras.layers.BatchNormalization,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.Dropout,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+)
+_PRODUCERS = (keras.layers.Conv2D, keras.layers.Dense)
+
+
+@dataclasses.dataclass
+class Data:
+    """A classification data set: `x_*` `[N, H, W, C]` float32, `y_*` int labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_classes(self):
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+    def holdout(self, fraction=0.2):
+        """A `Data` whose test set is the last `fraction` of the training set (validation)."""
+        split = int(len(self.y_train) * (1 - fraction))
+        return Data(self.x_train[:split], self.y_train[:split],
+                    self.x_train[split:], self.y_train[split:])
+
+
+# --- models -------------------------------------------------------------------
+
+
+def build_resnet(input_shape=(28, 28, 1), num_classes=10, widths=(16, 32, 64),
+                 blocks_per_stage=1, kernel_decay=5e-4, name=None):
+    """A CIFAR-style ResNet (He et al. 2016, Sec. 4.2) with BatchNorm.
+
+    Stem conv, then one stage per width of `blocks_per_stage` basic blocks
+    (conv-BN-ReLU-conv-BN + shortcut, ReLU); stages after the first halve the
+    resolution and use a 1x1 projection shortcut. Global average pooling and a
+    Dense classifier. Depth is `6 * blocks_per_stage + 2`: 1 gives ResNet-8,
+    9 gives ResNet-56.
+
+    Args:
+        input_shape: one sample's shape, channels last.
+        num_classes: logits produced.
+        widths: channels of each stage.
+        blocks_per_stage: basic blocks per stage.
+        kernel_decay: L2 penalty on every kernel (0 for none). PSP needs it:
+            `w = alpha * v`, and without it `v` grows to undo the alpha decay.
+        name: model name (default `resnet{depth}`).
+
+    Returns:
+        An uncompiled functional `keras.Model` producing logits.
+    """
+    regularizer = keras.regularizers.L2(kernel_decay) if kernel_decay else None
+
+    def conv(x, filters, kernel_size, strides, layer_name):
+        return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same",
+                                   use_bias=False, kernel_initializer="he_normal",
+                                   kernel_regularizer=regularizer, name=layer_name)(x)
+
+    def bn(x, layer_name):
+        return keras.layers.BatchNormalization(name=layer_name)(x)
+
+    inputs = keras.Input(input_shape)
+    x = conv(inputs, widths[0], 3, 1, "stem_conv")
+    x = keras.layers.ReLU(name="stem_relu")(bn(x, "stem_bn"))
+    for s, width in enumerate(widths):
+        for b in range(blocks_per_stage):
+            prefix = f"s{s + 1}b{b + 1}"
+            strides = 2 if (s > 0 and b == 0) else 1
+            y = conv(x, width, 3, strides, f"{prefix}_conv1")
+            y = keras.layers.ReLU(name=f"{prefix}_relu1")(bn(y, f"{prefix}_bn1"))
+            y = bn(conv(y, width, 3, 1, f"{prefix}_conv2"), f"{prefix}_bn2")
+            shortcut = x
+            if strides != 1 or x.shape[-1] != width:
+                shortcut = bn(conv(x, width, 1, strides, f"{prefix}_proj"), f"{prefix}_proj_bn")
+            x = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
+            x = keras.layers.ReLU(name=f"{prefix}_out")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_regularizer=regularizer, name="logits")(x)
+    depth = 6 * blocks_per_stage + 2
+    return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
+
+
+def resnet_small(input_shape=(28, 28, 1), num_classes=10, widths=(16, 32, 64), **kwargs):
+    """ResNet-8 (one basic block per stage), sized for MNIST-5k on 2 CPU cores."""
+    return build_resnet(input_shape, num_classes, widths, blocks_per_stage=1, **kwargs)
+
+
+def resnet56(input_shape=(32, 32, 3), num_classes=10, widths=(16, 32, 64), **kwargs):
+    """ResNet-56 for CIFAR-10, as in the paper's Fig. 3 (GPU recommended)."""
+    return build_resnet(input_shape, num_classes, widths, blocks_per_stage=9, **kwargs)
+
+
+# --- training -----------------------------------------------------------------
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _sgd(lr, epochs, steps_per_epoch, schedule, clipnorm=None):
+    if schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, max(1, epochs * steps_per_epoch))
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
+    return keras.optimizers.SGD(lr, momentum=0.9, global_clipnorm=clipnorm)
+
+
+class _Progress(keras.callbacks.Callback):
+    """One line per epoch: loss, training accuracy and (PSP models) sparsity."""
+
+    def __init__(self, label, verbose):
+        super().__init__()
+        self.label = label
+        self.verbose = verbose
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.verbose:
+            return
+        logs = logs or {}
+        extra = ""
+        if "psp_sparsity" in logs:
+            extra = (f" sparsity {logs['psp_sparsity']:.1%}"
+                     f" expected MAC reduction {logs['psp_mac_reduction']:.2f}x")
+        print(f"  [{self.label}] epoch {epoch + 1}/{self.params['epochs']}: "
+              f"loss {logs.get('loss', float('nan')):.4f} "
+              f"acc {logs.get('accuracy', float('nan')):.4f}{extra} "
+              f"({time.time() - self.start:.0f}s)", flush=True)
+
+
+def _fit(model, data, optimizer, *, epochs, batch_size, label, verbose, steps_per_epoch=None,
+         callbacks=()):
+    model.compile(optimizer=optimizer, loss=_loss(), metrics=["accuracy"], jit_compile=False)
+    if epochs <= 0:
+        return
+    x, y = data.x_train, data.y_train
+    if steps_per_epoch:  # tiny runs (tests): only the first steps' worth of data
+        x, y = x[:steps_per_epoch * batch_size], y[:steps_per_epoch * batch_size]
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=True,
+              callbacks=list(callbacks) + [_Progress(label, verbose)])
+
+
+def _steps(data, batch_size, steps_per_epoch):
+    return steps_per_epoch or int(np.ceil(len(data.y_train) / batch_size))
+
+
+def set_batchnorm_trainable(model, trainable):
+    """Sets `trainable` on every BatchNormalization layer (False: inference mode)."""
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = trainable
+
+
+def normalize_batchnorm_scale(model):
+    """Moves each BatchNorm's gain into the conv feeding it, in place; same function.
+
+    For a Conv2D/Dense whose only reader is a BatchNormalization, scales
+    output filter `j` of the kernel (and bias) by
+    `c_j = gamma_j / sqrt(moving_var_j + eps)` and sets the BN to
+    `gamma = 1`, `moving_var = 1 - eps`, `moving_mean = c * moving_mean`, so
+    the inference-mode output is unchanged. Afterwards an inference-mode BN is
+    only a bias, and the kernels carry the network's real scale: with kernel
+    L2 decay and BN, pre-trained kernels are tiny and a frozen BN multiplies
+    their gradients by a large gain, which makes SGD diverge.
+
+    Returns:
+        The names of the BatchNorm layers normalized.
+    """
+    done = []
+    for bn in model.layers:
+        if not isinstance(bn, keras.layers.BatchNormalization) or not (bn.scale and bn.center):
+            continue
+        inbound = [layer for node in bn._inbound_nodes for layer in _inbound_layers(node)]
+        if len(inbound) != 1 or not isinstance(inbound[0], _PRODUCERS):
+            continue
+        conv = inbound[0]
+        if len([n for n in conv._outbound_nodes if n.operation in model.layers]) != 1:
+            continue
+        gamma, beta, mean, var = (np.asarray(keras.ops.convert_to_numpy(w)) for w in bn.weights)
+        scale = gamma / np.sqrt(var + bn.epsilon)
+        conv.kernel.assign(np.asarray(keras.ops.convert_to_numpy(conv.kernel)) * scale)
+        if conv.use_bias:
+            conv.bias.assign(np.asarray(keras.ops.convert_to_numpy(conv.bias)) * scale)
+        bn.set_weights([np.ones_like(gamma), beta, mean * scale,
+                        np.full_like(var, 1.0 - bn.epsilon)])
+        done.append(bn.name)
+    return done
+
+
+def _inbound_layers(node):
+    return [t._keras_history.operation for t in node.input_tensors]
+
+
+def recalibrate_batchnorm(model, x, batch_size=64):
+    """A model with every BatchNormalization's moving mean and variance re-estimated on `x`.
+
+    Uses `tf_psp.recalibrate_batchnorm` (which returns a copy) when the library
+    provides it; otherwise updates `model` in place with forward passes in
+    training mode, each layer's momentum set so that the moving statistics
+    become the average of the per-batch statistics. Gamma and beta are kept.
+
+    Returns:
+        The recalibrated model (use it instead of `model`).
+    """
+    library = getattr(tf_psp, "recalibrate_batchnorm", None)
+    if library is not None:
+        return library(model, x, batch_size=batch_size)
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        return model
+    saved = [(layer.momentum, layer.trainable) for layer in layers]
+    try:
+        for layer in layers:
+            layer.trainable = True
+        for i, start in enumerate(range(0, len(x), batch_size)):
+            for layer in layers:
+                layer.momentum = i / (i + 1.0)  # running mean of the batch statistics
+            model(keras.ops.convert_to_tensor(x[start:start + batch_size]), training=True)
+    finally:
+        for layer, (momentum, trainable) in zip(layers, saved):
+            layer.momentum, layer.trainable = momentum, trainable
+    return model
+
+
+def pretrain(model_builder, data, *, epochs, seed, lr=1e-3, batch_size=64,
+             steps_per_epoch=None, verbose=1):
+    """Trains `model_builder()` with Adam for `epochs`; returns the trained model.
+
+    Args:
+        model_builder: callable returning a fresh uncompiled Keras model.
+        data: a `Data`.
+        epochs: training epochs.
+        seed: seeds Python, NumPy and the backend before building.
+        lr: Adam learning rate.
+        batch_size: batch size.
+        steps_per_epoch: use only this many batches per epoch (tests); None: all.
+        verbose: 1 prints one line per epoch.
+    """
+    keras.utils.set_random_seed(seed)
+    model = model_builder()
+    _fit(model, data, keras.optimizers.Adam(lr), epochs=epochs, batch_size=batch_size,
+         label="pretrain", verbose=verbose, steps_per_epoch=steps_per_epoch)
+    return model
+
+
+def _copy_of(model):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _skip_model_inputs(model):
+    """Predicate for `parameterize`: not the layers reading a model input.
+
+    A model input's channels can never be removed, and with BatchNorm after
+    it the alpha of a one-channel stem conv is a free scale decay would zero.
+    """
+    input_ids = {id(t) for t in model.inputs}
+
+    def select(layer):
+        for node in layer._inbound_nodes:
+            if any(id(t) in input_ids for t in node.input_tensors):
+                return False
+        return True
+
+    return select
+
+
+def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epochs, lr, seed,
+            parameterize_kwargs=None, pretrained=None, pretrain_epochs=10, batch_size=64,
+            epsilon=1e-2, alpha_scale=1.0, batchnorm="frozen", schedule="cosine",
+            clipnorm=None, finetune_epochs=0, finetune_lr=None, finetune_batchnorm="train",
+            steps_per_epoch=None, verbose=1, label="psp", return_model=False):
+    """PSP-trains a (pre-trained) model, shrinks it and measures the result.
+
+    Args:
+        model_builder: callable returning a fresh uncompiled dense Keras model.
+        data: a `Data`; accuracy is measured on `data.x_test`.
+        structure: PSP structure (`'channel'`, `'filter'`, `'column'`, `'layer'`).
+        regularizer: alpha penalty, e.g. `tf_psp.regularizers.WeightDecay(0.15)`,
+            or None.
+        constraint: alpha constraint, e.g. `tf_psp.regularizers.FixedSparsity(0.5)`.
+        epochs: PSP training epochs.
+        lr: initial SGD learning rate (momentum 0.9).
+        seed: random seed of the PSP phase (and of pre-training when it runs here).
+        parameterize_kwargs: extra keyword arguments for `tf_psp.parameterize`
+            (e.g. `layers=`); by default the layers reading the model input
+            are not parameterized.
+        pretrained: a trained dense model to start from (not modified); None:
+            `pretrain` one for `pretrain_epochs` first.
+        pretrain_epochs: used only when `pretrained` is None.
+        batch_size: batch size.
+        epsilon: prune threshold on |alpha|.
+        batchnorm: `'frozen'` (inference-mode BN while pruning) or `'train'`
+            (BN keeps training; statistics recalibrated before evaluation).
+        schedule: learning-rate schedule, `'cosine'` (to zero) or `'constant'`.
+        steps_per_epoch: use only this many batches per epoch (tests).
+        verbose: 1 prints one line per epoch.
+        label: prefix of the progress lines.
+        return_model: also return the trained PSP model.
+
+    Returns:
+        The dict of `measure`, plus `train_seconds` and the PSP model's own
+        `psp_accuracy` (equal to `accuracy` up to round-off); with
+        `return_model`, `(dict, PSP model)`.
+    """
+    start = time.time()
+    if pretrained is None:
+        pretrained = pretrain(model_builder, data, epochs=pretrain_epochs, seed=seed,
+                              batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                              verbose=verbose)
+    keras.utils.set_random_seed(seed)
+    kwargs = {"layers": _skip_model_inputs(pretrained)}
+    kwargs.update(parameterize_kwargs or {})
+    model = tf_psp.parameterize(pretrained, structure=structure, epsilon=epsilon * alpha_scale,
+                                alpha_regularizer=regularizer, alpha_constraint=constraint,
+                                **kwargs)
+    if alpha_scale != 1.0:
+        _rescale_alphas(model, alpha_scale)
+    _prepare_batchnorm(model, batchnorm)
+    optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
+    _fit(model, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,
+         verbose=verbose, steps_per_epoch=steps_per_epoch,
+         callbacks=[tf_psp.callbacks.PSPMonitor()])
+    if batchnorm == "train":
+        model = recalibrate_batchnorm(model, data.x_train, batch_size)
+    psp_accuracy = evaluate(model, data, batch_size)
+    if finetune_epochs:
+        shrunk = tf_psp.strip_and_shrink(model)
+        set_batchnorm_trainable(shrunk, finetune_batchnorm == "train")
+        optimizer = _sgd(finetune_lr or lr, finetune_epochs,
+                         _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
+        _fit(shrunk, data, optimizer, epochs=finetune_epochs, batch_size=batch_size,
+             label=f"{label} fine-tune", verbose=verbose, steps_per_epoch=steps_per_epoch)
+        if finetune_batchnorm == "train":
+            shrunk = recalibrate_batchnorm(shrunk, data.x_train, batch_size)
+        result = measure(shrunk, pretrained, data, batch_size=batch_size, shrink=False)
+        result["sparsity"] = float(tf_psp.profile(model).sparsity)
+    else:
+        result = measure(model, pretrained, data, batch_size=batch_size)
+    result["psp_accuracy"] = psp_accuracy
+    result["alphas"] = alpha_summary(model)
+    result["train_seconds"] = time.time() - start
+    if return_model:
+        return result, model
+    return result
+
+
+def _rescale_alphas(model, alpha_scale):
+    """Sets every alpha to `alpha_scale` and divides the kernels by it: same function."""
+    for layer in model._flatten_layers(include_self=False):
+        if not tf_psp.is_psp_layer(layer):
+            continue
+        layer.alpha.assign(np.full(layer.alpha.shape, alpha_scale, "float32"))
+        kernel = getattr(layer, layer._alpha_kernel_name)
+        kernel.assign(np.asarray(keras.ops.convert_to_numpy(kernel)) / alpha_scale)
+        if getattr(layer, "use_bias", False) and tf_psp.structures.scales_bias(layer.structure):
+            layer.bias.assign(np.asarray(keras.ops.convert_to_numpy(layer.bias)) / alpha_scale)
+
+
+def alpha_summary(model):
+    """Per PSP layer: structures, how many are pruned, and |alpha| quantiles (0/50/90/100 %)."""
+    summary = {}
+    for layer in model._flatten_layers(include_self=False):
+        if tf_psp.is_psp_layer(layer):
+            alpha = np.abs(np.asarray(keras.ops.convert_to_numpy(layer.alpha.value))).ravel()
+            summary[layer.name] = {
+                "structures": int(alpha.size),
+                "pruned": int(np.sum(alpha < layer.epsilon)),
+                "quantiles": [float(q) for q in np.quantile(alpha, [0.0, 0.5, 0.9, 1.0])],
+            }
+    return summary
+
+
+def run_dense(model_builder, data, *, epochs, lr, seed, pretrained=None, pretrain_epochs=10,
+              batch_size=64, batchnorm="frozen", schedule="cosine", clipnorm=None,
+              steps_per_epoch=None, verbose=1, label="dense"):
+    """The baseline: the dense model trained further exactly like `run_psp`, without PSP.
+
+    Arguments as in `run_psp`. `pretrain_epochs + epochs` equals the PSP
+    runs' total, so the comparison is at the same number of epochs.
+
+    Returns:
+        The dict of `measure` (no MACs removed) plus `train_seconds`.
+    """
+    start = time.time()
+    if pretrained is None:
+        pretrained = pretrain(model_builder, data, epochs=pretrain_epochs, seed=seed,
+                              batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                              verbose=verbose)
+    keras.utils.set_random_seed(seed)
+    model = _copy_of(pretrained)
+    _prepare_batchnorm(model, batchnorm)
+    optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
+    _fit(model, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,
+         verbose=verbose, steps_per_epoch=steps_per_epoch)
+    if batchnorm == "train":
+        model = recalibrate_batchnorm(model, data.x_train, batch_size)
+    result = measure(model, pretrained, data, batch_size=batch_size)
+    result["train_seconds"] = time.time() - start
+    return result
+
+
+def _prepare_batchnorm(model, batchnorm):
+    """'frozen': BN gains moved into the kernels, BN in inference mode; 'train': BN trains."""
+    if batchnorm not in ("frozen", "train"):
+        raise ValueError(f"batchnorm must be 'frozen' or 'train', got {batchnorm!r}.")
+    if batchnorm == "frozen":
+        normalize_batchnorm_scale(model)
+    set_batchnorm_trainable(model, batchnorm == "train")
+
+
+# --- l1-norm magnitude pruning (Li et al. 2017) ---------------------------------
+
+
+def _consumers(model, layer):
+    """Layers reading `layer`'s output channels, through pass-through layers.
+
+    Returns the list of consuming Conv2D/Dense layers, or None when any path
+    reaches something else (a merge, a model output), i.e. the filters are
+    coupled and Li et al.'s per-layer pruning does not apply.
+    """
+    output_ids = {id(t) for t in model.outputs}
+    found, frontier = [], [layer]
+    while frontier:
+        current = frontier.pop()
+        if any(id(t) in output_ids for t in _outputs_of(current)):
+            return None
+        outbound = [node.operation for node in current._outbound_nodes
+                    if node.operation in model.layers]
+        if not outbound:
+            return None
+        for nxt in outbound:
+            if type(nxt) in _PRODUCERS:
+                found.append(nxt)
+            elif isinstance(nxt, _PASS_THROUGH):
+                frontier.append(nxt)
+            else:
+                return None
+    return found
+
+
+def _outputs_of(layer):
+    return [t for node in layer._inbound_nodes for t in node.output_tensors]
+
+
+def filter_l1_norms(layer):
+    """l1-norm of each output filter of a Conv2D/Dense kernel (sum over all other axes)."""
+    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel))
+    return np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+
+
+def magnitude_pruning_plan(model, sparsity):
+    """Which filters l1-norm pruning removes: the smallest-l1 fraction per prunable layer.
+
+    A layer is prunable when its output channels reach only Conv2D/Dense
+    layers through pass-through layers (BatchNorm, ReLU, pooling), e.g. the
+    first conv of a residual block (as in Li et al.); filters feeding a
+    residual Add are coupled and kept.
+
+    Args:
+        model: a dense functional model.
+        sparsity: fraction of each prunable layer's filters to remove.
+
+    Returns:
+        `{producer name: {"prune": sorted filter indices, "consumers": [names]}}`.
+    """
+    plan = {}
+    for layer in model.layers:
+        if type(layer) not in _PRODUCERS:
+            continue
+        consumers = _consumers(model, layer)
+        if not consumers:
+            continue
+        norms = filter_l1_norms(layer)
+        count = min(int(round(sparsity * len(norms))), len(norms) - 1)
+        order = np.argsort(norms, kind="stable")
+        plan[layer.name] = {"prune": sorted(int(i) for i in order[:count]),
+                            "consumers": [c.name for c in consumers]}
+    return plan
+
+
+def magnitude_prune(model, sparsity):
+    """Removes the smallest-l1 filters of every prunable layer; a new smaller plain model.
+
+    The removed filters' channels are cut from their consumers' kernels (a
+    `'channel'` PSP alpha of zero) and `tf_psp.strip_and_shrink` removes the
+    filters, their BatchNorm channels and the consumers' input rows.
+
+    Returns:
+        `(shrunk model, plan)` with `plan` from `magnitude_pruning_plan`.
+    """
+    plan = magnitude_pruning_plan(model, sparsity)
+    consumers = {c: p["prune"] for p in plan.values() for c in p["consumers"]}
+    psp = tf_psp.parameterize(model, structure="channel", layers=list(consumers),
+                              alpha_regularizer=None)
+    for name, pruned in consumers.items():
+        layer = psp.get_layer(name)
+        alpha = np.ones(layer.alpha.shape, "float32")
+        alpha[pruned] = 0.0
+        layer.alpha.assign(alpha)
+    return tf_psp.strip_and_shrink(psp), plan
+
+
+def run_magnitude(model_builder, data, *, sparsity, epochs, lr, seed, pretrained=None,
+                  pretrain_epochs=10, batch_size=64, batchnorm="frozen", schedule="cosine",
+                  clipnorm=None, steps_per_epoch=None, verbose=1, label="l1-norm"):
+    """l1-norm pruning (Li et al. 2017) of the pre-trained model, then fine-tuning.
+
+    Arguments as in `run_psp`; `sparsity` is the fraction of filters removed
+    from each prunable layer (see `magnitude_pruning_plan`). The smaller plain
+    model is fine-tuned with the same optimizer and schedule as PSP.
+
+    Returns:
+        The dict of `measure` plus `train_seconds`.
+    """
+    start = time.time()
+    if pretrained is None:
+        pretrained = pretrain(model_builder, data, epochs=pretrain_epochs, seed=seed,
+                              batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                              verbose=verbose)
+    keras.utils.set_random_seed(seed)
+    shrunk, plan = magnitude_prune(pretrained, sparsity)
+    _prepare_batchnorm(shrunk, batchnorm)
+    optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
+    _fit(shrunk, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,
+         verbose=verbose, steps_per_epoch=steps_per_epoch)
+    if batchnorm == "train":
+        shrunk = recalibrate_batchnorm(shrunk, data.x_train, batch_size)
+    result = measure(shrunk, pretrained, data, batch_size=batch_size, shrink=False)
+    pruned = sum(len(p["prune"]) for p in plan.values())
+    total = sum(len(filter_l1_norms(pretrained.get_layer(n))) for n in plan)
+    result["sparsity"] = pruned / total if total else 0.0
+    result["train_seconds"] = time.time() - start
+    return result
+
+
+# --- evaluation -----------------------------------------------------------------
+
+
+def evaluate(model, data, batch_size=256):
+    """Top-1 accuracy on `data.x_test` (inference mode)."""
+    logits = model.predict(data.x_test, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == data.y_test))
+
+
+def measure(model, dense, data, batch_size=256, shrink=True):
+    """Shrinks `model` and measures accuracy and removed MACs against `dense`.
+
+    Args:
+        model: the trained (PSP or plain) model.
+        dense: the dense model it came from; its MACs are the reference.
+        data: a `Data`; accuracy on its test set.
+        batch_size: evaluation batch size.
+        shrink: run `tf_psp.strip_and_shrink` on `model` (False: it is already
+            the small plain model).
+
+    Returns:
+        dict with `accuracy` and `error` (the shrunk model's, on the test
+        set), `sparsity` (fraction of PSP structures pruned; 0 without PSP
+        layers), `macs_dense`, `macs_shrunk`, `mac_reduction` (fraction of MACs
+        removed), `speedup_macs` (dense / shrunk), `params_dense`,
+        `params_shrunk`, `max_deviation` (shrunk vs `model`, relative).
+    """
+    psp_profile = tf_psp.profile(model)
+    shrunk = tf_psp.strip_and_shrink(model) if shrink else model
+    dense_profile, shrunk_profile = tf_psp.profile(dense), tf_psp.profile(shrunk)
+    accuracy = evaluate(shrunk, data, batch_size)
+    probe = data.x_test[:256]
+    reference = np.asarray(model.predict(probe, batch_size=batch_size, verbose=0))
+    output = np.asarray(shrunk.predict(probe, batch_size=batch_size, verbose=0))
+    macs_dense, macs_shrunk = dense_profile.total_macs, shrunk_profile.total_macs
+    return {
+        "accuracy": accuracy,
+        "error": 1.0 - accuracy,
+        "sparsity": float(psp_profile.sparsity) if psp_profile.structures_total else 0.0,
+        "macs_dense": int(macs_dense),
+        "macs_shrunk": int(macs_shrunk),
+        "mac_reduction": 1.0 - macs_shrunk / macs_dense,
+        "speedup_macs": macs_dense / macs_shrunk,
+        "params_dense": int(dense_profile.total_params),
+        "params_shrunk": int(shrunk_profile.total_params),
+        "max_deviation": float(np.max(np.abs(output - reference)) / (np.max(np.abs(reference)) or 1.0)),
+    }
