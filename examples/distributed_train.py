@@ -45,6 +45,9 @@ flags.DEFINE_integer("epochs", 3, "Training epochs.")
 flags.DEFINE_float("learning_rate", 0.05, "SGD learning rate (momentum 0.9).")
 flags.DEFINE_float("decay", 2e-2, "Weight decay lambda on alpha (paper eq. 6).")
 flags.DEFINE_integer("seed", 0, "Seed of the data and the initial weights.")
+flags.DEFINE_enum("coupling", "layer", ["layer", "group"],
+                  "PSP alphas per layer (PSP layers) or one per channel group, shared by "
+                  "its readers (tf_psp.parameterize(coupling='group')).")
 flags.DEFINE_string("output", None, "Chief only: write the shrunk model here (.keras).")
 flags.DEFINE_string("summary", None, "Write a JSON summary of this worker's model here.")
 
@@ -79,7 +82,7 @@ def make_data(seed, samples):
     return x, y.astype("int32")
 
 
-def build_model(seed, decay):
+def build_model(seed, decay, coupling="layer"):
     """A small PSP CNN with seeded initial weights (the same in every process)."""
     import keras
     import numpy as np
@@ -87,6 +90,15 @@ def build_model(seed, decay):
     import tf_psp
 
     regularizer = tf_psp.regularizers.WeightDecay(decay)
+    if coupling == "group":
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+        y = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(x)
+        x = keras.layers.Add(name="add")([x, y])
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        plain = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+        model = tf_psp.parameterize(plain, coupling="group", alpha_regularizer=regularizer)
+        return _seed_weights(model, seed)
     inputs = keras.Input((8, 8, 3))
     x = tf_psp.PSPConv2D(8, 3, padding="same", activation="relu", structure="filter",
                          alpha_regularizer=regularizer, name="conv1")(inputs)
@@ -95,7 +107,13 @@ def build_model(seed, decay):
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = tf_psp.PSPDense(4, structure="channel", alpha_regularizer=regularizer,
                               name="head")(x)
-    model = keras.Model(inputs, outputs, name="distributed_psp")
+    return _seed_weights(keras.Model(inputs, outputs, name="distributed_psp"), seed)
+
+
+def _seed_weights(model, seed):
+    """Alphas 1, kernels and biases seeded normal (the same in every process)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     model.set_weights([
         np.ones(w.shape, "float32") if "alpha" in w.path
@@ -105,7 +123,8 @@ def build_model(seed, decay):
     return model
 
 
-def train(strategy, x, y, epochs, global_batch_size, learning_rate, decay, seed):
+def train(strategy, x, y, epochs, global_batch_size, learning_rate, decay, seed,
+          coupling="layer"):
     """Builds, compiles and fits the PSP model under `strategy`; returns (model, losses)."""
     import keras
     import tensorflow as tf
@@ -115,7 +134,7 @@ def train(strategy, x, y, epochs, global_batch_size, learning_rate, decay, seed)
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
     with strategy.scope():
-        model = build_model(seed, decay)
+        model = build_model(seed, decay, coupling)
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -125,7 +144,8 @@ def train(strategy, x, y, epochs, global_batch_size, learning_rate, decay, seed)
     return model, [float(v) for v in history.history["loss"]]
 
 
-def train_custom_loop(strategy, x, y, epochs, global_batch_size, learning_rate, decay, seed):
+def train_custom_loop(strategy, x, y, epochs, global_batch_size, learning_rate, decay, seed,
+                      coupling="layer"):
     """Like `train`, with a custom loop (`strategy.run` in a `tf.function`).
 
     Keras 3's `fit` fails under MultiWorkerMirroredStrategy
@@ -143,7 +163,7 @@ def train_custom_loop(strategy, x, y, epochs, global_batch_size, learning_rate, 
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = strategy.experimental_distribute_dataset(dataset.with_options(options))
     with strategy.scope():
-        model = build_model(seed, decay)
+        model = build_model(seed, decay, coupling)
         optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9)
         optimizer.build(model.trainable_variables)
         cross_entropy = keras.losses.SparseCategoricalCrossentropy(
@@ -180,27 +200,41 @@ def replica_values(strategy, variable):
     return [np.asarray(v) for v in strategy.experimental_local_results(variable.value)]
 
 
+def alpha_variables(model):
+    """Name -> (alpha variable, epsilon): per PSP layer, or per group of the group alphas."""
+    import tf_psp
+
+    found = {}
+    for layer in model.layers:
+        if tf_psp.is_psp_layer(layer):
+            found[layer.name] = (layer.alpha, layer.epsilon)
+        elif isinstance(layer, tf_psp.PSPGroupAlphas):
+            for variable in layer.group_alphas:
+                found[variable.name] = (variable, layer.epsilon)
+    return found
+
+
 def summarize(model, strategy, losses):
     """JSON-able facts: alphas, masks, per-replica agreement, losses, regularization."""
     import keras
     import numpy as np
 
-    import tf_psp
-
-    psp = [layer for layer in model.layers if tf_psp.is_psp_layer(layer)]
-    replicas = {layer.name: replica_values(strategy, layer.alpha) for layer in psp}
+    alphas = alpha_variables(model)
+    replicas = {name: replica_values(strategy, v) for name, (v, _) in alphas.items()}
+    values = {name: np.asarray(v.numpy()) for name, (v, _) in alphas.items()}
     return {
         "replicas": int(strategy.num_replicas_in_sync),
         "losses": losses,
-        "alphas": {layer.name: np.asarray(layer.alpha.numpy()).tolist() for layer in psp},
-        "masks": {layer.name: layer.structure_mask().tolist() for layer in psp},
-        "epsilons": {layer.name: layer.epsilon for layer in psp},
+        "alphas": {name: v.tolist() for name, v in values.items()},
+        "masks": {name: (np.abs(values[name]) >= eps).tolist() for name, (_, eps) in alphas.items()},
+        "epsilons": {name: eps for name, (_, eps) in alphas.items()},
         "replica_alpha_spread": max(
             float(np.max(np.abs(v - values[0]))) for values in replicas.values() for v in values),
         "replica_count": {name: len(values) for name, values in replicas.items()},
         "regularization_loss": float(sum(
             float(keras.ops.convert_to_numpy(loss)) for loss in model.losses)),
-        "kernels": {layer.name: np.asarray(layer.kernel.numpy()).tolist() for layer in psp},
+        "kernels": {layer.name: np.asarray(layer.kernel.numpy()).tolist()
+                    for layer in model.layers if getattr(layer, "kernel", None) is not None},
     }
 
 
@@ -228,7 +262,7 @@ def main(argv):
     x, y = make_data(FLAGS.seed, FLAGS.samples)
     loop = train_custom_loop if FLAGS.strategy == "multiworker" else train
     model, losses = loop(strategy, x, y, FLAGS.epochs, FLAGS.global_batch_size,
-                         FLAGS.learning_rate, FLAGS.decay, FLAGS.seed)
+                         FLAGS.learning_rate, FLAGS.decay, FLAGS.seed, FLAGS.coupling)
     summary = summarize(model, strategy, losses)
     print(f"{strategy.num_replicas_in_sync} replicas ({type(strategy).__name__}); "
           f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; alphas agree across replicas to "

@@ -55,6 +55,13 @@ def runs(tmp_path_factory):
                             f"--output={directory / 'mirrored_small.keras'}"],
                            directory / "mirrored.json"),
     }
+    for coupling in ("group",):
+        started[f"single_{coupling}"] = _start(
+            ["--strategy=default", "--logical_cpus=0", f"--coupling={coupling}"],
+            directory / f"single_{coupling}.json")
+        started[f"mirrored_{coupling}"] = _start(
+            ["--strategy=mirrored", "--logical_cpus=2", f"--coupling={coupling}"],
+            directory / f"mirrored_{coupling}.json")
     for index in range(2):
         started[f"worker{index}"] = _start(
             ["--strategy=multiworker", "--logical_cpus=0",
@@ -73,8 +80,9 @@ def runs(tmp_path_factory):
 def _assert_same_training(run, reference):
     assert run["masks"] == reference["masks"]
     assert run["epsilons"] == reference["epsilons"]
-    for name in reference["alphas"]:
-        for key in ("alphas", "kernels"):
+    for key in ("alphas", "kernels"):
+        assert set(run[key]) == set(reference[key])
+        for name in reference[key]:
             np.testing.assert_allclose(run[key][name], reference[key][name], rtol=0,
                                        atol=TOLERANCE, err_msg=f"{key} of {name}")
     np.testing.assert_allclose(run["losses"], reference["losses"], rtol=TOLERANCE)
@@ -87,6 +95,15 @@ def test_mirrored_strategy_over_two_cpus_matches_one_device(runs):
     assert single["replicas"] == 1 and mirrored["replicas"] == 2
     assert set(mirrored["replica_count"].values()) == {2}  # a copy of alpha per replica
     assert mirrored["replica_alpha_spread"] == 0.0  # the copies are identical
+    assert single["losses"][-1] < single["losses"][0]
+    _assert_same_training(mirrored, single)
+
+
+def test_group_alphas_under_mirrored_strategy_match_one_device(runs):
+    mirrored, single = runs["mirrored_group"], runs["single_group"]
+    assert mirrored["replicas"] == 2 and mirrored["replica_alpha_spread"] == 0.0
+    # One group: conv1's and conv2's outputs tied by Add, read by conv2 and the head.
+    assert list(single["alphas"]) == ["alpha_conv1"] and len(single["alphas"]["alpha_conv1"]) == 8
     assert single["losses"][-1] < single["losses"][0]
     _assert_same_training(mirrored, single)
 
