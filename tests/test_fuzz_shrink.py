@@ -3,12 +3,13 @@
 Hypothesis draws a *spec* (plain tuples, so a failure is a literal that can be
 pasted into an `@example`): an input width, a list of operations (Conv2D,
 DepthwiseConv2D, SeparableConv2D, Dense on 4-D tensors, BatchNormalization,
-activations, residual Add, Add/Multiply of two tensors, Concatenate,
-squeeze-and-excitation Multiply, pooling) reading earlier tensors, a head
-(GlobalAveragePooling or Flatten -> Dense, or a 4-D output), and per PSP layer
-a structure and a pruning fraction. The model gets random weights (BatchNorm
-with non-trivial moving statistics, gamma and beta), is parameterized, and
-random alphas are set to 0 (or below epsilon). Then:
+activations, residual Add, Add/Subtract/Average/Maximum/Minimum/Multiply of two
+tensors, Concatenate, squeeze-and-excitation Multiply, pooling, zero padding,
+cropping, upsampling) reading earlier tensors, a head (GlobalAveragePooling or
+Flatten -> Dense, a 4-D output, or two outputs), per PSP layer a structure and
+a pruning fraction, and `round_to`. The model gets random weights (BatchNorm
+with non-trivial moving statistics, gamma and beta; some kernel rows zero), is
+parameterized, and random alphas are set to 0 (or below epsilon). Then:
 
 - the shrunk model's outputs equal the PSP model's (<= 1e-5 of the largest);
 - its MACs (tf_psp.profile) are at most the PSP model's;
@@ -50,6 +51,8 @@ SIZE = 8  # input height and width
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh", "swish", "relu6")
 STRUCTURES = ("channel", "filter", "column", "layer")
 PRUNE = (0.0, 0.25, 0.5, 0.75, 1.0)
+MERGES = ("add", "multiply", "subtract", "average", "maximum", "minimum")
+ROUND_TO = (1, 1, 2, 4)
 
 # --- the spec strategy ------------------------------------------------------------
 
@@ -73,25 +76,28 @@ _OPS = {
     "act": st.tuples(st.just("act"), _src, st.sampled_from(ACTIVATIONS[1:])),
     "res": st.tuples(st.just("res"), _src, st.integers(1, 2), st.booleans(),
                      st.sampled_from(ACTIVATIONS), _psp),
-    "merge2": st.tuples(st.just("merge2"), _src, _other, st.sampled_from(("add", "multiply"))),
+    "merge2": st.tuples(st.just("merge2"), _src, _other, st.sampled_from(MERGES)),
     "concat": st.tuples(st.just("concat"), _src, _other),
     "se": st.tuples(st.just("se"), _src, _width, st.booleans(), _psp),
     "pool": st.tuples(st.just("pool"), _src, st.sampled_from(("max", "avg"))),
+    "resize": st.tuples(st.just("resize"), _src, st.sampled_from(("pad", "crop", "upsample"))),
 }
 _HEADS = st.one_of(
     st.tuples(st.just("gap_dense"), _width, _psp),
     st.tuples(st.just("flatten_dense"), _width, _psp),
     st.tuples(st.just("tensor"),),
+    st.tuples(st.just("two_outputs"), _width, _psp),
 )
 
 
 def specs(min_ops=3, max_ops=10):
-    """(input channels, ops, head, seed): a random model, as plain data."""
+    """(input channels, ops, head, seed, round_to): a random model, as plain data."""
     return st.tuples(
         st.integers(1, 4),
         st.lists(st.one_of(*_OPS.values()), min_size=min_ops, max_size=max_ops),
         _HEADS,
         st.integers(0, 2**16),
+        st.sampled_from(ROUND_TO),
     )
 
 
@@ -158,7 +164,7 @@ class _Builder:
             other = self.pick(op[2])
             if other.shape != src.shape:
                 return
-            merge = L.Add if op[3] == "add" else L.Multiply
+            merge = getattr(L, op[3].capitalize())
             out = merge(name=self.name(op[3]))([src, other])
         elif kind == "concat":
             other = self.pick(op[2])
@@ -181,24 +187,41 @@ class _Builder:
                 return
             pool = L.MaxPooling2D if op[2] == "max" else L.AveragePooling2D
             out = pool(2, name=self.name(f"{op[2]}pool"))(src)
+        elif kind == "resize":
+            if op[2] == "pad":
+                out = L.ZeroPadding2D(1, name=self.name("pad"))(src)
+            elif op[2] == "crop" and src.shape[1] >= 3:
+                out = L.Cropping2D(1, name=self.name("crop"))(src)
+            elif op[2] == "upsample" and src.shape[1] <= 4:
+                out = L.UpSampling2D(2, name=self.name("upsample"))(src)
+            else:
+                return
         else:
             raise ValueError(f"unknown op {kind!r}")
         self.tensors.append(out)
 
     def head(self, head):
+        """The model outputs (a tensor, or a list of two)."""
         x = self.tensors[-1]
         if head[0] == "tensor":
             return x
         units, psp = head[1], head[2]
-        if head[0] == "gap_dense":
-            x = L.GlobalAveragePooling2D(name=self.name("gap"))(x)
+        if head[0] == "flatten_dense":
+            y = L.Flatten(name=self.name("flatten"))(x)
         else:
-            x = L.Flatten(name=self.name("flatten"))(x)
-        return L.Dense(units, name=self.name("head", psp))(x)
+            y = L.GlobalAveragePooling2D(name=self.name("gap"))(x)
+        y = L.Dense(units, name=self.name("head", psp))(y)
+        if head[0] == "two_outputs":  # the 4-D tensor before the head is an output too
+            return [y, self.tensors[-2 if len(self.tensors) > 1 else -1]]
+        return y
 
 
 def _randomize(model, rng):
-    """Random weights; BatchNorm with non-trivial statistics (a few gammas 0)."""
+    """Random weights; BatchNorm with non-trivial statistics (a few gammas 0).
+
+    A fifth of the kernels get some input rows exactly zero: plain layers can
+    leave channels unread too, not only pruned PSP structures.
+    """
     for layer in model.layers:
         values = []
         for v in layer.weights:
@@ -213,6 +236,9 @@ def _randomize(model, rng):
                 value = rng.uniform(0.5, 2.0, shape)
             else:  # kernels: unit-variance outputs
                 value = rng.normal(0, 1, shape) / np.sqrt(max(np.prod(shape[:-1]), 1))
+                if len(shape) >= 2 and rng.random() < 0.2:
+                    rows = rng.random(shape[-2]) < 0.3
+                    value[..., rows, :] = 0.0
             values.append(value.astype("float32"))
         layer.set_weights(values)
 
@@ -222,7 +248,7 @@ _BUILDS = 0
 
 def build(spec):
     """(plain model, PSP model with pruned alphas) for `spec`."""
-    in_channels, ops, head, seed = spec
+    in_channels, ops, head, seed, _ = spec
     global _BUILDS
     _BUILDS += 1
     if _BUILDS % 100 == 0:  # clear_session costs ~0.2 s: not every example
@@ -272,7 +298,7 @@ def check_spec(spec):
     """Runs the properties on one spec; returns the shrunk model."""
     model, psp = build(spec)
     plain_before, psp_before = weights_snapshot(model), weights_snapshot(psp)
-    shrunk = tf_psp.strip_and_shrink(psp)
+    shrunk = tf_psp.strip_and_shrink(psp, round_to=spec[4])
     x = _probe(spec)
     error = _max_rel_error(_outputs(psp, x), _outputs(shrunk, x))
     assert error <= 1e-5, f"shrunk differs from the PSP model by {error:.3g}"
