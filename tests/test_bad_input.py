@@ -113,15 +113,29 @@ def test_nan_or_inf_alphas_name_the_layers(function):
         getattr(tf_psp, function)(psp)
 
 
-def test_fully_pruned_plain_conv_is_kept_and_named_in_a_warning():
-    # Not in a residual branch: its constant output (BatchNorm shift, ReLU)
-    # is read by a padded 3x3 conv, so removing it would not be exact.
-    psp = tf_psp.parameterize(_plain_model(), structure="filter")
+@pytest.mark.parametrize("reader_kernel", [1, 3])
+def test_fully_pruned_plain_conv_is_kept_and_named_in_a_warning(reader_kernel):
+    # Not in a residual branch, so the layer stays. Its output is constant
+    # (bias 0 -> BatchNorm shift -> ReLU). A 1x1 reader folds the constants
+    # into its bias: one channel is kept, to keep the graph connected. A padded
+    # 3x3 reader sees zero padding at the borders, so the channels with a
+    # nonzero constant are kept (exactness first).
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    x = L.Conv2D(5, reader_kernel, padding="same", name="c2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    model = randomize_weights(keras.Model(inputs, L.Dense(2, name="fc")(x)))
+    psp = tf_psp.parameterize(model, structure="filter")
     psp.get_layer("c1").alpha.assign(np.zeros(6, "float32"))
     before = weights_snapshot(psp)
     with pytest.warns(UserWarning, match=r"every structure of layer 'c1' \(keeps \d of 6"):
         shrunk = tf_psp.strip_and_shrink(psp)
-    assert 1 <= shrunk.get_layer("c1").filters < 6
+    constant = np.maximum(keras.ops.convert_to_numpy(psp.get_layer("bn1")(
+        np.zeros((1, 1, 1, 6), "float32"), training=False)).ravel(), 0)
+    expected = 1 if reader_kernel == 1 else max(int(np.count_nonzero(constant)), 1)
+    assert shrunk.get_layer("c1").filters == expected
     assert _rel_error(psp(_x(), training=False), shrunk(_x(), training=False)) <= 1e-5
     assert_weights_unchanged(before, psp)
 
