@@ -10,6 +10,13 @@ For PSP layers the profile also counts the structures whose `|alpha|` is below
 lose if those structures were physically removed. The count is local to the
 layer: removing a layer's output channels also spares work in the layers that
 consume them, which is not counted here (so `mac_reduction` is conservative).
+The `PSPGroupAlphas` layer of a `coupling='group'` model is reported the same
+way: its structures are the group alphas, its pruned MACs those its dead
+alphas zero in the layers reading them.
+
+`removability(model)` (or `profile(model, removable=True)`) measures instead
+what `strip_and_shrink` removes, and how much of the zeroed MACs would stay as
+zeros in the shrunk model, for per-layer and group alphas alike.
 """
 
 import dataclasses
