@@ -60,17 +60,17 @@ ROUND_TO = (1, 1, 2, 4)
 # mostly recent ones, so that most ops end up in the model.
 _src = st.sampled_from((0, 0, 0, 0, 1, 1, 2, 3, 5))
 _other = st.integers(0, 7)
+_padding = st.sampled_from(("same", "valid"))
 _width = st.integers(1, 8)
 _psp = st.tuples(st.sampled_from(STRUCTURES), st.sampled_from(PRUNE))  # structure, prune
 
 _OPS = {
-    "conv": st.tuples(st.just("conv"), _src, _width, st.sampled_from((1, 3)),
-                      st.sampled_from(("same", "valid")), st.sampled_from(ACTIVATIONS),
-                      st.booleans(), _psp),
+    "conv": st.tuples(st.just("conv"), _src, _width, st.sampled_from((1, 3)), _padding,
+                      st.sampled_from(ACTIVATIONS), st.booleans(), _psp, st.sampled_from((1, 1, 2))),
     "dw": st.tuples(st.just("dw"), _src, st.sampled_from((1, 3)), st.integers(1, 2),
-                    st.sampled_from(ACTIVATIONS), st.booleans(), _psp),
+                    st.sampled_from(ACTIVATIONS), st.booleans(), _psp, _padding),
     "sep": st.tuples(st.just("sep"), _src, _width, st.sampled_from((1, 3)), st.integers(1, 2),
-                     st.sampled_from(ACTIVATIONS), st.booleans(), _psp),
+                     st.sampled_from(ACTIVATIONS), st.booleans(), _psp, _padding),
     "dense4": st.tuples(st.just("dense4"), _src, _width, st.sampled_from(ACTIVATIONS), _psp),
     "bn": st.tuples(st.just("bn"), _src),
     "act": st.tuples(st.just("act"), _src, st.sampled_from(ACTIVATIONS[1:])),
@@ -104,6 +104,11 @@ def specs(min_ops=3, max_ops=10):
 # --- building a model from a spec ----------------------------------------------------
 
 
+def _fit(padding, x, kernel):
+    """'valid' only where the input is at least as large as the kernel."""
+    return "same" if padding == "valid" and x.shape[1] < kernel else padding
+
+
 class _Builder:
     def __init__(self):
         self.tensors = []  # 4-D tensors
@@ -121,11 +126,10 @@ class _Builder:
         """The `index`-th latest 4-D tensor (0: the latest, so most ops chain)."""
         return self.tensors[-1 - index % len(self.tensors)]
 
-    def conv(self, x, filters, kernel, padding, activation, use_bias, psp):
-        if padding == "valid" and x.shape[1] < kernel:
-            padding = "same"
-        return L.Conv2D(filters, kernel, padding=padding, activation=activation,
-                        use_bias=use_bias, name=self.name("conv", psp))(x)
+    def conv(self, x, filters, kernel, padding, activation, use_bias, psp, strides=1):
+        return L.Conv2D(filters, kernel, strides=strides, padding=_fit(padding, x, kernel),
+                        activation=activation, use_bias=use_bias,
+                        name=self.name("conv", psp))(x)
 
     def add_op(self, op):
         kind, src = op[0], self.pick(op[1])
@@ -133,13 +137,15 @@ class _Builder:
         if kind == "conv":
             out = self.conv(src, *op[2:])
         elif kind == "dw":
-            _, _, kernel, multiplier, activation, use_bias, psp = op
-            out = L.DepthwiseConv2D(kernel, padding="same", depth_multiplier=multiplier,
+            _, _, kernel, multiplier, activation, use_bias, psp, padding = op
+            out = L.DepthwiseConv2D(kernel, padding=_fit(padding, src, kernel),
+                                    depth_multiplier=multiplier,
                                     activation=activation, use_bias=use_bias,
                                     name=self.name("dw", psp))(src)
         elif kind == "sep":
-            _, _, filters, kernel, multiplier, activation, use_bias, psp = op
-            out = L.SeparableConv2D(filters, kernel, padding="same", depth_multiplier=multiplier,
+            _, _, filters, kernel, multiplier, activation, use_bias, psp, padding = op
+            out = L.SeparableConv2D(filters, kernel, padding=_fit(padding, src, kernel),
+                                    depth_multiplier=multiplier,
                                     activation=activation, use_bias=use_bias,
                                     name=self.name("sep", psp))(src)
         elif kind == "dense4":
@@ -156,7 +162,7 @@ class _Builder:
             for k in range(depth):
                 last = k == depth - 1
                 branch = self.conv(branch, channels, 3, "same", None if last else activation,
-                                   True, psp)
+                                   True, psp)  # stride 1: the Add needs the same shape
                 if batchnorm:
                     branch = L.BatchNormalization(name=self.name("bn"))(branch)
             out = L.Add(name=self.name("add"))([src, branch])
