@@ -14,10 +14,11 @@ parameterized, and random alphas are set to 0 (or below epsilon). Then:
 - the shrunk model's outputs equal the PSP model's (<= 1e-5 of the largest);
 - its MACs (tf_psp.profile) are at most the PSP model's;
 - it holds no tf_psp class; the plain and PSP models' weights are unchanged;
-- (a smaller test) it converts to TFLite and runs like Keras.
+- (a smaller test) it converts to TFLite and runs like Keras;
+- (another) the same with `parameterize(coupling='group')` and random group alphas.
 
 Examples per run: `TF_PSP_FUZZ_EXAMPLES` (default 150; the TFLite test runs a
-tenth of it, at least 8). Without it the run is derandomized (the same examples
+tenth of it, the group test a fifth, at least 8 each). Without it the run is derandomized (the same examples
 every CI run); with it, pass `--hypothesis-seed=N` to explore. See FUZZING.md.
 """
 
@@ -344,3 +345,31 @@ def test_shrunk_model_converts_to_tflite(spec):
         result = export.export_tflite(shrunk, os.path.join(directory, "shrunk.tflite"),
                                       probe=_probe(spec))
     assert result.max_rel_error <= 1e-4
+
+
+@settings(_PROFILE, max_examples=max(8, EXAMPLES // 5))
+@given(spec=specs())
+def test_group_coupled_model_shrinks_exactly(spec):
+    """The same properties with `parameterize(coupling='group')` and random group alphas."""
+    model, _ = build(spec)
+    try:
+        psp = tf_psp.parameterize(model, coupling="group")
+    except ValueError as error:  # every channel frozen: nothing to parameterize
+        assert "no channel that PSP can prune" in str(error)
+        return
+    rng = np.random.default_rng(spec[3])
+    for layer in psp.layers:
+        for variable in getattr(layer, "group_alphas", ()):
+            shape = tuple(variable.shape)
+            alive = rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
+            pruned = rng.random(shape) < rng.choice(PRUNE)
+            variable.assign(np.where(pruned, 0.0, alive).astype("float32"))
+    before = weights_snapshot(psp)
+    shrunk = tf_psp.strip_and_shrink(psp, round_to=spec[4])
+    x = _probe(spec)
+    error = _max_rel_error(_outputs(psp, x), _outputs(shrunk, x))
+    assert error <= 1e-5, f"shrunk differs from the PSP model by {error:.3g}"
+    assert tf_psp.profile(shrunk).total_macs <= tf_psp.profile(tf_psp.strip(psp)).total_macs
+    assert not [layer.name for layer in shrunk._flatten_layers(include_self=False)
+                if type(layer).__module__.startswith("tf_psp")]
+    assert_weights_unchanged(before, psp)
