@@ -8,8 +8,9 @@ import tf_psp
 
 
 # Policy -> max deviation of the shrunk model from the PSP model, relative to
-# the largest output: both compute in the low precision, in different orders.
-TOLERANCE = {"mixed_float16": 1e-2, "mixed_bfloat16": 5e-2}
+# the largest output: both compute in the low precision, in different orders
+# (measured: 1.1e-3 for float16, 2.4e-3 for bfloat16's 8-bit mantissa).
+TOLERANCE = {"mixed_float16": 1e-2, "mixed_bfloat16": 2e-2}
 
 
 @pytest.fixture(params=sorted(TOLERANCE))
