@@ -832,6 +832,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]} (flags start with --)")
     try:
         check_flags()
+        check_resume(read_json(_path("state", "progress.json"), {}))
         run()
     except FlagError as error:
         _fail(str(error))

@@ -41,9 +41,14 @@ def _weights(path):
     import h5py
 
     arrays = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            arrays[name] = np.array(item)
+        # returning None keeps h5py visiting
+
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, item: arrays.setdefault(name, np.array(item))
-                     if isinstance(item, h5py.Dataset) else None)
+        f.visititems(visit)
     return arrays
 
 
