@@ -14,12 +14,15 @@ imported by other experiments. Every run follows the same recipe:
    counted with `tf_psp.profile` on the dense and the shrunk model.
 
 BatchNormalization: after a PSP conv, BN makes the loss invariant to the
-joint scale of that conv's alphas, so decay shrinks them together instead of
-separating important from unimportant channels. The default
-`batchnorm='frozen'` therefore runs BN in inference mode (fixed statistics,
-fixed gamma/beta, i.e. a per-channel affine map) while pruning;
-`batchnorm='train'` keeps it training and recalibrates its statistics before
-evaluation.
+joint scale of that conv's alphas. With `batchnorm='train'` (BN keeps
+training, statistics recalibrated with `recalibrate_batchnorm` before every
+evaluation) weight decay therefore only shrinks the norm of a layer's alphas
+towards an equilibrium that depends weakly on its strength; the structures
+whose alpha is small *relative* to the others fall below `epsilon` first.
+`batchnorm='frozen'` instead moves each BN's gain into the conv before it
+(`normalize_batchnorm_scale`) and runs BN in inference mode, a per-channel
+affine map, so alpha decay acts on the function directly (like
+`tf_psp.fold_batchnorm`).
 
 All functions return plain dicts of JSON-serializable numbers.
 """
@@ -312,8 +315,9 @@ def _skip_model_inputs(model):
 def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epochs, lr, seed,
             parameterize_kwargs=None, pretrained=None, pretrain_epochs=10, batch_size=64,
             epsilon=1e-2, alpha_scale=1.0, batchnorm="frozen", schedule="cosine",
-            clipnorm=None, finetune_epochs=0, finetune_lr=None, finetune_batchnorm="train",
-            steps_per_epoch=None, verbose=1, label="psp", return_model=False):
+            clipnorm=None, kernel_decay=None, finetune_epochs=0, finetune_lr=None,
+            finetune_batchnorm="train", steps_per_epoch=None, verbose=1, label="psp",
+            return_model=False):
     """PSP-trains a (pre-trained) model, shrinks it and measures the result.
 
     Args:
@@ -333,19 +337,34 @@ def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epo
             `pretrain` one for `pretrain_epochs` first.
         pretrain_epochs: used only when `pretrained` is None.
         batch_size: batch size.
-        epsilon: prune threshold on |alpha|.
-        batchnorm: `'frozen'` (inference-mode BN while pruning) or `'train'`
+        epsilon: prune threshold on |alpha|, relative to `alpha_scale`.
+        alpha_scale: initial alpha; the kernels are divided by it so the
+            function is unchanged. With plain SGD this multiplies alpha's
+            relative learning rate by `1 / alpha_scale**2` and the kernels' by
+            `alpha_scale**2` (1.0: the paper's alpha = 1).
+        batchnorm: `'frozen'` (BN gains moved into the kernels, inference-mode
+            BN while pruning, see `normalize_batchnorm_scale`) or `'train'`
             (BN keeps training; statistics recalibrated before evaluation).
         schedule: learning-rate schedule, `'cosine'` (to zero) or `'constant'`.
+        clipnorm: global gradient-norm clipping (None: none).
+        kernel_decay: L2 decay on the kernels of the PSP layers while PSP
+            training (None: keep the model's). With decay on both alpha and
+            the kernel `v`, their sum is smallest when balanced, where it is a
+            group lasso on each structure's effective weights `alpha * v`.
+        finetune_epochs: after PSP training, shrink the model and fine-tune
+            the smaller plain model for this many more epochs (0: none).
+        finetune_lr: learning rate of fine-tuning (None: `lr`).
+        finetune_batchnorm: `'train'` or `'frozen'` BN while fine-tuning.
         steps_per_epoch: use only this many batches per epoch (tests).
         verbose: 1 prints one line per epoch.
         label: prefix of the progress lines.
-        return_model: also return the trained PSP model.
+        return_model: also return the trained PSP model (before fine-tuning).
 
     Returns:
-        The dict of `measure`, plus `train_seconds` and the PSP model's own
-        `psp_accuracy` (equal to `accuracy` up to round-off); with
-        `return_model`, `(dict, PSP model)`.
+        The dict of `measure` (of the shrunk, fine-tuned model), plus
+        `train_seconds`, `alphas` (`alpha_summary`) and the PSP model's own
+        `psp_accuracy` (before fine-tuning); with `return_model`,
+        `(dict, PSP model)`.
     """
     start = time.time()
     if pretrained is None:
@@ -360,6 +379,8 @@ def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epo
                                 **kwargs)
     if alpha_scale != 1.0:
         _rescale_alphas(model, alpha_scale)
+    if kernel_decay is not None:
+        set_kernel_decay(model, kernel_decay)
     _prepare_batchnorm(model, batchnorm)
     optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
     _fit(model, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,
@@ -387,6 +408,17 @@ def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epo
     if return_model:
         return result, model
     return result
+
+
+def set_kernel_decay(model, decay, psp_only=True):
+    """Sets an L2 regularizer of strength `decay` on the kernels (of the PSP layers)."""
+    for layer in model._flatten_layers(include_self=False):
+        if psp_only and not tf_psp.is_psp_layer(layer):
+            continue
+        name = getattr(layer, "_alpha_kernel_name", "kernel")
+        kernel = getattr(layer, name, None)
+        if kernel is not None:
+            kernel.regularizer = keras.regularizers.L2(decay) if decay else None
 
 
 def _rescale_alphas(model, alpha_scale):
@@ -485,6 +517,25 @@ def _consumers(model, layer):
 
 def _outputs_of(layer):
     return [t for node in layer._inbound_nodes for t in node.output_tensors]
+
+
+def independent_consumers(model):
+    """Names of the layers reading channels that can be removed one by one.
+
+    The Conv2D/Dense layers fed (through BatchNorm, ReLU, pooling) by a
+    producer whose output channels reach nothing else, e.g. the second conv of
+    a residual block. Their `'channel'` alphas prune exactly the channels that
+    l1-norm pruning removes (`magnitude_pruning_plan`); pass
+    `parameterize_kwargs={"layers": independent_consumers(model)}` to give
+    PSP the same structures.
+    """
+    names = []
+    for layer in model.layers:
+        if type(layer) in _PRODUCERS:
+            for consumer in _consumers(model, layer) or ():
+                if consumer.name not in names:
+                    names.append(consumer.name)
+    return names
 
 
 def filter_l1_norms(layer):

@@ -55,18 +55,18 @@ flags.DEFINE_enum("model", "resnet_small", ["resnet_small", "resnet56"],
                   "paper's CIFAR-10 ResNet-56 (GPU).")
 flags.DEFINE_list("widths", ["16", "32", "64"], "Channels of the three ResNet stages.")
 flags.DEFINE_list("methods", list(METHODS), f"Methods to run, from {', '.join(METHODS)}.")
-flags.DEFINE_list("strengths", ["0.1", "0.2", "0.4", "0.8"],
+flags.DEFINE_list("strengths", ["16", "64", "128", "256"],
                   "Weight decay lambda on alpha for method 'wd' (paper eq. 6).")
-flags.DEFINE_list("l1_strengths", ["0.002", "0.005", "0.01", "0.02"],
+flags.DEFINE_list("l1_strengths", ["0.1", "0.5", "2", "8"],
                   "L1 strength on alpha for method 'l1'.")
-flags.DEFINE_list("sparsities", ["0.3", "0.5", "0.7", "0.85"],
+flags.DEFINE_list("sparsities", ["0.3", "0.5", "0.6", "0.7"],
                   "Target structure sparsity for 'fixed' (alphas per layer) and 'magnitude' "
                   "(filters per prunable layer).")
 flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of dense pre-training (Adam).")
 flags.DEFINE_integer("epochs", 10,
                      "Epochs after pre-training, the same for every method: PSP training (plus "
                      "fine-tuning), l1-norm fine-tuning, or dense training (the baseline).")
-flags.DEFINE_integer("finetune_epochs", 0,
+flags.DEFINE_integer("finetune_epochs", 4,
                      "Of --epochs, how many PSP methods spend fine-tuning the shrunk model.")
 flags.DEFINE_float("clipnorm", 0.0, "Global gradient-norm clipping of SGD (0: none).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Use only this many batches per epoch (0: all; tests).")
@@ -78,9 +78,15 @@ flags.DEFINE_float("kernel_decay", 5e-4, "L2 decay on every kernel.")
 flags.DEFINE_float("epsilon", 1e-2, "PSP prune threshold on |alpha|.")
 flags.DEFINE_float("fixed_decay", 0.0,
                    "Weight decay on alpha for method 'fixed' besides its constraint.")
+flags.DEFINE_enum("psp_layers", "independent", ["independent", "all"],
+                  "Which layers get PSP alphas: 'independent': those reading channels that "
+                  "can be removed one by one (the second conv of each residual block, the "
+                  "structures l1-norm pruning removes); 'all': every layer except the one "
+                  "reading the image (channels coupled by residual Adds shrink only when every "
+                  "reader drops them).")
 flags.DEFINE_enum("structure", "channel", ["channel", "filter", "column", "layer"],
                   "PSP structure granularity.")
-flags.DEFINE_enum("batchnorm", "frozen", ["frozen", "train"],
+flags.DEFINE_enum("batchnorm", "train", ["frozen", "train"],
                   "frozen: BN gains moved into the kernels and BN in inference mode after "
                   "pre-training; train: BN keeps training, statistics recalibrated before "
                   "evaluation.")
@@ -100,6 +106,7 @@ def _config():
         "pretrain_lr": FLAGS.pretrain_lr, "lr": FLAGS.lr, "schedule": FLAGS.schedule,
         "kernel_decay": FLAGS.kernel_decay, "epsilon": FLAGS.epsilon,
         "fixed_decay": FLAGS.fixed_decay, "structure": FLAGS.structure,
+        "psp_layers": FLAGS.psp_layers,
         "batchnorm": FLAGS.batchnorm, "seed": FLAGS.seed,
     }
 
@@ -170,6 +177,9 @@ def planned_runs():
         raise app.UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
     values = {"wd": FLAGS.strengths, "l1": FLAGS.l1_strengths, "fixed": FLAGS.sparsities,
               "magnitude": FLAGS.sparsities}
+    if not 0 <= FLAGS.finetune_epochs < FLAGS.epochs:
+        raise app.UsageError(f"--finetune_epochs must be in [0, --epochs={FLAGS.epochs}), "
+                             f"got {FLAGS.finetune_epochs}.")
     runs = [("dense", 0.0)]
     for method in METHODS:
         if method in FLAGS.methods:
@@ -199,9 +209,14 @@ def run_one(method, value, builder, data, pretrained):
         regularizer = regularizers.WeightDecay(FLAGS.fixed_decay) if FLAGS.fixed_decay else None
         constraint = regularizers.FixedSparsity(value)
     common["epochs"] = FLAGS.epochs - FLAGS.finetune_epochs
-    return pe.run_psp(builder, data, structure=FLAGS.structure, regularizer=regularizer,
-                      constraint=constraint, epsilon=FLAGS.epsilon,
-                      finetune_epochs=FLAGS.finetune_epochs, **common)
+    parameterize_kwargs = None
+    if FLAGS.psp_layers == "independent":
+        parameterize_kwargs = {"layers": pe.independent_consumers(pretrained)}
+    result = pe.run_psp(builder, data, structure=FLAGS.structure, regularizer=regularizer,
+                        constraint=constraint, epsilon=FLAGS.epsilon,
+                        finetune_epochs=FLAGS.finetune_epochs,
+                        parameterize_kwargs=parameterize_kwargs, **common)
+    return result
 
 
 def _value_label(method, value):
