@@ -148,3 +148,24 @@ def test_helpfull_documents_every_flag():
                  "steps_per_epoch", "pretrain_epochs", "round_to", "finetune_epochs",
                  "bench_rounds", "benchmark", "output_dir", "stop_after_epoch", "model"):
         assert f"--{flag}" in result.stdout or f"--[no]{flag}" in result.stdout, flag
+
+
+@pytest.mark.parametrize("name", ["demo.cfg", "cifar10-resnet56.cfg", "imagenette.cfg"])
+def test_flagfiles_parse_and_pass_the_checks(name, tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import mobilenet_prune  # registers its flags on absl's FLAGS
+
+    flags = mobilenet_prune.FLAGS
+    flags.unparse_flags()
+    try:
+        flags(["mobilenet_prune.py", f"--flagfile={ROOT / 'examples' / 'flags' / name}",
+               f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}"])
+        mobilenet_prune.check_flags()
+        assert flags.output_dir == str(tmp_path / "out")
+        if name == "cifar10-resnet56.cfg":
+            assert (flags.model, flags.resnet_depth, flags.structure) == ("resnet", 56, "column")
+            assert flags.learning_rate == 0.1 and flags.lr_boundaries == ["100", "150"]
+        if name == "imagenette.cfg":
+            assert (flags.dataset, flags.image_size) == ("folder", 160)
+    finally:
+        flags.unparse_flags()
