@@ -322,7 +322,9 @@ def fit_phase(phase, model, train, val, calibration, epochs, steps):
 
     backup_dir = _path("backup", phase)
     first = resumed_epoch(backup_dir)
-    if first:
+    if first >= epochs:
+        log(f"{phase}: all {epochs} epochs were done; restoring them from {backup_dir}")
+    elif first:
         log(f"{phase}: resuming at epoch {first + 1} from {backup_dir}")
     data = datasets.training_batches(train, FLAGS.image_size, FLAGS.batch_size, FLAGS.seed,
                                      first, epochs, steps)
