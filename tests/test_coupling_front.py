@@ -14,7 +14,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--models=resnet_small", "--strengths=0.5", "--pretrain_epochs=1", "--epochs=1",
+TINY = ["--models=resnet_small", "--variants=layer,group,group_macs", "--strengths=0.5",
+        "--pretrain_epochs=1", "--epochs=2", "--finetune_epochs=1",
         "--steps_per_epoch=2", "--widths=4,4,8", "--latency_rounds=2"]
 
 
