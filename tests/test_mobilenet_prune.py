@@ -169,3 +169,25 @@ def test_flagfiles_parse_and_pass_the_checks(name, tmp_path):
             assert (flags.dataset, flags.image_size) == ("folder", 160)
     finally:
         flags.unparse_flags()
+
+
+def test_weights_file_is_loaded_and_bad_paths_are_named(tmp_path):
+    import keras
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import models
+
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                          include_top=False, weights=None, pooling="avg")
+    rng = np.random.default_rng(0)
+    base.set_weights([rng.normal(size=w.shape).astype("float32") for w in base.get_weights()])
+    path = str(tmp_path / "mobilenet_v2_0.35_no_top.weights.h5")
+    base.save_weights(path)
+    model = models.mobilenetv2(32, 10, alpha_width=0.35, weights=path)
+    np.testing.assert_array_equal(model.get_layer("Conv1").kernel.numpy(),
+                                  base.get_layer("Conv1").kernel.numpy())
+    assert model.output_shape == (None, 10)
+    with pytest.raises(ValueError, match="--weights=.*no such file"):
+        models.mobilenetv2(32, 10, weights=str(tmp_path / "missing.h5"))
+    with pytest.raises(ValueError, match="--resnet_depth=9"):
+        models.resnet_cifar(9)
