@@ -567,7 +567,7 @@ def plot_training(history, path):
             bottom.plot(xs, [r["psp_sparsity"] for r in rows], marker=".",
                         label="structure sparsity")
             bottom.plot(xs, [1 - 1 / r["psp_mac_reduction"] for r in rows], marker=".",
-                        label="fraction of MACs pruned")
+                        label="MACs of pruned structures (PSPMonitor; shrinking removes more)")
         if offset:
             for axes in (top, bottom):
                 axes.axvline(offset + 0.5, color="gray", linewidth=0.5)
