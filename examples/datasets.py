@@ -32,7 +32,8 @@ def load_mnist5k(seed=0, test_fraction=0.2):
         float32 in [0, 1] and integer labels.
     """
     (x_train, y_train), (x_test, y_test) = _mnist5k_uint8(seed, test_fraction)
-    return ((x_train / 255.0).astype("float32"), y_train), ((x_test / 255.0).astype("float32"), y_test)
+    return (((x_train / 255.0).astype("float32"), y_train),
+            ((x_test / 255.0).astype("float32"), y_test))
 
 
 def _mnist5k_uint8(seed, test_fraction):

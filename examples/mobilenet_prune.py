@@ -215,7 +215,8 @@ def _path(*parts):
 def write_json(path, value):
     from tf_psp import atomic
 
-    atomic.write_text(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+    text = json.dumps(value, indent=2, sort_keys=True, default=_json_default)
+    atomic.write_text(path, text + "\n")
 
 
 def _json_default(value):

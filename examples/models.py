@@ -51,7 +51,8 @@ def resnet_cifar(depth=56, num_classes=10, image_size=32):
     import keras
 
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"--resnet_depth={depth}: a CIFAR ResNet has depth 6n + 2 (8, 20, 56 ...).")
+        raise ValueError(
+            f"--resnet_depth={depth}: a CIFAR ResNet has depth 6n + 2 (8, 20, 56 ...).")
     blocks = (depth - 2) // 6
     L = keras.layers
 

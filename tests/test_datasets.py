@@ -1,6 +1,5 @@
 """examples/datasets.py: each loader reads small local data in its real format."""
 
-import os
 import pathlib
 import pickle
 import sys
@@ -38,7 +37,8 @@ def _write_cifar(tmp_path, as_tarball):
     batch, test_images, test_labels = _cifar_batch(rng, 2, 7)
     (root / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": []}))
-    expected = ((np.concatenate(train_images), np.concatenate(train_labels)), (test_images, test_labels))
+    expected = ((np.concatenate(train_images), np.concatenate(train_labels)),
+                (test_images, test_labels))
     if not as_tarball:
         return tmp_path / "src", expected
     data_dir = tmp_path / "data"
