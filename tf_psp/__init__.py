@@ -4,7 +4,8 @@ Train one scale `alpha` per structure with weight decay, then physically
 remove the structures whose alpha reached zero.
 """
 
-from tf_psp import batchnorm, callbacks, coupling, regularizers, structures
+from tf_psp import balance, batchnorm, callbacks, coupling, regularizers, structures
+from tf_psp.balance import balance_alphas
 from tf_psp.batchnorm import RecalibrateBatchNorm, fold_batchnorm, recalibrate_batchnorm
 from tf_psp.callbacks import PSPMonitor
 from tf_psp.convert import parameterize
@@ -36,6 +37,8 @@ __all__ = [
     "LayerProfile",
     "ModelProfile",
     "Removability",
+    "balance",
+    "balance_alphas",
     "batchnorm",
     "callbacks",
     "fold_batchnorm",
