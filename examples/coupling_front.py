@@ -4,8 +4,9 @@
     python examples/coupling_front.py --models=resnet_small --strengths=0.2,0.4
 
 Variants, each trained from the same pre-trained dense model for the same
-epochs (the recipe of `reproduce_fig3.py`, see `pruning_experiments.run_psp`)
-over `--strengths` of alpha weight decay:
+epochs over `--strengths` of alpha weight decay (the recipe of
+`mobilenet_prune.py`: BatchNorm folded, alphas balanced, PSP, shrink,
+fine-tune; see `_run`):
 
 * `layer`: the paper's PSP, one alpha per input channel of every layer but
   the one reading the image (`parameterize(structure='channel')`);
@@ -46,17 +47,18 @@ VARIANTS = {
                    {"coupling": "group", "layers": None, "cost": "macs"}),
 }
 MODELS = ("resnet_small", "mobilenetv2")
+MOMENTUM = 0.9
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(MODELS), f"Models to run, from {', '.join(MODELS)}.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants, from {', '.join(VARIANTS)}.")
-flags.DEFINE_list("strengths", ["16", "64", "128", "256"], "Alpha weight decay strengths.")
+flags.DEFINE_list("strengths", ["0.03", "0.1", "0.3", "1"], "Alpha weight decay strengths.")
 flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of dense pre-training (Adam).")
 flags.DEFINE_integer("epochs", 10, "Epochs after pre-training (SGD+momentum, cosine decay), "
                      "the same for every run: PSP training plus fine-tuning, or dense training.")
 flags.DEFINE_integer("finetune_epochs", 4, "Of --epochs, how many fine-tune the shrunk model.")
-flags.DEFINE_enum("batchnorm", "train", ["frozen", "train"],
-                  "BatchNorm while pruning (see pruning_experiments.run_psp).")
+flags.DEFINE_float("kernel_decay", 1e-3, "Decoupled weight decay on every weight but alpha.")
+flags.DEFINE_float("epsilon", 1e-2, "PSP prune threshold on |alpha|.")
 flags.DEFINE_float("lr", 0.01, "Initial SGD learning rate.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_list("widths", ["16", "32", "64"], "Channels of the three ResNet stages.")
@@ -125,8 +127,51 @@ def _save_model(model, path):
         model.save(tmp)
 
 
+def _train(model, data, optimizer, epochs, label, callbacks=()):
+    """Compiles and fits `model` for `epochs`, one progress line per epoch."""
+    import keras
+
+    import pruning_experiments as pe
+
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=["accuracy"], jit_compile=False)
+    x, y = data.x_train, data.y_train
+    if FLAGS.steps_per_epoch:
+        x, y = x[:FLAGS.steps_per_epoch * FLAGS.batch_size], y[:FLAGS.steps_per_epoch * FLAGS.batch_size]
+    model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=0, shuffle=True,
+              callbacks=list(callbacks) + [pe._Progress(label, 1)])
+
+
+def _sgd(epochs, data):
+    """SGD + momentum, cosine decay to 0, decoupled kernel decay (alphas excluded)."""
+    import keras
+
+    steps = FLAGS.steps_per_epoch or -(-len(data.y_train) // FLAGS.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(FLAGS.lr, max(1, epochs * steps))
+    optimizer = keras.optimizers.SGD(schedule, momentum=MOMENTUM, weight_decay=FLAGS.kernel_decay)
+    optimizer.exclude_from_weight_decay(var_names=["alpha"])
+    return optimizer
+
+
+def _layers_not_reading_inputs(model):
+    """Predicate for `parameterize`: not the layers reading a model input (never removable)."""
+    inputs = {id(t) for t in model.inputs}
+    return lambda layer: not any(id(t) in inputs for n in layer._inbound_nodes
+                                 for t in n.input_tensors)
+
+
 def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
-    """One run, cached as JSON plus its shrunk model."""
+    """One run, cached as JSON plus its shrunk model.
+
+    The recipe (`examples/mobilenet_prune.py`'s): BatchNorm folded into the
+    convolutions (`tf_psp.fold_batchnorm`), alphas and kernels balanced
+    (`tf_psp.balance_alphas`), SGD + momentum with decoupled kernel decay and
+    L2 decay `strength` on alpha for `--epochs - --finetune_epochs` epochs,
+    `strip_and_shrink`, then fine-tuning of the shrunk model. The dense
+    baseline is the folded model trained for all `--epochs` the same way.
+    """
+    import keras
+
     import pruning_experiments as pe
     import tf_psp
     from tf_psp import atomic
@@ -137,28 +182,40 @@ def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
         with open(stem + ".json") as f:
             return json.load(f)
     print(f"{model_name} {variant} {strength:g}: running", flush=True)
-    common = dict(epochs=FLAGS.epochs, lr=FLAGS.lr, seed=FLAGS.seed, pretrained=pretrained,
-                  batch_size=FLAGS.batch_size, steps_per_epoch=_steps(),
-                  batchnorm=FLAGS.batchnorm)
+    start = time.time()
+    keras.utils.set_random_seed(FLAGS.seed)
+    folded, _ = tf_psp.fold_batchnorm(pretrained)
     if variant == "dense":
-        result = pe.run_dense(build, data, label="dense", **common)
+        _train(folded, data, _sgd(FLAGS.epochs, data), FLAGS.epochs, "dense")
+        result = pe.measure(folded, pretrained, data, shrink=False)
     else:
-        kwargs = VARIANTS[variant][1]
-        if kwargs is None:
-            kwargs = {"layers": pe.independent_consumers(pretrained)}
-        common["epochs"] = FLAGS.epochs - FLAGS.finetune_epochs
-        result, psp = pe.run_psp(
-            build, data, structure="channel",
-            regularizer=tf_psp.regularizers.WeightDecay(strength),
-            parameterize_kwargs=dict(kwargs), label=f"{variant} {strength:g}",
-            finetune_epochs=FLAGS.finetune_epochs, return_model=True, **common)
+        kwargs = dict(VARIANTS[variant][1])
+        if variant == "layer":
+            kwargs["layers"] = _layers_not_reading_inputs(folded)
+        elif variant == "layer_independent":
+            kwargs["layers"] = pe.independent_consumers(pretrained)
+        psp = tf_psp.parameterize(
+            folded, structure="channel", epsilon=FLAGS.epsilon,
+            alpha_regularizer=tf_psp.regularizers.WeightDecay(strength), **kwargs)
+        psp = tf_psp.balance_alphas(psp, kernel_decay=FLAGS.kernel_decay, momentum=MOMENTUM)
+        epochs = FLAGS.epochs - FLAGS.finetune_epochs
+        _train(psp, data, _sgd(epochs, data), epochs, f"{variant} {strength:g}",
+               callbacks=[tf_psp.PSPMonitor()])
         removability = tf_psp.removability(psp)
-        result["removable_share"] = removability.removable_share
-        result["kept_zero_macs"] = removability.kept_zero_macs
+        psp_accuracy = pe.evaluate(psp, data)
         shrunk = tf_psp.strip_and_shrink(psp)
+        deviation = pe.measure(psp, pretrained, data)["max_deviation"]
         _save_model(shrunk, stem + ".keras")
-    result.pop("alphas", None)
-    result.update(model=model_name, variant=variant, strength=strength)
+        if FLAGS.finetune_epochs:
+            _train(shrunk, data, _sgd(FLAGS.finetune_epochs, data), FLAGS.finetune_epochs,
+                   f"{variant} {strength:g} fine-tune")
+        result = pe.measure(shrunk, pretrained, data, shrink=False)
+        result.update(psp_accuracy=psp_accuracy, max_deviation=deviation,
+                      sparsity=float(tf_psp.profile(psp).sparsity),
+                      removable_share=removability.removable_share,
+                      kept_zero_macs=removability.kept_zero_macs)
+    result.update(model=model_name, variant=variant, strength=strength,
+                  train_seconds=time.time() - start)
     atomic.write_text(stem + ".json", json.dumps(result, indent=1))
     return result
 
@@ -298,7 +355,7 @@ def main(argv):
             f"({wall / 60:.0f} min here, 2 CPU cores)\n\n" + "\n".join(sections))
     atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.md"), text)
     report["flags"] = {f: FLAGS[f].value for f in (
-        "strengths", "widths", "finetune_epochs", "batchnorm", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size",
+        "strengths", "widths", "finetune_epochs", "kernel_decay", "epsilon", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size",
         "alpha_width", "steps_per_epoch", "seed")}
     atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.json"),
                       json.dumps(report, indent=1, default=float))
