@@ -315,7 +315,8 @@ def _skip_model_inputs(model):
 def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epochs, lr, seed,
             parameterize_kwargs=None, pretrained=None, pretrain_epochs=10, batch_size=64,
             epsilon=1e-2, alpha_scale=1.0, batchnorm="frozen", schedule="cosine",
-            clipnorm=None, kernel_decay=None, finetune_epochs=0, finetune_lr=None,
+            clipnorm=None, kernel_decay=None, balanced_init=False, finetune_epochs=0,
+            finetune_lr=None,
             finetune_batchnorm="train", steps_per_epoch=None, verbose=1, label="psp",
             return_model=False):
     """PSP-trains a (pre-trained) model, shrinks it and measures the result.
@@ -343,14 +344,18 @@ def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epo
             relative learning rate by `1 / alpha_scale**2` and the kernels' by
             `alpha_scale**2` (1.0: the paper's alpha = 1).
         batchnorm: `'frozen'` (BN gains moved into the kernels, inference-mode
-            BN while pruning, see `normalize_batchnorm_scale`) or `'train'`
-            (BN keeps training; statistics recalibrated before evaluation).
+            BN while pruning, see `normalize_batchnorm_scale`), `'fold'` (BN
+            folded into the conv before it with `tf_psp.fold_batchnorm` before
+            parameterizing) or `'train'` (BN keeps training; statistics
+            recalibrated before evaluation).
         schedule: learning-rate schedule, `'cosine'` (to zero) or `'constant'`.
         clipnorm: global gradient-norm clipping (None: none).
         kernel_decay: L2 decay on the kernels of the PSP layers while PSP
             training (None: keep the model's). With decay on both alpha and
             the kernel `v`, their sum is smallest when balanced, where it is a
             group lasso on each structure's effective weights `alpha * v`.
+        balanced_init: start at that balance (`balance_alphas`) instead of
+            alpha = 1, so decay acts like the group lasso from the first step.
         finetune_epochs: after PSP training, shrink the model and fine-tune
             the smaller plain model for this many more epochs (0: none).
         finetune_lr: learning rate of fine-tuning (None: `lr`).
@@ -372,15 +377,20 @@ def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epo
                               batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                               verbose=verbose)
     keras.utils.set_random_seed(seed)
-    kwargs = {"layers": _skip_model_inputs(pretrained)}
+    source = pretrained
+    if batchnorm == "fold":
+        source, _ = tf_psp.fold_batchnorm(pretrained)
+    kwargs = {"layers": _skip_model_inputs(source)}
     kwargs.update(parameterize_kwargs or {})
-    model = tf_psp.parameterize(pretrained, structure=structure, epsilon=epsilon * alpha_scale,
+    model = tf_psp.parameterize(source, structure=structure, epsilon=epsilon * alpha_scale,
                                 alpha_regularizer=regularizer, alpha_constraint=constraint,
                                 **kwargs)
     if alpha_scale != 1.0:
         _rescale_alphas(model, alpha_scale)
     if kernel_decay is not None:
         set_kernel_decay(model, kernel_decay)
+    if balanced_init:
+        balance_alphas(model)
     _prepare_batchnorm(model, batchnorm)
     optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
     _fit(model, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,
@@ -419,6 +429,35 @@ def set_kernel_decay(model, decay, psp_only=True):
         kernel = getattr(layer, name, None)
         if kernel is not None:
             kernel.regularizer = keras.regularizers.L2(decay) if decay else None
+
+
+def balance_alphas(model):
+    """Splits each PSP structure's weights where alpha and kernel decay balance (in place).
+
+    For a `'channel'`/`'column'` PSP layer with `WeightDecay(lam)` on alpha and
+    `L2(kd)` on its kernel (both in the loss, so both pass through momentum
+    alike), the cheapest split of a fixed product `w_i = alpha_i * v_i` has
+    `alpha_i**2 = sqrt(2 * kd / lam) * ||w_i||`, where the two penalties sum to a
+    group lasso `sqrt(2 * kd * lam) * ||w_i||`. Starting there, decay removes
+    the weak structures first instead of shrinking every alpha alike. The model
+    computes the same function. Layers without both decays are left alone.
+    """
+    for layer in model._flatten_layers(include_self=False):
+        if not tf_psp.is_psp_layer(layer) or layer.structure not in ("channel", "column"):
+            continue
+        kernel = getattr(layer, layer._alpha_kernel_name)
+        lam = getattr(layer.alpha_regularizer, "decay", None)
+        kd = getattr(kernel.regularizer, "l2", None)
+        if not lam or not kd:
+            continue
+        value = np.asarray(keras.ops.convert_to_numpy(kernel))
+        broadcast = layer._alpha_broadcast
+        axes = tuple(i for i, d in enumerate(broadcast) if d == 1)
+        alpha_now = np.asarray(keras.ops.convert_to_numpy(layer.alpha.value)).reshape(broadcast)
+        norms = np.sqrt(np.sum(np.square(value * alpha_now), axis=axes, keepdims=True))
+        alpha = np.maximum((2 * kd / lam) ** 0.25 * np.sqrt(norms), 1e-12)
+        kernel.assign(value * alpha_now / alpha)
+        layer.alpha.assign(alpha.reshape(layer.alpha.shape).astype("float32"))
 
 
 def _rescale_alphas(model, alpha_scale):
@@ -464,7 +503,8 @@ def run_dense(model_builder, data, *, epochs, lr, seed, pretrained=None, pretrai
                               batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                               verbose=verbose)
     keras.utils.set_random_seed(seed)
-    model = _copy_of(pretrained)
+    model = (tf_psp.fold_batchnorm(pretrained)[0] if batchnorm == "fold"
+             else _copy_of(pretrained))
     _prepare_batchnorm(model, batchnorm)
     optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
     _fit(model, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,
@@ -477,10 +517,13 @@ def run_dense(model_builder, data, *, epochs, lr, seed, pretrained=None, pretrai
 
 
 def _prepare_batchnorm(model, batchnorm):
-    """'frozen': BN gains moved into the kernels, BN in inference mode; 'train': BN trains."""
-    if batchnorm not in ("frozen", "train"):
-        raise ValueError(f"batchnorm must be 'frozen' or 'train', got {batchnorm!r}.")
-    if batchnorm == "frozen":
+    """'frozen': BN gains moved into the kernels, BN in inference mode; 'train': BN trains.
+
+    'fold' (BN already folded, or left where it could not be): like 'frozen'.
+    """
+    if batchnorm not in ("frozen", "train", "fold"):
+        raise ValueError(f"batchnorm must be 'frozen', 'fold' or 'train', got {batchnorm!r}.")
+    if batchnorm in ("frozen", "fold"):
         normalize_batchnorm_scale(model)
     set_batchnorm_trainable(model, batchnorm == "train")
 
@@ -615,6 +658,8 @@ def run_magnitude(model_builder, data, *, sparsity, epochs, lr, seed, pretrained
                               verbose=verbose)
     keras.utils.set_random_seed(seed)
     shrunk, plan = magnitude_prune(pretrained, sparsity)
+    if batchnorm == "fold":
+        shrunk, _ = tf_psp.fold_batchnorm(shrunk)
     _prepare_batchnorm(shrunk, batchnorm)
     optimizer = _sgd(lr, epochs, _steps(data, batch_size, steps_per_epoch), schedule, clipnorm)
     _fit(shrunk, data, optimizer, epochs=epochs, batch_size=batch_size, label=label,

@@ -86,10 +86,13 @@ flags.DEFINE_enum("psp_layers", "independent", ["independent", "all"],
                   "reader drops them).")
 flags.DEFINE_enum("structure", "channel", ["channel", "filter", "column", "layer"],
                   "PSP structure granularity.")
-flags.DEFINE_enum("batchnorm", "train", ["frozen", "train"],
+flags.DEFINE_enum("batchnorm", "train", ["train", "frozen", "fold"],
+                  "train: BN keeps training, statistics recalibrated before evaluation; "
                   "frozen: BN gains moved into the kernels and BN in inference mode after "
-                  "pre-training; train: BN keeps training, statistics recalibrated before "
-                  "evaluation.")
+                  "pre-training; fold: BN folded into the convs (tf_psp.fold_batchnorm).")
+flags.DEFINE_bool("balanced_init", False,
+                  "PSP runs start alpha and kernel where their decays balance "
+                  "(pruning_experiments.balance_alphas) instead of alpha = 1.")
 flags.DEFINE_integer("seed", 0, "Random seed (data split, initialization, training).")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"),
@@ -107,12 +110,21 @@ def _config():
         "kernel_decay": FLAGS.kernel_decay, "epsilon": FLAGS.epsilon,
         "fixed_decay": FLAGS.fixed_decay, "structure": FLAGS.structure,
         "psp_layers": FLAGS.psp_layers,
+        **({"balanced_init": True} if FLAGS.balanced_init else {}),
         "batchnorm": FLAGS.batchnorm, "seed": FLAGS.seed,
     }
 
 
 def _digest(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _pretrain_digest():
+    """Names the pre-trained model by the settings pre-training depends on."""
+    config = _config()
+    return _digest({k: config[k] for k in ("dataset", "model", "widths", "pretrain_epochs",
+                                           "steps_per_epoch", "batch_size", "pretrain_lr",
+                                           "kernel_decay", "seed")})
 
 
 def load_data():
@@ -150,22 +162,22 @@ def pretrained_model(builder, data, runs_dir):
     import pruning_experiments
     from tf_psp import atomic
 
-    config = _config()
-    key = {k: config[k] for k in ("dataset", "model", "widths", "pretrain_epochs",
-                                  "steps_per_epoch", "batch_size", "pretrain_lr",
-                                  "kernel_decay", "seed")}
-    path = os.path.join(runs_dir, f"pretrained_{_digest(key)}.weights.h5")
+    path = os.path.join(runs_dir, f"pretrained_{_pretrain_digest()}.weights.h5")
     if os.path.exists(path):
         print(f"== pre-trained dense model: loaded {path}", flush=True)
         model = builder()
         model.load_weights(path)
         return model
     print(f"== pre-training the dense model for {FLAGS.pretrain_epochs} epochs", flush=True)
+    start = time.time()
     model = pruning_experiments.pretrain(
         builder, data, epochs=FLAGS.pretrain_epochs, seed=FLAGS.seed, lr=FLAGS.pretrain_lr,
         batch_size=FLAGS.batch_size, steps_per_epoch=FLAGS.steps_per_epoch or None)
     with atomic.temp_file_beside(path, suffix=".weights.h5") as tmp:
         model.save_weights(tmp)
+    atomic.write_text(path.replace(".weights.h5", ".json"),
+                      json.dumps({"seconds": time.time() - start,
+                                  "accuracy": pruning_experiments.evaluate(model, data)}))
     keras.backend.clear_session(free_memory=False)
     return model
 
@@ -215,6 +227,7 @@ def run_one(method, value, builder, data, pretrained):
     result = pe.run_psp(builder, data, structure=FLAGS.structure, regularizer=regularizer,
                         constraint=constraint, epsilon=FLAGS.epsilon,
                         finetune_epochs=FLAGS.finetune_epochs,
+                        balanced_init=FLAGS.balanced_init,
                         parameterize_kwargs=parameterize_kwargs, **common)
     return result
 
@@ -257,6 +270,15 @@ def summarize(results, baseline):
     }
 
 
+def _pretrain_info(runs_dir):
+    """`{"seconds", "accuracy"}` of the pre-training of this configuration, if recorded."""
+    path = os.path.join(runs_dir, f"pretrained_{_pretrain_digest()}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def markdown(results, baseline, summary, config, wall_seconds):
     """The table of all runs, best first within each method."""
     lines = [
@@ -290,8 +312,8 @@ def markdown(results, baseline, summary, config, wall_seconds):
            f"{best['accuracy']:.2%})" if best else "") + ". Weight decay dominates l1-norm "
         f"pruning at {summary['magnitude_points_dominated_by_wd']} of its points.",
         "",
-        f"Wall time {wall_seconds / 60:.1f} min (sum of the runs' training and evaluation, "
-        f"pre-training included once).",
+        f"Compute: {wall_seconds / 60:.1f} min summed over the runs (training, shrinking and "
+        f"evaluation; pre-training once more, see `fig3.json`).",
         "",
     ]
     return "\n".join(lines)
@@ -304,6 +326,9 @@ def plot(results, baseline, config):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Collapsed runs (tens of % error) would flatten the interesting range: clip
+    # the axis at the baseline + 12 pp and mark clipped points with their value.
+    top = 100 * baseline["error"] + 12
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, xlabel in ((axes[0], "mac_reduction", "MACs removed after strip_and_shrink (%)"),
                             (axes[1], "sparsity", "structure sparsity (%)")):
@@ -312,7 +337,13 @@ def plot(results, baseline, config):
                             if r["method"] == method)
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, "o-", label=METHOD_LABELS[method])
+                line, = ax.plot(xs, [min(y, top) for y in ys], "o-", label=METHOD_LABELS[method])
+                for x, y in points:
+                    if y > top:
+                        ax.annotate(f"{y:.0f} %", (x, top), textcoords="offset points",
+                                    xytext=(-4, -14), ha="right", fontsize=7,
+                                    color=line.get_color())
+        ax.set_ylim(0, top + 0.5)
         ax.axhline(100 * baseline["error"], color="k", ls="--", lw=1,
                    label=f"{METHOD_LABELS['dense']} ({100 * baseline['error']:.1f} %)")
         ax.axhline(100 * baseline["error"] + 0.5, color="gray", ls=":", lw=1,
@@ -372,7 +403,8 @@ def main(argv):
     summary = summarize(results, baseline)
     run_seconds = sum(r["train_seconds"] for r in [baseline] + results)
     report = {"config": config, "baseline": baseline, "runs": results, "summary": summary,
-              "run_seconds": run_seconds, "this_invocation_seconds": time.time() - start}
+              "run_seconds": run_seconds, "pretrain": _pretrain_info(runs_dir),
+              "this_invocation_seconds": time.time() - start}
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     atomic.write_text(os.path.join(FLAGS.output_dir, "fig3.json"), json.dumps(report, indent=1))
     atomic.write_text(os.path.join(FLAGS.output_dir, "fig3.md"),

@@ -102,3 +102,22 @@ def test_normalize_batchnorm_scale_keeps_the_function():
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
     gamma = model.get_layer("s1b1_bn1").get_weights()[0]
     np.testing.assert_array_equal(gamma, np.ones_like(gamma))
+
+
+def test_balance_alphas_keeps_the_function_and_balances_the_decays():
+    import tf_psp
+
+    model = _tiny_resnet()
+    psp = tf_psp.parameterize(model, layers=pruning_experiments.independent_consumers(model),
+                              alpha_regularizer=tf_psp.regularizers.WeightDecay(0.1))
+    x = np.random.default_rng(1).normal(size=(2, 28, 28, 1)).astype("float32")
+    before = keras.ops.convert_to_numpy(psp(x, training=False))
+    pruning_experiments.balance_alphas(psp)
+    after = keras.ops.convert_to_numpy(psp(x, training=False))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+    layer = psp.get_layer("s2b1_conv2")
+    alpha = keras.ops.convert_to_numpy(layer.alpha.value)
+    kernel = keras.ops.convert_to_numpy(layer.kernel.value)
+    # Balanced: lambda * alpha_i**2 == 2 * kd * ||v_i||**2 for every input channel i.
+    v_norms = np.sum(np.square(kernel), axis=(0, 1, 3))
+    np.testing.assert_allclose(0.1 * alpha ** 2, 2 * 5e-4 * v_norms, rtol=1e-4)
