@@ -59,6 +59,8 @@ flags.DEFINE_integer("epochs", 10, "Epochs after pre-training (SGD+momentum, cos
 flags.DEFINE_integer("finetune_epochs", 4, "Of --epochs, how many fine-tune the shrunk model.")
 flags.DEFINE_float("kernel_decay", 1e-3, "Decoupled weight decay on every weight but alpha.")
 flags.DEFINE_float("epsilon", 1e-2, "PSP prune threshold on |alpha|.")
+flags.DEFINE_float("clipnorm", 1.0, "Global gradient-norm clipping of SGD (0: none); the "
+                   "folded networks diverge in the first steps without it.")
 flags.DEFINE_float("lr", 0.01, "Initial SGD learning rate.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_list("widths", ["16", "32", "64"], "Channels of the three ResNet stages.")
@@ -68,7 +70,7 @@ flags.DEFINE_integer("steps_per_epoch", 0, "Use only this many batches per epoch
 flags.DEFINE_integer("latency_rounds", 50, "Interleaved TFLite timing rounds (0: skip).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results"), "Where the figures go.")
+                                               "results", "coupling"), "Where the figures go.")
 
 
 def load_data(model_name):
@@ -148,9 +150,24 @@ def _sgd(epochs, data):
 
     steps = FLAGS.steps_per_epoch or -(-len(data.y_train) // FLAGS.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(FLAGS.lr, max(1, epochs * steps))
-    optimizer = keras.optimizers.SGD(schedule, momentum=MOMENTUM, weight_decay=FLAGS.kernel_decay)
+    optimizer = keras.optimizers.SGD(schedule, momentum=MOMENTUM, weight_decay=FLAGS.kernel_decay,
+                                     global_clipnorm=FLAGS.clipnorm or None)
     optimizer.exclude_from_weight_decay(var_names=["alpha"])
     return optimizer
+
+
+def _without_kernel_regularizers(model):
+    """A copy without L2 kernel regularizers: the optimizer's decoupled decay replaces them
+    (on folded kernels, whose scale BatchNorm no longer fixes, they would count twice)."""
+    import keras
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["config"].get("kernel_regularizer") is not None:
+            layer["config"]["kernel_regularizer"] = None
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _layers_not_reading_inputs(model):
@@ -184,7 +201,7 @@ def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
     print(f"{model_name} {variant} {strength:g}: running", flush=True)
     start = time.time()
     keras.utils.set_random_seed(FLAGS.seed)
-    folded, _ = tf_psp.fold_batchnorm(pretrained)
+    folded = _without_kernel_regularizers(tf_psp.fold_batchnorm(pretrained)[0])
     if variant == "dense":
         _train(folded, data, _sgd(FLAGS.epochs, data), FLAGS.epochs, "dense")
         result = pe.measure(folded, pretrained, data, shrink=False)
@@ -355,7 +372,7 @@ def main(argv):
             f"({wall / 60:.0f} min here, 2 CPU cores)\n\n" + "\n".join(sections))
     atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.md"), text)
     report["flags"] = {f: FLAGS[f].value for f in (
-        "strengths", "widths", "finetune_epochs", "kernel_decay", "epsilon", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size",
+        "strengths", "widths", "finetune_epochs", "kernel_decay", "epsilon", "clipnorm", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size",
         "alpha_width", "steps_per_epoch", "seed")}
     atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.json"),
                       json.dumps(report, indent=1, default=float))
