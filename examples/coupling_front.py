@@ -52,7 +52,7 @@ MOMENTUM = 0.9
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(MODELS), f"Models to run, from {', '.join(MODELS)}.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants, from {', '.join(VARIANTS)}.")
-flags.DEFINE_list("strengths", ["0.03", "0.1", "0.3", "1"], "Alpha weight decay strengths.")
+flags.DEFINE_list("strengths", ["0.3", "1", "3", "10"], "Alpha weight decay strengths.")
 flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of dense pre-training (Adam).")
 flags.DEFINE_integer("epochs", 10, "Epochs after pre-training (SGD+momentum, cosine decay), "
                      "the same for every run: PSP training plus fine-tuning, or dense training.")
@@ -118,6 +118,11 @@ def _pretrained(model_name, build, data, runs_dir):
     print(f"{model_name}: pre-training", flush=True)
     model = pe.pretrain(build, data, epochs=FLAGS.pretrain_epochs, seed=FLAGS.seed,
                         batch_size=FLAGS.batch_size, steps_per_epoch=_steps())
+    # keras.applications' BatchNorms use momentum 0.999: after a short run their moving
+    # statistics are still near their initial values, so measure them.
+    import tf_psp
+
+    model = tf_psp.recalibrate_batchnorm(model, data.x_train[:2048], batch_size=FLAGS.batch_size)
     _save_model(model, path)
     return model
 
