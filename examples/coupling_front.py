@@ -377,8 +377,9 @@ def main(argv):
             f"({wall / 60:.0f} min here, 2 CPU cores)\n\n" + "\n".join(sections))
     atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.md"), text)
     report["flags"] = {f: FLAGS[f].value for f in (
-        "strengths", "widths", "finetune_epochs", "kernel_decay", "epsilon", "clipnorm", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size",
-        "alpha_width", "steps_per_epoch", "seed")}
+        "strengths", "widths", "finetune_epochs", "kernel_decay", "epsilon", "clipnorm",
+        "pretrain_epochs", "epochs", "lr", "batch_size", "image_size", "alpha_width",
+        "steps_per_epoch", "seed")}
     atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.json"),
                       json.dumps(report, indent=1, default=float))
     atomic.write_bytes(os.path.join(FLAGS.output_dir, "coupling.png"),
