@@ -38,7 +38,8 @@ def _psp_model():
     x = L.Conv2D(6, 1, name="c2")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inputs, L.Dense(3, name="fc")(x), name="net")
-    psp = tf_psp.parameterize(randomize_weights(model), structure="filter")
+    psp = tf_psp.parameterize(randomize_weights(model),
+                              structure=lambda layer: "filter" if layer.name == "c1" else "channel")
     psp.get_layer("c1").alpha.assign(np.array([1, 0, 1, 1, 0, 1, 1, 1], "float32"))
     return psp
 
@@ -65,6 +66,7 @@ CASES = {
     "recalibrate_batchnorm": lambda m, d: tf_psp.recalibrate_batchnorm(m, _x(8), batch_size=4),
     "batchnorm_statistics": lambda m, d: tf_psp.batchnorm.batchnorm_statistics(m, _x(8)),
     "fold_batchnorm": lambda m, d: tf_psp.batchnorm.fold_batchnorm(m),
+    "balance_alphas": lambda m, d: tf_psp.balance_alphas(m, kernel_decay=1e-4),
     "PSPMonitor": _monitor,
     "export": lambda m, d: tf_psp_export.export(m, os.path.join(d, "a.tflite"), "tflite"),
     "export_saved_model": lambda m, d: tf_psp_export.export_saved_model(m, os.path.join(d, "sm")),
