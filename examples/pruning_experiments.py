@@ -237,35 +237,12 @@ def _inbound_layers(node):
 
 
 def recalibrate_batchnorm(model, x, batch_size=64):
-    """A model with every BatchNormalization's moving mean and variance re-estimated on `x`.
+    """A copy of `model` whose BatchNorm moving statistics are re-estimated on `x`.
 
-    Uses `tf_psp.recalibrate_batchnorm` (which returns a copy) when the library
-    provides it; otherwise updates `model` in place with forward passes in
-    training mode, each layer's momentum set so that the moving statistics
-    become the average of the per-batch statistics. Gamma and beta are kept.
-
-    Returns:
-        The recalibrated model (use it instead of `model`).
+    `tf_psp.recalibrate_batchnorm` with the training batch size (upstream
+    layers normalize with statistics of batches this big).
     """
-    library = getattr(tf_psp, "recalibrate_batchnorm", None)
-    if library is not None:
-        return library(model, x, batch_size=batch_size)
-    layers = [layer for layer in model._flatten_layers(include_self=False)
-              if isinstance(layer, keras.layers.BatchNormalization)]
-    if not layers:
-        return model
-    saved = [(layer.momentum, layer.trainable) for layer in layers]
-    try:
-        for layer in layers:
-            layer.trainable = True
-        for i, start in enumerate(range(0, len(x), batch_size)):
-            for layer in layers:
-                layer.momentum = i / (i + 1.0)  # running mean of the batch statistics
-            model(keras.ops.convert_to_tensor(x[start:start + batch_size]), training=True)
-    finally:
-        for layer, (momentum, trainable) in zip(layers, saved):
-            layer.momentum, layer.trainable = momentum, trainable
-    return model
+    return tf_psp.recalibrate_batchnorm(model, x, batch_size=batch_size)
 
 
 def pretrain(model_builder, data, *, epochs, seed, lr=1e-3, batch_size=64,
