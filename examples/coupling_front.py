@@ -211,7 +211,7 @@ def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
         _train(folded, data, _sgd(FLAGS.epochs, data), FLAGS.epochs, "dense")
         result = pe.measure(folded, pretrained, data, shrink=False)
     else:
-        kwargs = dict(VARIANTS[variant][1])
+        kwargs = dict(VARIANTS[variant][1] or {})
         if variant == "layer":
             kwargs["layers"] = _layers_not_reading_inputs(folded)
         elif variant == "layer_independent":
