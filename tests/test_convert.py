@@ -133,3 +133,12 @@ def test_bad_inputs_have_clear_errors():
         tf_psp.parameterize(_residual(), structure="rows")
     with pytest.raises(TypeError, match="unknown PSP arguments"):
         tf_psp.parameterize(_residual(), alpha_regulariser=None)
+
+
+def test_alpha_initializer_is_honoured():
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras.layers.Dense(3, name="d")(inp))
+    psp = tf_psp.parameterize(model, alpha_initializer=keras.initializers.Constant(0.5))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(psp.get_layer("d").alpha), 0.5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(psp.get_layer("d").kernel),
+                               keras.ops.convert_to_numpy(model.get_layer("d").kernel))

@@ -50,7 +50,7 @@ def parameterize(
 
     Conv1D/2D/3D, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,
     not subclasses) become their PSP twins with the same weights and
-    `alpha = 1`, so the new model computes what `model` computes. `model`
+    `alpha = 1` (by default), so the new model computes what `model` computes. `model`
     itself is never changed. Nested sub-models are converted recursively.
 
     Args:
@@ -75,7 +75,9 @@ def parameterize(
             strength keeps its meaning); training then removes expensive
             structures first. Needs a `WeightDecay` or `L1` regularizer.
         **psp_kwargs: further PSP layer arguments (`alpha_regularizer`,
-            `alpha_constraint`, `straight_through`, `alpha_initializer`).
+            `alpha_constraint`, `straight_through`, `alpha_initializer`; alphas
+            start at the initializer's value, so a non-default one changes
+            what the model computes).
 
     Returns:
         The PSP model, or `(model, report)` with `return_report=True`.
@@ -257,8 +259,8 @@ def _copy_weights(new_model, originals):
         if old is None or old is new or isinstance(new, keras.Model):
             continue
         if psp_layers.is_psp_layer(new) and not psp_layers.is_psp_layer(old):
+            # kernel and bias; alpha keeps its `alpha_initializer` value (default 1)
             for variable, value in zip(new.weights, old.get_weights()):
                 variable.assign(value)
-            new.alpha.assign(keras.ops.ones(new.alpha.shape))
         else:
             new.set_weights(old.get_weights())
