@@ -15,7 +15,11 @@ fine-tune; see `_run`):
   `pruning_experiments.independent_consumers`);
 * `group`: one alpha per removable channel, shared by all of its readers
   (`parameterize(coupling='group')`);
-* `group_macs`: group alphas with MAC-weighted decay (`cost='macs'`).
+* `group_macs`: group alphas with MAC-weighted decay (`cost='macs'`);
+* `layer_fixed` / `group_fixed`: per-layer / group alphas under the
+  `FixedSparsity` constraint (each alpha variable keeps its largest
+  `1 - strength` fraction), no decay: the same pruned fraction for both, so
+  the difference is only how much of it `strip_and_shrink` can remove.
 
 Every model is shrunk with `tf_psp.strip_and_shrink`; what is reported is the
 shrunk model's test accuracy, the MACs it *removed* (`tf_psp.profile` on the
@@ -45,7 +49,10 @@ VARIANTS = {
     "group": ("group alphas", {"coupling": "group", "layers": None}),
     "group_macs": ("group alphas, MAC-weighted decay",
                    {"coupling": "group", "layers": None, "cost": "macs"}),
+    "layer_fixed": ("per-layer alphas, fixed sparsity", {}),
+    "group_fixed": ("group alphas, fixed sparsity", {"coupling": "group", "layers": None}),
 }
+FIXED = ("layer_fixed", "group_fixed")  # `strength` is FixedSparsity's target
 MODELS = ("resnet_small", "mobilenetv2")
 MOMENTUM = 0.9
 
@@ -212,14 +219,19 @@ def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
         result = pe.measure(folded, pretrained, data, shrink=False)
     else:
         kwargs = dict(VARIANTS[variant][1] or {})
-        if variant == "layer":
+        if variant in ("layer", "layer_fixed"):
             kwargs["layers"] = _layers_not_reading_inputs(folded)
         elif variant == "layer_independent":
             kwargs["layers"] = pe.independent_consumers(pretrained)
-        psp = tf_psp.parameterize(
-            folded, structure="channel", epsilon=FLAGS.epsilon,
-            alpha_regularizer=tf_psp.regularizers.WeightDecay(strength), **kwargs)
-        psp = tf_psp.balance_alphas(psp, kernel_decay=FLAGS.kernel_decay, momentum=MOMENTUM)
+        if variant in FIXED:
+            psp = tf_psp.parameterize(
+                folded, structure="channel", epsilon=FLAGS.epsilon, alpha_regularizer=None,
+                alpha_constraint=tf_psp.regularizers.FixedSparsity(strength), **kwargs)
+        else:
+            psp = tf_psp.parameterize(
+                folded, structure="channel", epsilon=FLAGS.epsilon,
+                alpha_regularizer=tf_psp.regularizers.WeightDecay(strength), **kwargs)
+            psp = tf_psp.balance_alphas(psp, kernel_decay=FLAGS.kernel_decay, momentum=MOMENTUM)
         epochs = FLAGS.epochs - FLAGS.finetune_epochs
         _train(psp, data, _sgd(epochs, data), epochs, f"{variant} {strength:g}",
                callbacks=[tf_psp.PSPMonitor()])
@@ -281,6 +293,8 @@ def summarize(results, dense):
         best_layer = max(row["layer"], row["layer_independent"])
         for v in ("group", "group_macs"):
             row[f"{v}_vs_layer"] = row[v] / best_layer if best_layer else None
+        row["group_fixed_vs_layer_fixed"] = (
+            row["group_fixed"] / row["layer_fixed"] if row["layer_fixed"] else None)
         out[f"loss<={tolerance * 100:g}pp"] = row
     return out
 
@@ -290,7 +304,7 @@ def markdown(model_name, results, dense, latency, summary):
              f"Dense (same epochs): accuracy {dense['accuracy']:.4f}, "
              f"{dense['macs_dense']:,} MACs"
              + (f", TFLite {latency['dense']:.3f} ms" if latency else "") + ".", "",
-             "| variant | decay | accuracy | removed MACs | MAC speed-up | removable share "
+             "| variant | decay (fixed: target) | accuracy | removed MACs | MAC speed-up | removable share "
              "| TFLite ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["strength"])):
         ms = latency.get(f"{r['variant']}_{r['strength']:g}")
@@ -308,6 +322,13 @@ def markdown(model_name, results, dense, latency, summary):
         lines.append(f"| {key} | {row['layer']:.1%} | {row['layer_independent']:.1%} "
                      f"| {row['group']:.1%} | {row['group_macs']:.1%} "
                      f"| {ratio(row['group_vs_layer'])} | {ratio(row['group_macs_vs_layer'])} |")
+    if any(r["variant"] in FIXED for r in results):
+        lines += ["", "Fixed sparsity (the same targets for both), removed MACs at equal accuracy:",
+                  "", "| accuracy loss | per-layer | group | group / per-layer |",
+                  "|---|---|---|---|"]
+        for key, row in summary.items():
+            lines.append(f"| {key} | {row['layer_fixed']:.1%} | {row['group_fixed']:.1%} "
+                         f"| {ratio(row['group_fixed_vs_layer_fixed'])} |")
     return "\n".join(lines) + "\n"
 
 
