@@ -28,7 +28,7 @@ all models of one architecture timed interleaved, medians). Models:
 `resnet_small` (the Fig. 3 ResNet on 28x28 MNIST-5k) and `mobilenetv2`
 (keras.applications, width 0.35, MNIST-5k resized to `--image_size` RGB).
 
-Writes `coupling.json`, `coupling.md` and `coupling.png` to `--output_dir`;
+Writes `<report_name>.json`, `.md` and `.png` (default `coupling`) to `--output_dir`;
 finished runs are cached in `<output_dir>/runs/`, so a rerun skips them.
 """
 
@@ -60,6 +60,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(MODELS), f"Models to run, from {', '.join(MODELS)}.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants, from {', '.join(VARIANTS)}.")
 flags.DEFINE_list("strengths", ["0.3", "1", "3", "10"], "Alpha weight decay strengths.")
+flags.DEFINE_list("fixed_targets", ["0.3", "0.5", "0.7"],
+                  "FixedSparsity targets of the layer_fixed and group_fixed variants.")
+flags.DEFINE_string("report_name", "coupling", "Stem of the .md/.json/.png files written.")
 flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of dense pre-training (Adam).")
 flags.DEFINE_integer("epochs", 10, "Epochs after pre-training (SGD+momentum, cosine decay), "
                      "the same for every run: PSP training plus fine-tuning, or dense training.")
@@ -385,7 +388,8 @@ def main(argv):
         pretrained = _pretrained(name, build, data, runs_dir)
         dense = _run(name, "dense", 0.0, build, data, pretrained, runs_dir)
         results = [_run(name, v, float(s), build, data, pretrained, runs_dir)
-                   for v in FLAGS.variants for s in FLAGS.strengths]
+                   for v in FLAGS.variants
+                   for s in (FLAGS.fixed_targets if v in FIXED else FLAGS.strengths)]
         latency = _latencies(name, results, pretrained, runs_dir)
         summary = summarize(results, dense)
         all_results[name], dense_by_model[name] = results, dense
@@ -396,16 +400,16 @@ def main(argv):
     command = "python examples/coupling_front.py " + " ".join(sys.argv[1:])
     text = (f"## Per-layer vs group vs cost-aware PSP\n\n`{command.strip()}` "
             f"({wall / 60:.0f} min here, 2 CPU cores)\n\n" + "\n".join(sections))
-    atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.md"), text)
+    atomic.write_text(os.path.join(FLAGS.output_dir, f"{FLAGS.report_name}.md"), text)
     report["flags"] = {f: FLAGS[f].value for f in (
-        "strengths", "widths", "finetune_epochs", "kernel_decay", "epsilon", "clipnorm",
+        "strengths", "fixed_targets", "widths", "finetune_epochs", "kernel_decay", "epsilon", "clipnorm",
         "pretrain_epochs", "epochs", "lr", "batch_size", "image_size", "alpha_width",
         "steps_per_epoch", "seed")}
-    atomic.write_text(os.path.join(FLAGS.output_dir, "coupling.json"),
+    atomic.write_text(os.path.join(FLAGS.output_dir, f"{FLAGS.report_name}.json"),
                       json.dumps(report, indent=1, default=float))
-    atomic.write_bytes(os.path.join(FLAGS.output_dir, "coupling.png"),
+    atomic.write_bytes(os.path.join(FLAGS.output_dir, f"{FLAGS.report_name}.png"),
                        plot(all_results, dense_by_model))
-    print(f"wrote coupling.md/.json/.png to {FLAGS.output_dir} in {wall:.0f} s")
+    print(f"wrote {FLAGS.report_name}.md/.json/.png to {FLAGS.output_dir} in {wall:.0f} s")
 
 
 if __name__ == "__main__":
