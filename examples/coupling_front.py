@@ -261,13 +261,15 @@ def _latencies(model_name, results, pretrained, runs_dir):
     """TFLite median latency (ms) per run label, all timed interleaved."""
     import keras
 
+    import tf_psp
     from tf_psp import bench, export
 
     if not FLAGS.latency_rounds:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"dense": os.path.join(tmp, "dense.tflite")}
-        export.export_tflite(pretrained, paths["dense"])
+        # the dense reference has its BatchNorms folded too, like every shrunk model
+        export.export_tflite(tf_psp.fold_batchnorm(pretrained)[0], paths["dense"])
         for r in results:
             if r["variant"] == "dense":
                 continue
