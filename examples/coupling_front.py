@@ -146,17 +146,10 @@ def _save_model(model, path):
 
 def _train(model, data, optimizer, epochs, label, callbacks=()):
     """Compiles and fits `model` for `epochs`, one progress line per epoch."""
-    import keras
-
     import pruning_experiments as pe
 
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), metrics=["accuracy"], jit_compile=False)
-    x, y = data.x_train, data.y_train
-    if FLAGS.steps_per_epoch:
-        x, y = x[:FLAGS.steps_per_epoch * FLAGS.batch_size], y[:FLAGS.steps_per_epoch * FLAGS.batch_size]
-    model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=0, shuffle=True,
-              callbacks=list(callbacks) + [pe._Progress(label, 1)])
+    pe._fit(model, data, optimizer, epochs=epochs, batch_size=FLAGS.batch_size, label=label,
+            verbose=1, steps_per_epoch=_steps(), callbacks=callbacks)
 
 
 def _sgd(epochs, data):
@@ -183,13 +176,6 @@ def _without_kernel_regularizers(model):
     copy = keras.Model.from_config(config)
     copy.set_weights(model.get_weights())
     return copy
-
-
-def _layers_not_reading_inputs(model):
-    """Predicate for `parameterize`: not the layers reading a model input (never removable)."""
-    inputs = {id(t) for t in model.inputs}
-    return lambda layer: not any(id(t) in inputs for n in layer._inbound_nodes
-                                 for t in n.input_tensors)
 
 
 def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
@@ -223,7 +209,7 @@ def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
     else:
         kwargs = dict(VARIANTS[variant][1] or {})
         if variant in ("layer", "layer_fixed"):
-            kwargs["layers"] = _layers_not_reading_inputs(folded)
+            kwargs["layers"] = pe._skip_model_inputs(folded)
         elif variant == "layer_independent":
             kwargs["layers"] = pe.independent_consumers(pretrained)
         if variant in FIXED:

@@ -421,41 +421,10 @@ def psp_model_from(dense):
         layers=lambda layer: layer.name not in skipped,
         alpha_regularizer=tf_psp.regularizers.WeightDecay(FLAGS.alpha_decay),
         return_report=True)
-    if FLAGS.balanced_init:
-        balance_alphas(model)
+    if FLAGS.balanced_init and FLAGS.alpha_decay and FLAGS.kernel_decay:
+        # kernel decay is decoupled (SGD weight_decay), so momentum does not amplify it
+        model = tf_psp.balance_alphas(model, FLAGS.kernel_decay, momentum=FLAGS.momentum)
     return model, conversion, skipped, folded
-
-
-def balance_alphas(model):
-    """Rescales alpha and kernel of each PSP layer to the decays' equilibrium (in place).
-
-    With L2 decay lambda on alpha (through momentum: lambda / (1 - mu) per
-    unit learning rate) and decoupled decay kappa on the kernel v, the
-    cheapest split of a fixed product w_i = alpha_i * v_i has
-    alpha_i^2 = sqrt(kappa (1 - mu) / lambda) * ||w_i||. Starting there, the
-    decays act like a group lasso on w from the first step instead of first
-    shrinking every alpha alike. The model computes the same function.
-    """
-    import keras
-    import numpy as np
-
-    import tf_psp
-
-    if not FLAGS.alpha_decay or not FLAGS.kernel_decay:
-        return
-    c = (FLAGS.kernel_decay * (1 - FLAGS.momentum) / FLAGS.alpha_decay) ** 0.25
-    for layer in model._flatten_layers(include_self=False):
-        if not tf_psp.is_psp_layer(layer) or layer.structure not in ("channel", "column"):
-            continue  # 'filter' and 'layer' alphas also scale the bias: left at 1
-        kernel_var = getattr(layer, layer._alpha_kernel_name)
-        kernel = keras.ops.convert_to_numpy(kernel_var.value)
-        broadcast = layer._alpha_broadcast
-        axes = tuple(i for i, d in enumerate(broadcast) if d == 1)
-        norms = np.sqrt(np.sum(np.square(kernel), axis=axes, keepdims=True))
-        alpha = np.maximum(c * np.sqrt(norms), 1e-12)
-        alpha_now = keras.ops.convert_to_numpy(layer.alpha.value).reshape(broadcast)
-        kernel_var.assign(kernel * alpha_now / alpha)
-        layer.alpha.assign(alpha.reshape(layer.alpha.shape).astype("float32"))
 
 
 def lr_decay_steps(steps):
