@@ -4,10 +4,22 @@ Train one scale `alpha` per structure with weight decay, then physically
 remove the structures whose alpha reached zero.
 """
 
-from tf_psp import balance, batchnorm, callbacks, coupling, regularizers, structures
+from tf_psp import (
+    balance,
+    batchnorm,
+    budget,
+    callbacks,
+    coupling,
+    pipeline,
+    plan,
+    regularizers,
+    sparse_training,
+    structures,
+)
 from tf_psp.balance import balance_alphas
 from tf_psp.batchnorm import RecalibrateBatchNorm, fold_batchnorm, recalibrate_batchnorm
-from tf_psp.callbacks import PSPMonitor
+from tf_psp.budget import BudgetReport, prune_to_budget
+from tf_psp.callbacks import PruneToBudget, PSPMonitor
 from tf_psp.convert import parameterize
 from tf_psp.coupling import PSPGroupAlphas
 from tf_psp.layers import (
@@ -19,6 +31,8 @@ from tf_psp.layers import (
     PSPSeparableConv2D,
     is_psp_layer,
 )
+from tf_psp.pipeline import PruneReport, prune
+from tf_psp.plan import PruningPlan, Unit, pruning_plan
 from tf_psp.profile import LayerProfile, ModelProfile, Removability, profile, removability
 from tf_psp.shrink import strip, strip_and_shrink
 
@@ -33,6 +47,18 @@ __all__ = [
     "PSPDepthwiseConv2D",
     "PSPSeparableConv2D",
     "PSPMonitor",
+    "PruneReport",
+    "PruneToBudget",
+    "PruningPlan",
+    "BudgetReport",
+    "Unit",
+    "budget",
+    "pipeline",
+    "plan",
+    "prune",
+    "prune_to_budget",
+    "pruning_plan",
+    "sparse_training",
     "RecalibrateBatchNorm",
     "LayerProfile",
     "ModelProfile",

@@ -1,7 +1,11 @@
-"""Keras callbacks that report PSP sparsity while training."""
+"""Keras callbacks: PSP sparsity reports (`PSPMonitor`) and budget-driven pruning (`PruneToBudget`)."""
+
+import math
 
 import keras
+import numpy as np
 
+from tf_psp import plan as psp_plan
 from tf_psp.profile import profile as profile_model
 
 
@@ -28,20 +32,29 @@ class PSPMonitor(keras.callbacks.Callback):
     epoch only the alpha masks are re-read. A model without PSP layers logs
     sparsity 0.0 and reduction 1.0.
 
+    - with `keep_macs` (a MAC budget, as for `PruneToBudget`):
+      `psp_budget_kept_macs`, the fraction of the dense MACs
+      `strip_and_shrink` would keep now, and `psp_budget_target`.
+
     Args:
         verbose: 1 prints a one-line summary per epoch, 0 is silent.
         log_pruned_macs: also log `psp_pruned_macs`.
         input_shape: passed to `tf_psp.profile.profile`; needed only when the
             model's input shape has unknown spatial dimensions.
         removable: also log what `strip_and_shrink` removes (see above).
+        keep_macs: log the budget progress against this target (None: off).
 
     Attributes:
         profile: the `tf_psp.profile.ModelProfile` of the last epoch (None
             before training starts).
     """
 
-    def __init__(self, verbose=0, log_pruned_macs=False, input_shape=None, removable=False):
+    def __init__(self, verbose=0, log_pruned_macs=False, input_shape=None, removable=False,
+                  keep_macs=None):
         super().__init__()
+        if keep_macs is not None:
+            psp_plan._check_fraction(keep_macs, "keep_macs")
+        self.keep_macs = keep_macs
         self.verbose = verbose
         self.log_pruned_macs = log_pruned_macs
         self.input_shape = input_shape
@@ -72,6 +85,10 @@ class PSPMonitor(keras.callbacks.Callback):
                     f"({p.removability.removable_share:.0%} of zeroed MACs)"
                     if p.removability is not None else ""
                 )
+                + (
+                    f", budget: keeps {self._budget_kept:.3f} of the MACs "
+                    f"(target {self.keep_macs:.3f})" if self.keep_macs is not None else ""
+                )
             )
 
     def current_values(self):
@@ -87,4 +104,155 @@ class PSPMonitor(keras.callbacks.Callback):
         if r is not None:
             values["psp_removable_mac_reduction"] = float(r.mac_reduction)
             values["psp_removable_share"] = float(r.removable_share)
+        if self.keep_macs is not None:
+            self._budget_kept = psp_plan.pruning_plan(self.model).kept_fraction()
+            values["psp_budget_kept_macs"] = float(self._budget_kept)
+            values["psp_budget_target"] = float(self.keep_macs)
         return values
+
+
+class PruneToBudget(keras.callbacks.Callback):
+    """Budget-driven PSP: a growing decay on the alphas of the groups below the budget line.
+
+    While a PSP model trains, the channel groups are ranked with a
+    `tf_psp.plan.PruningPlan` (`importance`), and the lowest-scoring ones whose
+    removal meets `keep_macs` are *selected*. After every training step only
+    the selected alphas are multiplied by a factor below 1; all other alphas
+    train freely (use `alpha_regularizer=None` when parameterizing). At
+    progress `p` of training (steps done / all steps) the selected alphas have
+    been shrunk by `final_shrink ** ((p / decay_until) ** power)` in all:
+
+    - `power=3` keeps the early decay gentle (shrunk by ~5 % at a tenth of
+      the ramp), so the network can move work away from the selected
+      channels and the ranking, recomputed at every epoch start while
+      `p < reselect_until`, can still change (Selective Weight Decay, GReg);
+    - by `p = decay_until` the selected alphas are `final_shrink` (1e-3) of
+      their value, below any sensible epsilon; from then on they are held at
+      exactly 0, so the rest of training fine-tunes the pruned network;
+    - at the end of training they are 0, and the budget is met by
+      construction (a final plan check zeroes more groups if alphas that were
+      pruned at selection time grew back).
+
+    The schedule is defined by the fraction of training, not by step counts
+    or a decay strength, so the defaults carry over between models and
+    schedule lengths. The callback logs `psp_budget_kept_macs` (the fraction
+    of the dense MACs `strip_and_shrink` keeps at the epoch end; the
+    selected groups count once their alphas fall below epsilon) and
+    `psp_budget_target`.
+
+    Args:
+        keep_macs: fraction of the dense MACs the shrunk model keeps, in (0, 1].
+        importance: ranking score (see `tf_psp.plan`), default `'alpha'`.
+        min_keep: never select more than `1 - min_keep` of a channel space.
+        round_to: the `round_to` you will pass to `strip_and_shrink`.
+        reselect_until: re-rank at epoch starts while progress is below this.
+        decay_until: progress at which the selected alphas reach
+            `final_shrink` and are then held at 0.
+        final_shrink: total shrink factor reached at `decay_until`.
+        power: shape of the ramp (larger: gentler start).
+        verbose: 1 prints one line per selection and per epoch.
+
+    Attributes:
+        selected: unit indices of the current selection (in `plan.units`).
+        plan: the `PruningPlan` of the last selection.
+    """
+
+    def __init__(self, keep_macs, importance="alpha", min_keep=0.1, round_to=1,
+                 reselect_until=0.5, decay_until=0.8, final_shrink=1e-3, power=3.0,
+                 verbose=0):
+        super().__init__()
+        psp_plan._check_fraction(keep_macs, "keep_macs")
+        for name, value in (("reselect_until", reselect_until), ("decay_until", decay_until),
+                            ("final_shrink", final_shrink)):
+            if not 0 < float(value) <= 1:
+                raise ValueError(f"PruneToBudget: {name} must be in (0, 1], got {value!r}.")
+        if not float(power) > 0:
+            raise ValueError(f"PruneToBudget: power must be positive, got {power!r}.")
+        self.keep_macs = float(keep_macs)
+        self.importance = importance
+        self.min_keep = min_keep
+        self.round_to = round_to
+        self.reselect_until = float(reselect_until)
+        self.decay_until = float(decay_until)
+        self.final_shrink = float(final_shrink)
+        self.power = float(power)
+        self.verbose = verbose
+        self.plan = None
+        self.selected = []
+        self._masks = []
+        self._step = 0
+        self._total = None
+
+    # --- schedule ---------------------------------------------------------------
+    def log_shrink(self, progress):
+        """Natural log of the total shrink the selected alphas have had at `progress`."""
+        ramp = min(max(progress, 0.0) / self.decay_until, 1.0)
+        return math.log(self.final_shrink) * ramp ** self.power
+
+    def _progress(self, step):
+        return step / self._total if self._total else 0.0
+
+    # --- selection --------------------------------------------------------------
+    def _select(self):
+        self.plan = psp_plan.pruning_plan(self.model, importance=self.importance)
+        self.selected = self.plan.select(self.keep_macs, min_keep=self.min_keep,
+                                         round_to=self.round_to)
+        layers = psp_plan._layers_by_name(self.model)
+        masks = {}
+        for i in self.selected:
+            for name, key, idx in self.plan.units[i].handles:
+                variable = psp_plan.alpha_variable(layers[name], key)
+                if id(variable) not in masks:
+                    masks[id(variable)] = (variable, np.zeros(int(np.prod(variable.shape)), bool))
+                masks[id(variable)][1][idx] = True
+        self._masks = [(v, m.reshape(tuple(v.shape))) for v, m in masks.values()]
+        if self.verbose:
+            kept = self.plan.kept_fraction(self.selected, self.round_to)
+            print(f"PruneToBudget: selected {len(self.selected)} of {len(self.plan.units)} "
+                  f"channel groups (shrunk model keeps {kept:.3f} of the MACs, "
+                  f"target {self.keep_macs:.3f})")
+
+    def _scale(self, factor):
+        for variable, mask in self._masks:
+            scale = np.where(mask, factor, 1.0).astype("float32")
+            variable.assign(variable.value * scale)
+
+    # --- Keras hooks ------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        self._total = epochs * steps if epochs and steps else None
+        self._step = 0
+        self._select()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._total is None and epoch == 1:  # unknown length: learnt from epoch 1
+            self._total = self._step * self.params.get("epochs", 1)
+        if epoch and self._progress(self._step) < self.reselect_until:
+            self._select()
+
+    def on_train_batch_end(self, batch, logs=None):
+        before = self._progress(self._step)
+        self._step += 1
+        after = self._progress(self._step)
+        if self._total is None:
+            return  # first epoch of a data set of unknown length: no decay yet
+        if after >= self.decay_until:
+            self._scale(0.0)
+        else:
+            self._scale(math.exp(self.log_shrink(after) - self.log_shrink(before)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        kept = psp_plan.pruning_plan(self.model).kept_fraction(round_to=self.round_to)
+        if logs is not None:
+            logs["psp_budget_kept_macs"] = float(kept)
+            logs["psp_budget_target"] = self.keep_macs
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: budget: shrunk model keeps {kept:.3f} of the MACs "
+                  f"(target {self.keep_macs:.3f})")
+
+    def on_train_end(self, logs=None):
+        self._scale(0.0)
+        final = psp_plan.pruning_plan(self.model, importance=self.importance)
+        extra = final.select(self.keep_macs, min_keep=self.min_keep, round_to=self.round_to)
+        if extra:
+            psp_plan.zero_alphas(self.model, [h for i in extra for h in final.units[i].handles])

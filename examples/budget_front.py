@@ -1,0 +1,414 @@
+"""PSP to a MAC budget against the baselines, at equal budget and equal epochs (MNIST-5k).
+
+For each model (ResNet-8, MobileNetV2 width 0.35), seed and budget
+(`--budgets`, fractions of the dense MACs the final model keeps), every
+method starts from the same dense model pre-trained for `--pretrain_epochs`
+(Adam) and then trains for `--epochs` more (SGD, momentum 0.9, cosine decay),
+so every row has the same total number of epochs:
+
+- `psp_budget`: `parameterize(coupling='group')`, `epochs - finetune_epochs` of
+  budget training with `tf_psp.PruneToBudget` (importance `'alpha'`), shrink,
+  `finetune_epochs` of fine-tuning;
+- `l1_norm` (Li et al. 2017): `prune_to_budget(importance='l1')` of the dense
+  model, shrink, `epochs` of fine-tuning;
+- `network_slimming` (Liu et al. 2017): `epochs - finetune_epochs` with
+  `sparse_training.BatchNormL1`, `prune_to_budget(importance='bn')`, shrink,
+  fine-tuning;
+- `group_lasso` (DepGraph-style): the same with `sparse_training.GroupLasso`
+  and `importance='l2'`;
+- `random`: `prune_to_budget(importance='random')`, shrink, fine-tuning;
+- `scratch` (Liu et al. 2019): the architecture `psp_budget` ended with (same
+  model, seed and budget), freshly initialized and trained for
+  `pretrain_epochs + epochs` like the dense model;
+- `dense`: the dense model trained for the same epochs (keep_macs 1.0).
+
+BatchNorm trains throughout; its statistics are recalibrated on the training
+digits before every evaluation and shrink. Hyperparameters: `--search` runs
+the grid `SEARCH` (three settings per method) at keep 0.3, seed 0, on a
+validation split carved from the training digits (the last 800 of 4,000),
+and writes `search_<model>.json`; the final runs read the best setting per
+method from it. The test digits are only used by the final runs.
+
+Every run is cached in `--out/runs/` (resumable); after each run the rows are
+collected into `--out/<model>.json`, a markdown table and a plot.
+
+    python examples/budget_front.py --models=resnet8 --search
+    python examples/budget_front.py --models=resnet8 --seeds=0,1,2
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["resnet8", "mobilenetv2"], "resnet8 and/or mobilenetv2.")
+flags.DEFINE_list("methods", ["dense", "psp_budget", "l1_norm", "network_slimming",
+                              "group_lasso", "random", "scratch"], "Methods to run.")
+flags.DEFINE_list("budgets", ["0.5", "0.3", "0.15"], "keep_macs values.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (data order, initialization, pruning).")
+flags.DEFINE_integer("pretrain_epochs", 8, "Dense pre-training epochs (Adam 1e-3).")
+flags.DEFINE_integer("epochs", 8, "Epochs after pre-training, for every method.")
+flags.DEFINE_integer("finetune_epochs", 3,
+                     "Of --epochs, the fine-tuning epochs after shrinking (two-phase methods).")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_boolean("search", False, "Run the validation search instead of the final runs.")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "results", "budget"), "Output directory.")
+flags.DEFINE_integer("steps_per_epoch", 0, "Use only this many batches per epoch (smoke tests).")
+flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: default).")
+
+DEFAULTS = {"lr": 0.01, "strength": 0.0}
+# Three settings per method, searched on the validation split (keep 0.3, seed 0).
+SEARCH = {
+    "dense": [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}],
+    "psp_budget": [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}],
+    "l1_norm": [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}],
+    "random": [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}],
+    "scratch": [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}],
+    "network_slimming": [{"lr": 0.01, "strength": s} for s in (1e-3, 1e-2, 1e-1)],
+    "group_lasso": [{"lr": 0.01, "strength": s} for s in (1e-3, 1e-2, 1e-1)],
+}
+SEARCH_BUDGET = 0.3
+
+
+# --- data and models --------------------------------------------------------------
+
+
+def load_data(model_name, split):
+    """`pruning_experiments.Data` of MNIST-5k for the model; `split='val'`: validation."""
+    import datasets
+    import numpy as np
+    from pruning_experiments import Data
+
+    (x_train, y_train), (x_test, y_test) = datasets.load_mnist5k(seed=0)
+    if model_name == "mobilenetv2":
+        import tensorflow as tf
+
+        def rgb32(x):
+            return np.repeat(tf.image.resize(x, (32, 32)).numpy(), 3, axis=-1)
+
+        x_train, x_test = rgb32(x_train), rgb32(x_test)
+    data = Data(x_train, y_train, x_test, y_test)
+    return data.holdout(0.2) if split == "val" else data
+
+
+def build(model_name):
+    if model_name == "resnet8":
+        from pruning_experiments import resnet_small
+
+        return resnet_small((28, 28, 1), 10)
+    if model_name == "mobilenetv2":
+        import models
+
+        return models.mobilenetv2(32, 10, alpha_width=0.35)
+    raise ValueError(f"--models: unknown model {model_name!r}; use resnet8 or mobilenetv2.")
+
+
+# --- training helpers ------------------------------------------------------------------
+
+
+def _compile(model, optimizer):
+    import keras
+
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=False)
+
+
+def _sgd(lr, epochs, data):
+    import keras
+    import numpy as np
+
+    steps = FLAGS.steps_per_epoch or int(np.ceil(len(data.y_train) / FLAGS.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(lr, max(1, epochs * steps))
+    return keras.optimizers.SGD(schedule, momentum=0.9)
+
+
+def _fit(model, data, epochs, callbacks=()):
+    if epochs <= 0:
+        return
+    x, y = data.x_train, data.y_train
+    if FLAGS.steps_per_epoch:
+        x, y = x[:FLAGS.steps_per_epoch * FLAGS.batch_size], y[:FLAGS.steps_per_epoch * FLAGS.batch_size]
+    model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=0, shuffle=True,
+              callbacks=list(callbacks))
+
+
+def _recalibrated(model, data):
+    import tf_psp
+
+    return tf_psp.recalibrate_batchnorm(model, data.x_train, batch_size=FLAGS.batch_size)
+
+
+def _accuracy(model, data):
+    import numpy as np
+
+    logits = model.predict(data.x_test, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(logits, -1) == data.y_test))
+
+
+def _pretrained(model_name, data, seed, split):
+    """The dense model pre-trained with Adam; weights cached per model, split and seed."""
+    import keras
+
+    path = os.path.join(FLAGS.out, "runs", f"pretrain_{model_name}_{split}_{seed}"
+                        f"_{FLAGS.pretrain_epochs}_{FLAGS.steps_per_epoch}.weights.h5")
+    keras.utils.set_random_seed(seed)
+    model = build(model_name)
+    if os.path.exists(path):
+        model.load_weights(path)
+        return model
+    _compile(model, keras.optimizers.Adam(1e-3))
+    _fit(model, data, FLAGS.pretrain_epochs)
+    tmp = path + ".tmp.weights.h5"
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def _copy(model):
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _train_two_phase(model, data, config, callbacks, importance, keep, seed):
+    """Sparse phase with `callbacks`, prune to budget with `importance`, shrink, fine-tune."""
+    import tf_psp
+
+    sparse_epochs = FLAGS.epochs - FLAGS.finetune_epochs
+    _compile(model, _sgd(config["lr"], sparse_epochs, data))
+    _fit(model, data, sparse_epochs, callbacks)
+    model = _recalibrated(model, data)
+    pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance=importance, seed=seed)
+    return _finetune(tf_psp.strip_and_shrink(pruned), data, config, FLAGS.finetune_epochs)
+
+
+def _finetune(small, data, config, epochs):
+    _compile(small, _sgd(config["lr"], epochs, data))
+    _fit(small, data, epochs)
+    return _recalibrated(small, data)
+
+
+def run_method(model_name, method, keep, seed, config, data, split):
+    """Trains one method from the pre-trained model; returns (final model, extra fields)."""
+    import keras
+
+    import tf_psp
+
+    dense = _pretrained(model_name, data, seed, split)
+    keras.utils.set_random_seed(seed + 1000)
+    if method == "dense":
+        model = _copy(dense)
+        return _finetune(model, data, config, FLAGS.epochs), {}
+    if method == "psp_budget":
+        psp = tf_psp.parameterize(dense, coupling="group", alpha_regularizer=None)
+        sparse_epochs = FLAGS.epochs - FLAGS.finetune_epochs
+        _compile(psp, _sgd(config["lr"], sparse_epochs, data))
+        budget = tf_psp.PruneToBudget(keep)
+        _fit(psp, data, sparse_epochs, [budget])
+        psp = _recalibrated(psp, data)
+        pruned_accuracy = None
+        small = tf_psp.strip_and_shrink(psp)
+        pruned_accuracy = _accuracy(small, data)
+        return _finetune(small, data, config, FLAGS.finetune_epochs), {
+            "accuracy_before_finetune": pruned_accuracy}
+    if method == "l1_norm":
+        small = tf_psp.strip_and_shrink(tf_psp.prune_to_budget(dense, keep, importance="l1"))
+        return _finetune(small, data, config, FLAGS.epochs), {}
+    if method == "random":
+        small = tf_psp.strip_and_shrink(
+            tf_psp.prune_to_budget(dense, keep, importance="random", seed=seed))
+        return _finetune(small, data, config, FLAGS.epochs), {}
+    if method == "network_slimming":
+        callback = tf_psp.sparse_training.BatchNormL1(config["strength"])
+        return _train_two_phase(_copy(dense), data, config, [callback], "bn", keep, seed), {}
+    if method == "group_lasso":
+        callback = tf_psp.sparse_training.GroupLasso(config["strength"])
+        return _train_two_phase(_copy(dense), data, config, [callback], "l2", keep, seed), {}
+    if method == "scratch":
+        psp_config = (dict(DEFAULTS, **SEARCH["psp_budget"][1]) if split == "val"
+                      else best_config(model_name, "psp_budget", split))
+        reference = _load_run(model_name, "psp_budget", keep, seed, split, psp_config)
+        if reference is None:
+            raise RuntimeError(f"scratch needs the psp_budget run of {model_name}, keep "
+                               f"{keep}, seed {seed} first (--methods order).")
+        shape_model = keras.saving.load_model(reference["model_path"])
+        keras.utils.set_random_seed(seed)
+        model = keras.models.clone_model(shape_model)  # fresh initialization
+        _compile(model, keras.optimizers.Adam(1e-3))
+        _fit(model, data, FLAGS.pretrain_epochs)
+        return _finetune(model, data, config, FLAGS.epochs), {}
+    raise ValueError(f"--methods: unknown method {method!r}.")
+
+
+# --- cache and results -------------------------------------------------------------
+
+
+def _key(model_name, method, keep, seed, split, config):
+    cfg = "_".join(f"{k}{v:g}" for k, v in sorted(config.items()))
+    return (f"{model_name}_{method}_k{keep:g}_s{seed}_{split}_{cfg}_p{FLAGS.pretrain_epochs}"
+            f"_e{FLAGS.epochs}_f{FLAGS.finetune_epochs}_n{FLAGS.steps_per_epoch}")
+
+
+def _load_run(model_name, method, keep, seed, split, config):
+    path = os.path.join(FLAGS.out, "runs", _key(model_name, method, keep, seed, split, config)
+                        + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def best_config(model_name, method, split):
+    """The searched setting with the best validation accuracy (defaults before a search)."""
+    if split == "val":
+        return None
+    path = os.path.join(FLAGS.out, f"search_{model_name}.json")
+    if not os.path.exists(path):
+        return dict(DEFAULTS, **SEARCH[method][1])
+    with open(path) as f:
+        rows = [r for r in json.load(f)["runs"] if r["method"] == method]
+    if not rows:
+        return dict(DEFAULTS, **SEARCH[method][1])
+    return max(rows, key=lambda r: r["accuracy"])["config"]
+
+
+def do_run(model_name, method, keep, seed, split, config, data):
+    import keras
+
+    import tf_psp
+
+    cached = _load_run(model_name, method, keep, seed, split, config)
+    if cached is not None:
+        return cached
+    start = time.time()
+    model, extra = run_method(model_name, method, keep, seed, config, data, split)
+    dense_macs = tf_psp.profile(build(model_name)).total_macs
+    row = {"model": model_name, "method": method, "keep_macs": keep, "seed": seed,
+           "macs_kept": tf_psp.profile(model).total_macs / dense_macs,
+           "accuracy": _accuracy(model, data), "split": split, "config": config,
+           "seconds": round(time.time() - start, 1), **extra}
+    key = _key(model_name, method, keep, seed, split, config)
+    if method == "psp_budget":
+        path = os.path.join(FLAGS.out, "runs", key + ".keras")
+        model.save(path)
+        row["model_path"] = path
+    _write_json(os.path.join(FLAGS.out, "runs", key + ".json"), row)
+    keras.backend.clear_session()
+    print(f"{model_name} {method:<17} keep {keep:<5} seed {seed} {split} {config}: accuracy "
+          f"{row['accuracy']:.4f}, MACs kept {row['macs_kept']:.3f} ({row['seconds']:.0f} s)",
+          flush=True)
+    return row
+
+
+def _public(row):
+    out = {k: row[k] for k in ("model", "method", "keep_macs", "seed", "macs_kept", "accuracy")}
+    if "accuracy_before_finetune" in row:
+        out["accuracy_before_finetune"] = row["accuracy_before_finetune"]
+    out["config"] = row["config"]
+    return out
+
+
+def write_results(model_name, rows, search):
+    import numpy as np
+
+    name = f"search_{model_name}" if search else model_name
+    _write_json(os.path.join(FLAGS.out, name + ".json"),
+                {"protocol": {"pretrain_epochs": FLAGS.pretrain_epochs, "epochs": FLAGS.epochs,
+                              "finetune_epochs": FLAGS.finetune_epochs,
+                              "batch_size": FLAGS.batch_size,
+                              "split": "validation" if search else "test"},
+                 "runs": [_public(r) for r in rows]})
+    if search:
+        return
+    methods = [m for m in FLAGS.methods if any(r["method"] == m for r in rows)]
+    budgets = sorted({r["keep_macs"] for r in rows}, reverse=True)
+    lines = [f"| method | " + " | ".join(f"keep {b:g}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            acc = [r["accuracy"] for r in rows if r["method"] == m and r["keep_macs"] == b]
+            kept = [r["macs_kept"] for r in rows if r["method"] == m and r["keep_macs"] == b]
+            cells.append(f"{100 * np.mean(acc):.2f} ± {100 * np.std(acc):.2f} "
+                         f"(n={len(acc)}, MACs {np.mean(kept):.3f})" if acc else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    with open(os.path.join(FLAGS.out, f"{model_name}.md"), "w") as f:
+        f.write(f"Test accuracy % (mean ± sd over seeds), {model_name} on MNIST-5k\n\n"
+                + "\n".join(lines) + "\n")
+    _plot(model_name, rows, methods)
+
+
+def _plot(model_name, rows, methods):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        budgets = sorted({r["keep_macs"] for r in mine})
+        xs = [np.mean([r["macs_kept"] for r in mine if r["keep_macs"] == b]) for b in budgets]
+        ys = [100 * np.mean([r["accuracy"] for r in mine if r["keep_macs"] == b])
+              for b in budgets]
+        ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=m)
+    ax.set_xlabel("MACs kept (fraction of dense)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{model_name}, MNIST-5k: accuracy at a MAC budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = os.path.join(FLAGS.out, f"{model_name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, os.path.join(FLAGS.out, f"{model_name}.png"))
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    if FLAGS.finetune_epochs >= FLAGS.epochs:
+        raise app.UsageError("--finetune_epochs must be smaller than --epochs.")
+    if FLAGS.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
+    for model_name in FLAGS.models:
+        split = "val" if FLAGS.search else "test"
+        data = load_data(model_name, split)
+        rows = []
+        seeds = [0] if FLAGS.search else [int(s) for s in FLAGS.seeds]
+        budgets = [SEARCH_BUDGET] if FLAGS.search else [float(b) for b in FLAGS.budgets]
+        jobs = []
+        for seed in seeds:  # complete seed blocks first, so a partial sweep is balanced
+            if "dense" in FLAGS.methods:
+                jobs.append(("dense", 1.0, seed))
+            jobs += [(m, keep, seed) for keep in budgets for m in FLAGS.methods if m != "dense"]
+        for method, keep, seed in jobs:
+            configs = ([dict(DEFAULTS, **c) for c in SEARCH[method]] if FLAGS.search
+                       else [best_config(model_name, method, split)])
+            for config in configs:
+                rows.append(do_run(model_name, method, keep, seed, split, config, data))
+                write_results(model_name, rows, FLAGS.search)
+
+
+if __name__ == "__main__":
+    app.run(main)

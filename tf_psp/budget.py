@@ -1,0 +1,148 @@
+"""prune_to_budget(): zero the lowest-scoring channel groups until a MAC budget is met.
+
+The budget is a fraction of the model's dense MACs that the model returned by
+`strip_and_shrink` may keep. Which groups go is decided by a
+`tf_psp.plan.PruningPlan` (importance scores, MACs saved per group, the
+keep-one-channel and `round_to` rules of the shrink); the choice is then
+checked on the pruned model's own channel graph, so every selected group is
+one `strip_and_shrink` really removes.
+"""
+
+import dataclasses
+
+from tf_psp import graph as psp_graph
+from tf_psp.convert import check_model, parameterize
+from tf_psp.coupling import is_group_alphas
+from tf_psp.layers import is_psp_layer
+from tf_psp.plan import _check_fraction, pruning_plan
+from tf_psp.profile import profile as profile_model
+from tf_psp.shrink import _decide, strip, strip_and_shrink
+
+
+@dataclasses.dataclass
+class BudgetReport:
+    """What `prune_to_budget` chose.
+
+    Attributes:
+        keep_macs: the target fraction of dense MACs.
+        kept_macs: the fraction `strip_and_shrink(model, round_to)` keeps
+            (measured on the shrunk model when `measured` is True, else the
+            plan's exact prediction).
+        dense_macs: MACs of the model at full width.
+        units_selected: channel groups zeroed by this call.
+        units_pruned_before: groups whose alphas were already below epsilon.
+        units_total: prunable channel groups of the model.
+        importance: the importance used; `round_to`, `min_keep`: as passed.
+        parameterized: the input was a plain model, parameterized first with
+            `coupling='group'` (alphas 1, no alpha regularizer).
+        measured: `kept_macs` was measured by shrinking.
+    """
+
+    keep_macs: float
+    kept_macs: float
+    dense_macs: int
+    units_selected: int
+    units_pruned_before: int
+    units_total: int
+    importance: str
+    round_to: int
+    min_keep: float
+    parameterized: bool
+    measured: bool
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def __str__(self):
+        return (
+            f"prune_to_budget: keeps {self.kept_macs:.3f} of {self.dense_macs:,} MACs "
+            f"(target {self.keep_macs:.3f}); zeroed {self.units_selected} of "
+            f"{self.units_total} channel groups ({self.units_pruned_before} were already "
+            f"pruned), importance {self.importance!r}, min_keep {self.min_keep}, "
+            f"round_to {self.round_to}"
+        )
+
+
+def has_alphas(model):
+    """Whether `model` has PSP alphas (per-layer PSP layers or group alphas)."""
+    return any(is_psp_layer(layer) or is_group_alphas(layer)
+               for layer in model._flatten_layers(include_self=False))
+
+
+def prune_to_budget(model, keep_macs=0.5, importance="alpha", round_to=1, min_keep=0.1,
+                    seed=0, return_report=False, measure=False):
+    """A copy of `model` whose lowest-scoring channel groups have alpha 0, within a MAC budget.
+
+    `strip_and_shrink(result, round_to=round_to)` keeps at most `keep_macs` of
+    the dense MACs, and as close to it as one more channel group allows
+    (typically within 1 %). The groups are ranked by `importance` (see
+    `tf_psp.plan`); a group whose alphas are already below epsilon counts as
+    removed. `model` is not modified.
+
+    Args:
+        model: a PSP model (per-layer alphas of any structure, or
+            `coupling='group'`), or a plain functional/Sequential model, which
+            is first parameterized with `coupling='group'` and no alpha
+            regularizer (its function is unchanged).
+        keep_macs: fraction of the dense MACs to keep, in (0, 1].
+        importance: `'alpha'` (default), `'l1'`, `'l2'`, `'bn'`, `'random'` or a
+            callable `(unit, plain_model) -> float`.
+        round_to: the `round_to` you will pass to `strip_and_shrink`; widths are
+            rounded here, so the shrink removes exactly what is zeroed.
+        min_keep: never remove more than `1 - min_keep` of a channel space.
+        seed: seed of `importance='random'`.
+        return_report: also return a `BudgetReport`.
+        measure: with `return_report`, shrink the result and count its MACs
+            (else the plan's prediction, which equals it).
+
+    Returns:
+        The pruned copy, or `(copy, report)` with `return_report=True`.
+
+    Raises:
+        ValueError: the budget cannot be reached (the message says how far
+            pruning can go and why), or an argument is invalid.
+    """
+    check_model(model)
+    _check_fraction(keep_macs, "keep_macs")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
+    if not isinstance(min_keep, (int, float)) or not 0 <= min_keep < 1:
+        raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}.")
+    parameterized = not has_alphas(model)
+    if parameterized:
+        model = parameterize(model, coupling="group", alpha_regularizer=None)
+    plan = pruning_plan(model, importance=importance, seed=seed)
+    exclude = set()
+    for _ in range(8):
+        units = plan.select(keep_macs, min_keep=min_keep, round_to=round_to, exclude=exclude)
+        pruned = plan.apply(units)
+        missing = _not_removed(plan, pruned, units)
+        if not missing:
+            break
+        exclude |= missing  # zeroing them does not let the shrink remove them
+    else:
+        raise RuntimeError(
+            f"prune_to_budget: model '{model.name}': the selected channel groups could "
+            "not all be removed after 8 attempts; please report this model.")
+    if not return_report:
+        return pruned
+    kept = plan.kept_fraction(units, round_to)
+    if measure:
+        shrunk = strip_and_shrink(pruned, round_to=round_to)
+        kept = profile_model(shrunk).total_macs / plan.dense_macs
+    report = BudgetReport(
+        keep_macs=float(keep_macs), kept_macs=float(kept), dense_macs=plan.dense_macs,
+        units_selected=len(units), units_pruned_before=sum(u.pruned for u in plan.units),
+        units_total=len(plan.units),
+        importance=importance if isinstance(importance, str) else getattr(
+            importance, "__name__", "callable"),
+        round_to=round_to, min_keep=float(min_keep), parameterized=parameterized,
+        measured=bool(measure))
+    return pruned, report
+
+
+def _not_removed(plan, pruned, units):
+    """Selected unit indices that `strip_and_shrink` of `pruned` would keep."""
+    g = psp_graph.ChannelGraph(strip(pruned))
+    removable = {root for root, (ok, _, _) in _decide(g).items() if ok}
+    return {i for i in units if g.group(plan.units[i].root) not in removable}

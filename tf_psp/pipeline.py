@@ -1,0 +1,208 @@
+"""prune(): the common job in one call, from a trained Keras model to a smaller one.
+
+1. `parameterize(model, coupling='group', alpha_regularizer=None)`: one alpha
+   per removable channel group (every pruned alpha is removable);
+2. budget training: `epochs` of training with `callbacks.PruneToBudget`, which
+   ranks the groups and decays only the alphas below the budget line;
+3. BatchNorm statistics recalibrated on the training inputs (they lag behind
+   the shrinking alphas; see the README's BatchNorm section);
+4. `strip_and_shrink`: a plain Keras model within the MAC budget;
+5. `fine_tune_epochs` of training of the small model, BatchNorm recalibrated
+   again.
+"""
+
+import dataclasses
+import time
+
+import keras
+
+from tf_psp.batchnorm import recalibrate_batchnorm
+from tf_psp.callbacks import PruneToBudget
+from tf_psp.convert import check_model, parameterize
+from tf_psp.plan import _check_fraction
+from tf_psp.profile import profile as profile_model
+from tf_psp.shrink import strip_and_shrink
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What `prune` did.
+
+    Attributes:
+        keep_macs: the MAC budget (fraction of the dense MACs).
+        dense_macs / shrunk_macs: MACs before and after; `kept_macs` their ratio.
+        dense_params / shrunk_params: parameters before and after.
+        epochs / fine_tune_epochs: as run.
+        history / fine_tune_history: the `History.history` dicts of both phases.
+        evaluation: `{"dense": ..., "pruned": ..., "fine_tuned": ...}` metric
+            dicts on `validation_data` (empty without it).
+        shrink_report: the `ShrinkReport` of `strip_and_shrink`.
+        seconds: wall time.
+    """
+
+    keep_macs: float
+    dense_macs: int
+    shrunk_macs: int
+    dense_params: int
+    shrunk_params: int
+    epochs: int
+    fine_tune_epochs: int
+    history: dict
+    fine_tune_history: dict
+    evaluation: dict
+    shrink_report: object
+    seconds: float
+
+    @property
+    def kept_macs(self):
+        return self.shrunk_macs / self.dense_macs if self.dense_macs else 1.0
+
+    def to_dict(self):
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "shrink_report"}
+        data["kept_macs"] = self.kept_macs
+        data["shrink_report"] = self.shrink_report.to_dict() if self.shrink_report else None
+        return data
+
+    def __str__(self):
+        lines = [f"prune: MACs {self.dense_macs:,} -> {self.shrunk_macs:,} (keeps "
+                 f"{self.kept_macs:.3f}, budget {self.keep_macs:.3f}); parameters "
+                 f"{self.dense_params:,} -> {self.shrunk_params:,}; {self.epochs} budget "
+                 f"epochs + {self.fine_tune_epochs} fine-tuning epochs, {self.seconds:.0f} s"]
+        for stage, metrics in self.evaluation.items():
+            text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            lines.append(f"  {stage:<10} {text}")
+        return "\n".join(lines)
+
+
+def _fresh_optimizer(optimizer, model):
+    """A new optimizer instance from an instance, a string, or the model's compile config."""
+    if optimizer is None:
+        config = model.get_compile_config() if getattr(model, "compiled", False) else None
+        if config and config.get("optimizer") is not None:
+            return keras.optimizers.deserialize(config["optimizer"])
+        return keras.optimizers.SGD(0.01, momentum=0.9)
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer.__class__.from_config(optimizer.get_config())
+    return keras.optimizers.get(optimizer)
+
+
+def _compile_args(model, loss, metrics):
+    config = model.get_compile_config() if getattr(model, "compiled", False) else None
+    if loss is None and config:
+        loss = keras.losses.deserialize(config["loss"]) if config.get("loss") else None
+        if metrics is None:
+            metrics = config.get("metrics")
+    if loss is None:
+        raise ValueError(
+            f"prune(model '{model.name}'): pass loss= (the model is not compiled, so its "
+            "loss is unknown).")
+    return loss, metrics
+
+
+def _fit(model, data, epochs, batch_size, callbacks, verbose):
+    if epochs <= 0:
+        return {}
+    if isinstance(data, tuple) and len(data) == 2:
+        history = model.fit(data[0], data[1], epochs=epochs, batch_size=batch_size,
+                            callbacks=callbacks, verbose=verbose)
+    else:
+        history = model.fit(data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    return dict(history.history)
+
+
+def _inputs(data):
+    return data[0] if isinstance(data, tuple) else data
+
+
+def _evaluate(model, validation_data, batch_size):
+    if validation_data is None:
+        return None
+    if isinstance(validation_data, tuple):
+        values = model.evaluate(validation_data[0], validation_data[1], batch_size=batch_size,
+                                verbose=0, return_dict=True)
+    else:
+        values = model.evaluate(validation_data, verbose=0, return_dict=True)
+    return {k: float(v) for k, v in values.items()}
+
+
+def prune(model, train_data, keep_macs=0.5, epochs=10, fine_tune_epochs=5,
+          validation_data=None, importance="alpha", optimizer=None, fine_tune_optimizer=None,
+          loss=None, metrics=None, batch_size=32, round_to=1, min_keep=0.1,
+          recalibrate=True, callbacks=(), verbose=1, jit_compile="auto"):
+    """Prunes a trained model to a MAC budget with PSP; returns the small plain model.
+
+    `model` is not modified. See the module docstring for the steps.
+
+    Args:
+        model: a trained, built functional or Sequential Keras model (plain).
+        train_data: `(x, y)` arrays, or a `tf.data.Dataset` / `keras.utils.PyDataset`
+            of `(x, y)` batches.
+        keep_macs: fraction of the dense MACs the result keeps, in (0, 1].
+        epochs: budget-training epochs (the selected alphas reach 0 at 80 %
+            of them; the rest already trains the pruned network).
+        fine_tune_epochs: epochs of training the shrunk model.
+        validation_data: like `train_data`; when given, the dense, pruned and
+            fine-tuned models are evaluated on it (the report's `evaluation`).
+        importance: the ranking score (see `tf_psp.plan`).
+        optimizer: for budget training; None: the model's compiled optimizer
+            (a fresh copy), else SGD(0.01, momentum=0.9).
+        fine_tune_optimizer: for fine-tuning (None: like `optimizer`).
+        loss, metrics: None: the model's compiled ones.
+        batch_size: for array data.
+        round_to: widths of the result are multiples of this (see
+            `strip_and_shrink`).
+        min_keep: never remove more than `1 - min_keep` of a channel space.
+        recalibrate: recompute BatchNorm statistics on the training inputs
+            after each phase.
+        callbacks: more Keras callbacks for both phases.
+        verbose: Keras `fit` verbosity; 1 also prints the budget progress.
+        jit_compile: passed to `compile`.
+
+    Returns:
+        `(small_model, PruneReport)`: `small_model` is a compiled plain Keras
+        model (no tf_psp layers) within the budget.
+    """
+    check_model(model)
+    _check_fraction(keep_macs, "keep_macs")
+    for name, value in (("epochs", epochs), ("fine_tune_epochs", fine_tune_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"prune: {name} must be a non-negative integer, got {value!r}.")
+    if epochs < 1:
+        raise ValueError("prune: epochs must be at least 1 (the budget is reached by training).")
+    start = time.time()
+    loss, metrics = _compile_args(model, loss, metrics)
+    evaluation = {}
+    if validation_data is not None:
+        dense = keras.models.clone_model(model)
+        dense.set_weights(model.get_weights())
+        dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
+        evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
+    psp = parameterize(model, coupling="group", alpha_regularizer=None)
+    psp.compile(optimizer=_fresh_optimizer(optimizer, model), loss=loss, metrics=metrics,
+                jit_compile=jit_compile)
+    budget = PruneToBudget(keep_macs, importance=importance, min_keep=min_keep,
+                           round_to=round_to, verbose=int(verbose > 0))
+    history = _fit(psp, train_data, epochs, batch_size, [budget, *callbacks], verbose)
+    if recalibrate:
+        psp = recalibrate_batchnorm(psp, _inputs(train_data), batch_size=batch_size)
+    small, shrink_report = strip_and_shrink(psp, round_to=round_to, return_report=True)
+    small.compile(optimizer=_fresh_optimizer(fine_tune_optimizer or optimizer, model),
+                  loss=loss, metrics=metrics, jit_compile=jit_compile)
+    if validation_data is not None:
+        evaluation["pruned"] = _evaluate(small, validation_data, batch_size)
+    fine_history = _fit(small, train_data, fine_tune_epochs, batch_size, list(callbacks), verbose)
+    if recalibrate and fine_tune_epochs:
+        weights_model = recalibrate_batchnorm(small, _inputs(train_data), batch_size=batch_size)
+        small.set_weights(weights_model.get_weights())
+    if validation_data is not None:
+        evaluation["fine_tuned"] = _evaluate(small, validation_data, batch_size)
+    dense_profile, small_profile = profile_model(model), profile_model(small)
+    report = PruneReport(
+        keep_macs=float(keep_macs), dense_macs=dense_profile.total_macs,
+        shrunk_macs=small_profile.total_macs, dense_params=dense_profile.total_params,
+        shrunk_params=small_profile.total_params, epochs=epochs,
+        fine_tune_epochs=fine_tune_epochs, history=history, fine_tune_history=fine_history,
+        evaluation=evaluation, shrink_report=shrink_report, seconds=time.time() - start)
+    if verbose:
+        print(report)
+    return small, report
