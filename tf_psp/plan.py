@@ -58,6 +58,8 @@ from tf_psp.profile import profile as profile_model
 from tf_psp.shrink import _apply_rounding, _decide, strip
 
 IMPORTANCES = ("alpha", "l1", "l2", "bn", "random")
+# select() aims at [budget - FILL_TOLERANCE, budget] of the dense MACs
+FILL_TOLERANCE = 0.02
 
 
 def _np(x):
@@ -253,7 +255,23 @@ class PruningPlan:
                 hi = mid
             else:
                 lo = mid
-        return self._final(order[:hi], round_to)
+        if kept(hi) >= target - FILL_TOLERANCE * self.dense_macs:
+            return self._final(order[:hi], round_to)
+        return self._final(self._fill(order, lo, target, round_to) or order[:hi], round_to)
+
+    def _fill(self, order, lo, target, round_to):
+        """Coarse units overshoot the budget: from the last prefix above it, walk down
+        the order and take the first unit that lands within FILL_TOLERANCE below the
+        budget, adding the units that keep it above (a greedy knapsack fill)."""
+        chosen = list(order[:lo])
+        floor = target - FILL_TOLERANCE * self.dense_macs
+        for i in order[lo:]:
+            k = self.kept_macs(chosen + [i], round_to)
+            if k > target:
+                chosen.append(i)
+            elif k >= floor:
+                return chosen + [i]
+        return None
 
     def _final(self, units, round_to):
         removed = self._removed_roots(units, round_to)
