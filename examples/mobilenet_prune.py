@@ -83,6 +83,10 @@ flags.DEFINE_bool("balanced_init", True,
                   "alpha_i = (kernel_decay * (1 - momentum) / alpha_decay)^(1/4) * "
                   "sqrt(||w_i||) and v_i = w_i / alpha_i (same outputs as alpha = 1), so a "
                   "short run prunes; --nobalanced_init starts at alpha = 1 (the paper).")
+flags.DEFINE_float("keep_macs", 0.0,
+                   "Prune to this fraction of the dense MACs: budget-driven PSP (group alphas, "
+                   "tf_psp.PruneToBudget; --alpha_decay, --structure and --balanced_init are "
+                   "then unused). 0: the paper's weight decay on alpha.")
 flags.DEFINE_float("alpha_decay", 5e-3, "L2 weight decay lambda on alpha (paper eq. 6).")
 flags.DEFINE_float("kernel_decay", 5e-4,
                    "Weight decay on all other weights except BatchNorm's (SGD weight_decay).")
@@ -166,6 +170,10 @@ def check_flags():
     for name in ("epsilon", "learning_rate"):
         if FLAGS[name].value <= 0:
             raise FlagError(f"--{name}={FLAGS[name].value}: must be positive.")
+    if not 0 <= FLAGS.keep_macs <= 1:
+        raise FlagError(f"--keep_macs={FLAGS.keep_macs}: must be in (0, 1], or 0 for off.")
+    if FLAGS.keep_macs and not FLAGS.epochs:
+        raise FlagError("--keep_macs needs --epochs > 0: the budget is reached by training.")
     for name in ("alpha_decay", "kernel_decay", "momentum"):
         if FLAGS[name].value < 0:
             raise FlagError(f"--{name}={FLAGS[name].value}: must not be negative.")
@@ -334,8 +342,11 @@ def fit_phase(phase, model, train, val, calibration, epochs, steps):
     if recalibrate:
         callbacks.append(tf_psp.RecalibrateBatchNorm(calibration, steps=FLAGS.recalibrate_steps,
                                                      validation_data=val))
+    if phase == "psp" and FLAGS.keep_macs:
+        callbacks.append(tf_psp.PruneToBudget(FLAGS.keep_macs, round_to=FLAGS.round_to,
+                                              verbose=1))
     if phase == "psp":
-        callbacks.append(tf_psp.PSPMonitor(verbose=1))
+        callbacks.append(tf_psp.PSPMonitor(verbose=1, keep_macs=FLAGS.keep_macs or None))
     callbacks += [history_callback(phase),
                   # Kept after the phase (delete_checkpoint=False): a run killed before the
                   # phase's result is saved resumes at its end instead of from scratch.
@@ -415,6 +426,10 @@ def psp_model_from(dense):
     folded = []
     if FLAGS.fold_batchnorm:
         dense, folded = tf_psp.fold_batchnorm(dense)
+    if FLAGS.keep_macs:  # budget-driven: one alpha per channel group, no decay on the rest
+        model, conversion = tf_psp.parameterize(dense, coupling="group", epsilon=FLAGS.epsilon,
+                                                alpha_regularizer=None, return_report=True)
+        return model, conversion, {}, folded
     skipped = layers_without_alphas(dense, FLAGS.structure)
     model, conversion = tf_psp.parameterize(
         dense, structure=FLAGS.structure, epsilon=FLAGS.epsilon,

@@ -76,6 +76,18 @@ def test_mobilenetv2_tiny_run_writes_every_report_file(tmp_path):
     assert "| accuracy before (dense) |" in (out / "report.md").read_text()
 
 
+def test_keep_macs_prunes_to_the_budget(tmp_path):
+    out = tmp_path / "budget"
+    result = _ok(_run(TINY_RESNET + ["--epochs=2", "--pretrain_epochs=1", "--keep_macs=0.5",
+                                     "--noexport", "--nobenchmark", f"--output_dir={out}"]))
+    assert "PruneToBudget: selected" in result.stdout
+    assert "budget: keeps" in result.stdout  # PSPMonitor's budget progress
+    report = _report(out)
+    kept = report["macs"]["shrunk"] / report["macs"]["dense"]
+    assert 0.47 <= kept <= 0.5, kept
+    assert report["max_rel_deviation"] < 1e-4
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     common = TINY_RESNET + ["--epochs=2", "--pretrain_epochs=1", "--finetune_epochs=1",

@@ -225,6 +225,8 @@ class PruneToBudget(keras.callbacks.Callback):
         self._select()
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self.params.get("steps"):  # also right when fit resumes (BackupAndRestore)
+            self._step = epoch * self.params["steps"]
         if self._total is None and epoch == 1:  # unknown length: learnt from epoch 1
             self._total = self._step * self.params.get("epochs", 1)
         if epoch and self._progress(self._step) < self.reselect_until:
