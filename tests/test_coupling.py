@@ -11,7 +11,7 @@ import pytest
 
 import tf_psp
 from tf_psp import coupling
-from tf_psp.profile import profile, removability
+from tf_psp.profiling import profile, removability
 
 from model_helpers import assert_weights_unchanged, weights_snapshot
 from shrink_helpers import _randomize

@@ -68,6 +68,12 @@ CASES = {
     "fold_batchnorm": lambda m, d: tf_psp.batchnorm.fold_batchnorm(m),
     "balance_alphas": lambda m, d: tf_psp.balance_alphas(m, kernel_decay=1e-4),
     "PSPMonitor": _monitor,
+    "pruning_plan": lambda m, d: tf_psp.pruning_plan(m).select(0.8),
+    "prune_to_budget": lambda m, d: tf_psp.prune_to_budget(m, keep_macs=0.8, return_report=True,
+                                                           measure=True),
+    "prune": lambda m, d: tf_psp.prune(m, (_x(8), np.zeros(8, "int32")),
+                                       keep_macs=0.8, epochs=1, fine_tune_epochs=1,
+                                       loss="sparse_categorical_crossentropy", verbose=0),
     "export": lambda m, d: tf_psp_export.export(m, os.path.join(d, "a.tflite"), "tflite"),
     "export_saved_model": lambda m, d: tf_psp_export.export_saved_model(m, os.path.join(d, "sm")),
     "export_tflite": lambda m, d: tf_psp_export.export_tflite(

@@ -33,7 +33,13 @@ from tf_psp.layers import (
 )
 from tf_psp.pipeline import PruneReport, prune
 from tf_psp.plan import PruningPlan, Unit, pruning_plan
-from tf_psp.profile import LayerProfile, ModelProfile, Removability, profile, removability
+from tf_psp.profiling import (
+    LayerProfile,
+    ModelProfile,
+    Removability,
+    profile,
+    removability,
+)
 from tf_psp.shrink import strip, strip_and_shrink
 
 __version__ = "0.1.0"

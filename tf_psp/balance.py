@@ -17,7 +17,7 @@ to the paper's method (which starts at `alpha = 1`).
 import keras
 import numpy as np
 
-from tf_psp import coupling
+from tf_psp import compat, coupling
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
 
@@ -38,7 +38,11 @@ def _decays(regularizer, size, where):
 
 
 def _copy(model):
-    """A new model with the same config and weights (shared layers stay shared)."""
+    """A new model with the same config and weights (shared layers stay shared).
+
+    Unlike `functional.clone_with_weights`, rebuilt from the model's config
+    (a deserialization round trip: the copy is what a saved model loads as).
+    """
     copy = type(model).from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
@@ -80,7 +84,7 @@ def balance_alphas(model, kernel_decay, momentum=0.0, min_alpha=1e-6):
         raise ValueError(f"balance_alphas: momentum must be in [0, 1), got {momentum}.")
     kappa = kernel_decay * (1.0 - momentum)
     model = _copy(model)
-    for layer in model._flatten_layers(include_self=False):
+    for layer in compat.flatten_layers(model):
         if psp_layers.is_psp_layer(layer) and layer.structure in ("channel", "column"):
             _balance_layer(layer, kappa, min_alpha)
     calls = coupling.reader_calls(model)

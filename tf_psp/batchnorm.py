@@ -24,6 +24,9 @@ alphas parameterized afterwards scale what the loss sees.
 import keras
 import numpy as np
 
+from tf_psp import compat
+from tf_psp.functional import check_model
+
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -75,13 +78,12 @@ class _RecordingBatchNormalization(keras.layers.BatchNormalization):
 def _batchnorm_layers(model):
     """Every BatchNormalization of `model`, nested models included, in a fixed order."""
     return [
-        layer for layer in model._flatten_layers(include_self=False)
+        layer for layer in compat.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 
 
 def _check_model(model):
-    from tf_psp.convert import check_model
 
     check_model(model)
 
@@ -125,7 +127,7 @@ def batchnorm_statistics(model, data, steps=None, batch_size=DEFAULT_BATCH_SIZE)
 
     Returns:
         A list of `(layer_name, mean, variance)` numpy tuples, one per
-        BatchNormalization in `model._flatten_layers()` order (nested models
+        BatchNormalization in `compat.flatten_layers(model)` order (nested models
         included). A layer that `data` never reached has `None` statistics.
 
     Raises:
@@ -167,9 +169,9 @@ class _Recorder:
     def _layer_pairs(self, model):
         """(source layer, recording layer) pairs with weights, in the same order."""
         if self._pairs is None:
-            sources = [layer for layer in model._flatten_layers(include_self=False)
+            sources = [layer for layer in compat.flatten_layers(model)
                        if not isinstance(layer, keras.Model)]
-            targets = [layer for layer in self.model._flatten_layers(include_self=False)
+            targets = [layer for layer in compat.flatten_layers(self.model)
                        if not isinstance(layer, keras.Model)]
             if [type(s).__name__ for s in sources] != [
                     "BatchNormalization" if isinstance(t, _RecordingBatchNormalization)
@@ -319,15 +321,15 @@ def _foldable_pairs(model):
     """{id(producer): batchnorm} for BatchNorms folding into the layer before them."""
     pairs = {}
     for bn in model.layers:
-        if type(bn) is not keras.layers.BatchNormalization or len(bn._inbound_nodes) != 1:
+        if type(bn) is not keras.layers.BatchNormalization or len(compat.inbound_nodes(bn)) != 1:
             continue
-        tensors = bn._inbound_nodes[0].input_tensors
+        tensors = compat.inbound_nodes(bn)[0].input_tensors
         if len(tensors) != 1:
             continue
-        producer = tensors[0]._keras_history.operation
+        producer = compat.producer(tensors[0])
         rank = len(tensors[0].shape)
-        if (type(producer) not in _FOLDABLE or len(producer._inbound_nodes) != 1
-                or len(producer._outbound_nodes) != 1
+        if (type(producer) not in _FOLDABLE or len(compat.inbound_nodes(producer)) != 1
+                or len(compat.outbound_nodes(producer)) != 1
                 or producer.activation is not keras.activations.linear
                 or bn.axis not in (-1, rank - 1) or getattr(bn, "renorm", False)):
             continue

@@ -10,12 +10,14 @@ one `strip_and_shrink` really removes.
 
 import dataclasses
 
+from tf_psp import compat
 from tf_psp import graph as psp_graph
-from tf_psp.convert import check_model, parameterize
+from tf_psp.convert import parameterize
 from tf_psp.coupling import is_group_alphas
+from tf_psp.functional import check_model
 from tf_psp.layers import is_psp_layer
 from tf_psp.plan import _check_fraction, pruning_plan
-from tf_psp.profile import profile as profile_model
+from tf_psp.profiling import profile as profile_model
 from tf_psp.shrink import _decide, strip, strip_and_shrink
 
 
@@ -66,7 +68,7 @@ class BudgetReport:
 def has_alphas(model):
     """Whether `model` has PSP alphas (per-layer PSP layers or group alphas)."""
     return any(is_psp_layer(layer) or is_group_alphas(layer)
-               for layer in model._flatten_layers(include_self=False))
+               for layer in compat.flatten_layers(model))
 
 
 def prune_to_budget(model, keep_macs=0.5, importance="alpha", round_to=1, min_keep=0.1,

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from tf_psp import plan as psp_plan
-from tf_psp.profile import profile as profile_model
+from tf_psp.profiling import profile as profile_model
 
 
 class PSPMonitor(keras.callbacks.Callback):
@@ -26,7 +26,7 @@ class PSPMonitor(keras.callbacks.Callback):
       actually gives now, and `psp_removable_share`, the fraction of the
       zeroed MACs it removes (the rest stays as zeros: with per-layer alphas,
       a channel one reader prunes and another uses; see
-      `tf_psp.profile.Removability`).
+      `tf_psp.profiling.Removability`).
 
     The per-layer MAC counts are computed once when training begins; each
     epoch only the alpha masks are re-read. A model without PSP layers logs
@@ -39,13 +39,13 @@ class PSPMonitor(keras.callbacks.Callback):
     Args:
         verbose: 1 prints a one-line summary per epoch, 0 is silent.
         log_pruned_macs: also log `psp_pruned_macs`.
-        input_shape: passed to `tf_psp.profile.profile`; needed only when the
+        input_shape: passed to `tf_psp.profiling.profile`; needed only when the
             model's input shape has unknown spatial dimensions.
         removable: also log what `strip_and_shrink` removes (see above).
         keep_macs: log the budget progress against this target (None: off).
 
     Attributes:
-        profile: the `tf_psp.profile.ModelProfile` of the last epoch (None
+        profile: the `tf_psp.profiling.ModelProfile` of the last epoch (None
             before training starts).
     """
 
@@ -197,7 +197,7 @@ class PruneToBudget(keras.callbacks.Callback):
         self.plan = psp_plan.pruning_plan(self.model, importance=self.importance)
         self.selected = self.plan.select(self.keep_macs, min_keep=self.min_keep,
                                          round_to=self.round_to)
-        layers = psp_plan._layers_by_name(self.model)
+        layers = psp_plan.layers_by_name(self.model)
         masks = {}
         for i in self.selected:
             for name, key, idx in self.plan.units[i].handles:

@@ -117,19 +117,9 @@ def _random_inputs(model, batch, seed=_SEED):
 
 def _max_rel_error(reference, outputs):
     """Max over outputs of max|ref - out| / max|ref| (scale-free)."""
-    import keras
-    import numpy as np
+    from tf_psp.functional import relative_error
 
-    worst = 0.0
-    for ref, out in zip(keras.tree.flatten(reference), keras.tree.flatten(outputs)):
-        ref = np.asarray(keras.ops.convert_to_numpy(ref), dtype=np.float64)
-        out = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
-        if ref.shape != out.shape:
-            return float("inf")
-        diff = float(np.abs(ref - out).max()) if ref.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
-    return worst
+    return relative_error(reference, outputs)
 
 
 def _save_keras_atomic(model, path):
@@ -157,7 +147,7 @@ def _human_bytes(size):
 
 
 def _cmd_profile(args, out):
-    from tf_psp.profile import profile
+    from tf_psp.profiling import profile
 
     model = _load_keras(args.model)
     try:
@@ -183,7 +173,7 @@ def _cmd_shrink(args, out):
         from tf_psp.shrink import strip_and_shrink
     except ImportError as error:
         raise CLIError(f"shrinking is unavailable: {_first_line(error)}") from error
-    from tf_psp.profile import profile
+    from tf_psp.profiling import profile
 
     model = _load_keras(args.model)
     try:
@@ -400,7 +390,7 @@ def _ms(seconds):
 
 
 def _print_macs(a_model, b_model, out):
-    from tf_psp.profile import profile
+    from tf_psp.profiling import profile
 
     try:
         a_macs, b_macs = profile(a_model).total_macs, profile(b_model).total_macs

@@ -4,10 +4,11 @@ import dataclasses
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional
 
+from tf_psp import coupling, regularizers, structures
 from tf_psp import layers as psp_layers
-from tf_psp import regularizers, structures
+from tf_psp.functional import check_model, clone_layer, reuses, walk_layers
+from tf_psp.macs import layer_macs
 
 
 @dataclasses.dataclass
@@ -113,8 +114,8 @@ def parameterize(
     originals = {}
 
     def clone_function(layer):
-        if isinstance(layer, keras.layers.Lambda):
-            return layer  # stateless; a python lambda cannot round-trip a config
+        if reuses(layer):
+            return layer  # a Lambda (its function cannot round-trip a config) or an op node
         twin = psp_layers.PSP_TWINS.get(type(layer))
         if twin is not None and select(layer):
             chosen = structure(layer) if callable(structure) else structure
@@ -135,7 +136,7 @@ def parameterize(
                     else f"no PSP twin for {type(layer).__name__}"
                 )
                 report.skipped.append((layer.name, type(layer).__name__, reason))
-            new = layer.__class__.from_config(layer.get_config())
+            new = clone_layer(layer)
         originals[id(new)] = layer
         return new
 
@@ -152,8 +153,6 @@ COUPLINGS = ("layer", "group")
 
 
 def _parameterize_groups(model, structure, layers, epsilon, return_report, cost, psp_kwargs):
-    from tf_psp import coupling  # coupling imports this module's dependencies
-
     if structure != "channel" or layers is not None:
         raise ValueError(
             "parameterize(coupling='group') puts one alpha on each channel a "
@@ -166,7 +165,7 @@ def _parameterize_groups(model, structure, layers, epsilon, return_report, cost,
     if not return_report:
         return new_model
     report = ConversionReport(converted=sorted(plan.readers), coupling="group")
-    for layer in _walk(model):
+    for layer in walk_layers(model):
         if type(layer) in psp_layers.PSP_TWINS and layer.name not in plan.readers:
             report.skipped.append(
                 (layer.name, type(layer).__name__, "reads only frozen channels")
@@ -176,14 +175,12 @@ def _parameterize_groups(model, structure, layers, epsilon, return_report, cost,
 
 def _layer_cost_weights(model, structure, select):
     """Per convertible layer name: its MACs per structure / the mean over all structures."""
-    from tf_psp.profile import profile  # profile imports the PSP layers
-
     per_structure = {}
-    rows = {row.name: row for row in profile(model).layers}
-    for layer in _walk(model):
-        row = rows.get(layer.name)
+    macs = layer_macs(model)
+    for layer in walk_layers(model):
+        layer_cost = macs.get(layer.name, 0)
         twin = psp_layers.PSP_TWINS.get(type(layer))
-        if twin is None or row is None or not select(layer) or not row.macs:
+        if twin is None or not select(layer) or not layer_cost:
             continue
         chosen = structure(layer) if callable(structure) else structure
         depthwise = isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
@@ -192,7 +189,7 @@ def _layer_cost_weights(model, structure, select):
             depthwise = chosen in ("channel", "column")
             kernel = layer.depthwise_kernel if depthwise else layer.pointwise_kernel
         count = int(np.prod(structures.alpha_shape(chosen, tuple(kernel.shape), depthwise)))
-        per_structure[layer.name] = (row.macs / count, count)
+        per_structure[layer.name] = (layer_cost / count, count)
     total = sum(c for _, c in per_structure.values())
     mean = sum(m * c for m, c in per_structure.values()) / total if total else 1.0
     return {name: [m / mean] * c for name, (m, c) in per_structure.items()}
@@ -205,30 +202,6 @@ def _weighted_regularizer(psp_kwargs, weights):
     return regularizers.with_weights(keras.regularizers.get(regularizer), weights)
 
 
-def check_model(model):
-    """Raises a ValueError unless `model` is a built Sequential/functional model."""
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"expected a keras.Model, got {type(model).__name__}."
-        )
-    if isinstance(model, keras.Sequential):
-        if not model.built or not model.inputs:
-            raise ValueError(
-                f"Sequential model '{model.name}' is not built; give it a "
-                "`keras.Input(shape)` first layer or call `model.build(input_shape)`."
-            )
-    elif not isinstance(model, Functional):
-        raise ValueError(_SUBCLASSED_MESSAGE.format(name=model.name))
-
-
-_SUBCLASSED_MESSAGE = (
-    "model '{name}' is a subclassed keras.Model; its graph is "
-    "Python code that tf_psp cannot rewrite. Rebuild it with the functional API "
-    "or Sequential, or use the PSP layers (tf_psp.PSPConv2D, ...) directly in "
-    "its __init__."
-)
-
-
 def _selector(model, layers):
     if layers is None:
         return lambda layer: True
@@ -237,7 +210,7 @@ def _selector(model, layers):
     if isinstance(layers, str):
         layers = [layers]
     names = set(layers)
-    present = {layer.name for layer in _walk(model)}
+    present = {layer.name for layer in walk_layers(model)}
     missing = sorted(names - present)
     if missing:
         raise ValueError(
@@ -246,15 +219,8 @@ def _selector(model, layers):
     return lambda layer: layer.name in names
 
 
-def _walk(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
-
-
 def _copy_weights(new_model, originals):
-    for new in _walk(new_model):
+    for new in walk_layers(new_model):
         old = originals.get(id(new))
         if old is None or old is new or isinstance(new, keras.Model):
             continue

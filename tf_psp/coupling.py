@@ -39,9 +39,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_psp import compat
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
+from tf_psp.functional import functional_view
+from tf_psp.macs import mac_rule
 
 GROUP_KWARGS = (
     "alpha_initializer",
@@ -224,11 +227,9 @@ class GroupPlan:
 
 def _node_macs(node):
     """MACs of one call of a kernel layer, from the graph's shapes."""
-    from tf_psp.profile import _mac_rule  # profile imports coupling lazily
-
     shapes_in = [tuple(t.tensor.shape) for t in node.inputs]
     shapes_out = [tuple(t.tensor.shape) for t in node.outputs]
-    return float(_mac_rule(node.layer)(node.layer, shapes_in, shapes_out))
+    return float(mac_rule(node.layer)(node.layer, shapes_in, shapes_out))
 
 
 def _read_write_costs(node):
@@ -332,7 +333,7 @@ def plan_groups(model):
 
 def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
     """Returns `(group PSP model, GroupPlan)`; see `tf_psp.parameterize`."""
-    psp = [layer.name for layer in model._flatten_layers(include_self=False)
+    psp = [layer.name for layer in compat.flatten_layers(model)
            if psp_layers.is_psp_layer(layer) or is_group_alphas(layer)]
     if psp:
         raise ValueError(
@@ -341,14 +342,14 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
         )
     if cost not in COSTS:
         raise ValueError(f"parameterize: cost must be one of {COSTS}, got {cost!r}.")
-    functional = psp_graph.functional_view(model)
+    functional = functional_view(model)
     plan = plan_groups(functional)
     if not plan.group_sizes:
         raise ValueError(
             f"model '{model.name}' has no channel that PSP can prune: every "
             f"channel is frozen ({'; '.join(plan.frozen[:5])})."
         )
-    taken = {layer.name for layer in model._flatten_layers(include_self=False)}
+    taken = {layer.name for layer in compat.flatten_layers(model)}
     name, k = "psp_group_alphas", 0
     while name in taken:
         k += 1
@@ -395,12 +396,12 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
 def reader_calls(model):
     """Reading layer name -> (its PSPGroupAlphas layer, index) for every gate call."""
     calls = {}
-    for layer in model._flatten_layers(include_self=False):
-        for node in getattr(layer, "_inbound_nodes", []):
+    for layer in compat.flatten_layers(model):
+        for node in compat.inbound_nodes(layer):
             for x in node.input_tensors:
-                gate, node_index, _ = x._keras_history
+                gate, node_index, _ = compat.keras_history(x)
                 if is_group_alphas(gate):
-                    index = gate._inbound_nodes[node_index].arguments.kwargs["index"]
+                    index = compat.inbound_nodes(gate)[node_index].arguments.kwargs["index"]
                     calls[layer.name] = (gate, index)
     return calls
 

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from tf_psp import atomic
+from tf_psp import atomic, compat
 
 FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_QUANTIZATIONS = (None, "float16", "int8")
@@ -319,9 +319,7 @@ def _check_model(model):
             f"Exporting model '{model.name}' needs the TensorFlow backend, "
             f"Keras runs on '{keras.backend.backend()}'."
         )
-    from keras.src.models.functional import Functional
-
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not isinstance(model, keras.Sequential) and not compat.is_functional(model):
         raise ValueError(
             f"Model '{model.name}' is a subclassed keras.Model ({type(model).__name__}): "
             "it has no static graph to export with verification. Rebuild it with "
@@ -364,7 +362,7 @@ def _pack_inputs(model, arrays):
 
     if len(arrays) == 1:
         return arrays[0]
-    structure = getattr(model, "_inputs_struct", None)
+    structure = (compat.inputs_struct(model) if compat.is_graph_model(model) else None)
     if structure is not None:
         try:
             return keras.tree.pack_sequence_as(structure, list(arrays))

@@ -33,6 +33,9 @@ read from exact zeros in the folded weights, so every PSP structure
 import keras
 import numpy as np
 
+from tf_psp import compat
+from tf_psp.functional import functional_view
+
 # --- small helpers ------------------------------------------------------------
 
 
@@ -697,25 +700,6 @@ def handler_for(layer):
 # --- the graph ------------------------------------------------------------------
 
 
-def functional_view(model):
-    """A functional model over the same layers (Sequential is converted)."""
-    if isinstance(model, keras.Sequential):
-        if not model.built or not getattr(model, "inputs", None):
-            raise ValueError(
-                f"model '{model.name}': Sequential model has no defined input; "
-                "build it with an `keras.Input` first."
-            )
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
-        return keras.Model(inputs, outputs, name=model.name)
-    if not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            f"model '{model.name}': only functional and Sequential models are "
-            "supported (subclassed models have no static graph)."
-        )
-    return model
-
-
 class ChannelGraph:
     """Channel groups, constants and liveness of a functional Keras model.
 
@@ -766,12 +750,11 @@ class ChannelGraph:
             self._tensor(t)
         calls = {}
         ordered = []
-        for depth in sorted(self.model._nodes_by_depth, reverse=True):
-            for node in self.model._nodes_by_depth[depth]:
-                if not node.operation or node.is_input:
-                    continue
-                ordered.append(node)
-                calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        for node in compat.nodes_in_order(self.model):
+            if not node.operation or node.is_input:
+                continue
+            ordered.append(node)
+            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
         for node in ordered:
             inputs = [self._tensor(t) for t in node.arguments.keras_tensors]
             outputs = [self._tensor(t) for t in node.outputs]
@@ -817,7 +800,7 @@ class ChannelGraph:
     def space_name(self, slot):
         """A readable name of the channel space of `slot`: its earliest tensor's producer."""
         t = self.tensor_of_slot(self.group(slot))
-        op = getattr(getattr(t.tensor, "_keras_history", None), "operation", None)
+        op = compat.producer(t.tensor)
         if op is None or isinstance(op, keras.layers.InputLayer):
             return "model input"
         return f"output of '{op.name}'"
@@ -869,7 +852,7 @@ class ChannelGraph:
 
     def _unused_name(self, name):
         """`name`, or `name_1`, `name_2` ... if a layer of the model already has it."""
-        taken = {layer.name for layer in self.model._flatten_layers(include_self=False)}
+        taken = {layer.name for layer in compat.flatten_layers(self.model)}
         taken |= {n.constant_name for n in self.nodes if n.constant_name}
         candidate, k = name, 0
         while candidate in taken:

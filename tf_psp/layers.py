@@ -14,8 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_psp import compat, structures
 from tf_psp import regularizers as psp_regularizers
-from tf_psp import structures
 
 DEFAULT_EPSILON = 1e-2
 _DEFAULT = object()  # sentinel: "use the paper's default regularizer"
@@ -146,7 +146,7 @@ class PSPMixin:
     def to_plain(self):
         """A new plain Keras layer computing what this layer computes (alphas folded)."""
         plain = self.plain_class.from_config(self.plain_config())
-        plain.build(self._build_shapes_dict["input_shape"])
+        plain.build(compat.build_input_shape(self))
         plain.set_weights(self.folded_weights())
         return plain
 

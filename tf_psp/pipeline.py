@@ -17,11 +17,13 @@ import time
 import keras
 
 from tf_psp.batchnorm import recalibrate_batchnorm
+from tf_psp.budget import has_alphas
 from tf_psp.callbacks import PruneToBudget
-from tf_psp.convert import check_model, parameterize
+from tf_psp.convert import parameterize
+from tf_psp.functional import check_model
 from tf_psp.plan import _check_fraction
-from tf_psp.profile import profile as profile_model
-from tf_psp.shrink import strip_and_shrink
+from tf_psp.profiling import profile as profile_model
+from tf_psp.shrink import strip, strip_and_shrink
 
 
 @dataclasses.dataclass
@@ -134,7 +136,8 @@ def prune(model, train_data, keep_macs=0.5, epochs=10, fine_tune_epochs=5,
     `model` is not modified. See the module docstring for the steps.
 
     Args:
-        model: a trained, built functional or Sequential Keras model (plain).
+        model: a trained, built functional or Sequential Keras model (a PSP
+            model is stripped first: its alphas are folded into the kernels).
         train_data: `(x, y)` arrays, or a `tf.data.Dataset` / `keras.utils.PyDataset`
             of `(x, y)` batches.
         keep_macs: fraction of the dense MACs the result keeps, in (0, 1].
@@ -177,7 +180,8 @@ def prune(model, train_data, keep_macs=0.5, epochs=10, fine_tune_epochs=5,
         dense.set_weights(model.get_weights())
         dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
         evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
-    psp = parameterize(model, coupling="group", alpha_regularizer=None)
+    plain = strip(model) if has_alphas(model) else model  # a PSP model: alphas folded in
+    psp = parameterize(plain, coupling="group", alpha_regularizer=None)
     psp.compile(optimizer=_fresh_optimizer(optimizer, model), loss=loss, metrics=metrics,
                 jit_compile=jit_compile)
     budget = PruneToBudget(keep_macs, importance=importance, min_keep=min_keep,

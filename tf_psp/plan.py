@@ -49,13 +49,13 @@ import math
 import keras
 import numpy as np
 
-from tf_psp import coupling
+from tf_psp import compat, coupling
 from tf_psp import graph as psp_graph
-from tf_psp.convert import check_model
+from tf_psp.functional import check_model, clone_with_weights, layers_by_name
 from tf_psp.layers import is_psp_layer
-from tf_psp.profile import _mac_rule
-from tf_psp.profile import profile as profile_model
-from tf_psp.shrink import _apply_rounding, _decide, strip
+from tf_psp.macs import mac_rule
+from tf_psp.profiling import profile as profile_model
+from tf_psp.shrink import _apply_rounding, strip
 
 IMPORTANCES = ("alpha", "l1", "l2", "bn", "random")
 # select() aims at [budget - FILL_TOLERANCE, budget] of the dense MACs
@@ -104,7 +104,7 @@ class _MacTerm:
 
     def __init__(self, node, g):
         layer = node.layer
-        rule = _mac_rule(layer)
+        rule = mac_rule(layer)
         shapes_in = [tuple(t.tensor.shape) for t in node.inputs]
         shapes_out = [tuple(t.tensor.shape) for t in node.outputs]
         self.name = node.name
@@ -296,17 +296,6 @@ class PruningPlan:
         return copy
 
 
-def clone_with_weights(model):
-    """A new model of the same architecture holding copies of `model`'s weights."""
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def _layers_by_name(model):
-    return {layer.name: layer for layer in model._flatten_layers(include_self=False)}
-
-
 def alpha_variable(layer, key):
     """The alpha variable a handle names: `layer.alpha`, or group `key` of a gate."""
     return layer.alpha if key == "alpha" else layer.group_alphas[key]
@@ -314,7 +303,7 @@ def alpha_variable(layer, key):
 
 def zero_alphas(model, handles):
     """Sets the alpha entries of `handles` to 0, in place."""
-    layers = _layers_by_name(model)
+    layers = layers_by_name(model)
     grouped = {}
     for name, key, idx in handles:
         grouped.setdefault((name, key), []).append(np.asarray(idx, int))
@@ -355,7 +344,7 @@ def _handle_entries(layer, axis, c):
 
 def _psp_handles(model):
     """Layer name -> PSP layer, for the per-layer PSP layers of `model`."""
-    return {layer.name: layer for layer in model._flatten_layers(include_self=False)
+    return {layer.name: layer for layer in compat.flatten_layers(model)
             if is_psp_layer(layer)}
 
 
@@ -430,7 +419,7 @@ def pruning_plan(model, importance="alpha", seed=0):
                      else np.ones(node.outputs[0].channels or 0))
             for c, s in enumerate(node.outputs[0].slots()):
                 bns.setdefault(g.group(s), []).append(abs(float(gamma[c])))
-        if _mac_rule(node.layer) is None or not node.inputs or not node.outputs:
+        if mac_rule(node.layer) is None or not node.inputs or not node.outputs:
             continue
         kind = node.handler.kind
         depthwise = isinstance(node.handler, psp_graph.DepthwiseHandler)
@@ -472,7 +461,7 @@ def pruning_plan(model, importance="alpha", seed=0):
             r = g.group(s)
             if r in by_root:
                 width[by_root[r].space] = max(width.get(by_root[r].space, 0), t.channels)
-    model_layers = _layers_by_name(model)
+    model_layers = layers_by_name(model)
     for u in units:
         u.width = width.get(u.space, 1)
         u.pruned = _alpha_pruned(model_layers, u.handles)
@@ -498,7 +487,7 @@ def _unit_macs(units, terms, slots):
 
 
 def _score(units, plain, g, importance, seed, bns):
-    layers = _layers_by_name(plain)
+    layers = layers_by_name(plain)
     kernels = {}
 
     def kernel(name):

@@ -23,22 +23,25 @@ import warnings
 import keras
 import numpy as np
 
-from tf_psp import coupling
+from tf_psp import compat, coupling
 from tf_psp import graph as psp_graph
-from tf_psp.convert import check_model
+from tf_psp.functional import (
+    check_model,
+    clone_layer,
+    functional_view,
+    layers_by_name,
+    probe_inputs,
+    relative_error,
+)
 from tf_psp.layers import is_psp_layer
 
 # --- strip --------------------------------------------------------------------
 
 
 def _clone_layer(layer):
-    if isinstance(layer, keras.layers.Lambda):
-        return layer  # a Python lambda cannot round-trip through a config safely
-    if not isinstance(layer, keras.layers.Layer):
-        return layer  # a keras.ops operation: stateless
     if is_psp_layer(layer):
         return layer.plain_class.from_config(layer.plain_config())
-    return type(layer).from_config(layer.get_config())
+    return clone_layer(layer)
 
 
 def strip(model):
@@ -89,7 +92,7 @@ def strip(model):
 
 def _check_finite_alphas(model):
     bad = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in compat.flatten_layers(model):
         if is_psp_layer(layer):
             values = keras.ops.convert_to_numpy(layer.alpha.value)
         elif coupling.is_group_alphas(layer):
@@ -358,9 +361,9 @@ def _rebuild(g, keep):
         for old, new in zip(node.node.outputs, keras.tree.flatten(outputs)):
             tensor_map[id(old)] = new
     outputs = keras.tree.pack_sequence_as(
-        model._outputs_struct, [tensor_map[id(t)] for t in model.outputs]
+        compat.outputs_struct(model), [tensor_map[id(t)] for t in model.outputs]
     )
-    inputs = keras.tree.pack_sequence_as(model._inputs_struct, new_inputs)
+    inputs = keras.tree.pack_sequence_as(compat.inputs_struct(model), new_inputs)
     return keras.Model(inputs, outputs, name=model.name)
 
 
@@ -439,38 +442,19 @@ def _warn_fully_pruned(g, scores, keep):
         )
 
 
-def _probe_inputs(model, batch=4, seed=0):
-    """Random normal inputs for `model` (`rng.normal` per input, in order), or a reason why not."""
-    rng = np.random.default_rng(seed)
-    xs = []
-    for t in model.inputs:
-        if any(d is None for d in t.shape[1:]):
-            return None, f"input '{t.name}' has unknown dimensions {tuple(t.shape)}"
-        if "float" not in str(t.dtype):
-            return None, f"input '{t.name}' is not a float input ({t.dtype})"
-        xs.append(rng.normal(size=(batch,) + tuple(t.shape[1:])).astype(t.dtype))
-    return xs, None
-
-
 def _deviation(model, shrunk):
-    """(max |shrunk - model| / max |model|, note) on `_probe_inputs`, or (None, why not)."""
-    model = psp_graph.functional_view(model)
-    xs, why = _probe_inputs(model)
+    """(max |shrunk - model| / max |model|, note) on `probe_inputs`, or (None, why not)."""
+    model = functional_view(model)
+    xs, why = probe_inputs(model)
     if xs is None:
         return None, f"deviation not measured: {why}"
-    xs = keras.tree.pack_sequence_as(model._inputs_struct, xs)
-    ref, out = (
-        np.concatenate([np.ravel(keras.ops.convert_to_numpy(y))
-                        for y in keras.tree.flatten(m(xs, training=False))])
-        for m in (model, shrunk)
-    )
-    scale = float(np.max(np.abs(ref))) or 1.0
-    return float(np.max(np.abs(out - ref)) / scale), "random normal inputs, seed 0, batch 4"
+    error = relative_error(model(xs, training=False), shrunk(xs, training=False))
+    return error, "random normal inputs, seed 0, batch 4"
 
 
 def _column_sparsity(scores, shrunk):
     """Zero kernel columns left in each kept PSP 'column' layer of `shrunk`."""
-    kept = {layer.name: layer for layer in shrunk._flatten_layers(include_self=False)}
+    kept = layers_by_name(shrunk)
     rows = []
     for name, (layer, _) in scores.items():
         if layer.structure != "column" or name not in kept:

@@ -16,6 +16,7 @@ on the optimizer's momentum or adaptivity. The groups come from the same
 import keras
 import numpy as np
 
+from tf_psp import compat
 from tf_psp import plan as psp_plan
 
 
@@ -48,7 +49,7 @@ class BatchNormL1(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         t = self.strength * _learning_rate(self.model)
-        for layer in self.model._flatten_layers(include_self=False):
+        for layer in compat.flatten_layers(self.model):
             if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
                 gamma = _np(layer.gamma.value)
                 layer.gamma.assign(np.sign(gamma) * np.maximum(np.abs(gamma) - t, 0.0))
@@ -72,7 +73,7 @@ class GroupLasso(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         plan = psp_plan.pruning_plan(self.model)
-        layers = psp_plan._layers_by_name(self.model)
+        layers = psp_plan.layers_by_name(self.model)
         layout = {}
         for u in plan.units:
             for name, c in u.reads:

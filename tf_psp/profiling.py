@@ -2,8 +2,8 @@
 
 Costs are counted analytically from the shapes recorded in a functional or
 Sequential model's graph (batch dimension excluded), so nothing is run.
-Supporting a new layer type is one entry in `MAC_RULES`: a function
-`(layer, input_shapes, output_shapes) -> MACs of one call`.
+MAC rules live in `tf_psp.macs`; `tf_psp.register_layer` adds one for a new
+layer type.
 
 For PSP layers the profile also counts the structures whose `|alpha|` is below
 `epsilon` and the MACs and parameters they zero, i.e. what this layer would
@@ -24,84 +24,16 @@ import math
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional
 
-from tf_psp import coupling
+from tf_psp import compat, coupling, structures
 from tf_psp import layers as psp_layers
-from tf_psp import structures
-
-# --- MAC rules ----------------------------------------------------------------
-
-
-def _spatial(layer, shape):
-    """Spatial dims of a batched `shape` given the layer's data_format."""
-    if getattr(layer, "data_format", "channels_last") == "channels_first":
-        return shape[2:]
-    return shape[1:-1]
-
-
-def _size(shape):
-    return math.prod(int(d) for d in shape)
-
-
-def _variable_size(variable):
-    return _size(variable.shape)
-
-
-def _conv_macs(layer, input_shapes, output_shapes):
-    # Each kernel entry is used once per output position; with groups the
-    # kernel is [*k, cin/groups, cout], so this is prod(k) * cin/groups * cout.
-    return _size(_spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
-
-
-def _conv_transpose_macs(layer, input_shapes, output_shapes):
-    # Each kernel entry [*k, cout, cin] is used once per *input* position.
-    return _size(_spatial(layer, input_shapes[0])) * _variable_size(layer.kernel)
-
-
-def _dense_macs(layer, input_shapes, output_shapes):
-    # Dense acts on the last axis; all other non-batch axes are positions.
-    return _size(output_shapes[0][1:-1]) * _variable_size(layer.kernel)
-
-
-def _depthwise_macs(layer, input_shapes, output_shapes):
-    return _size(_spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
-
-
-def _separable_macs(layer, input_shapes, output_shapes):
-    positions = _size(_spatial(layer, output_shapes[0]))
-    return positions * (
-        _variable_size(layer.depthwise_kernel) + _variable_size(layer.pointwise_kernel)
-    )
-
-
-# Checked in order with isinstance, so PSP layers use their Keras parent's rule.
-MAC_RULES = (
-    ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), _conv_macs),
-    (
-        (
-            keras.layers.Conv1DTranspose,
-            keras.layers.Conv2DTranspose,
-            keras.layers.Conv3DTranspose,
-        ),
-        _conv_transpose_macs,
-    ),
-    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), _depthwise_macs),
-    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), _separable_macs),
-    ((keras.layers.Dense,), _dense_macs),
-)
-
-
-def _mac_rule(layer):
-    for classes, rule in MAC_RULES:
-        if isinstance(layer, classes):
-            return rule
-    return None
+from tf_psp.macs import _size, _variable_size, mac_rule, spatial
+from tf_psp.shrink import strip, strip_and_shrink
 
 
 def _positions(layer, output_shapes):
     """Output positions of one call (for the separable pruning count)."""
-    return _size(_spatial(layer, output_shapes[0]))
+    return _size(spatial(layer, output_shapes[0]))
 
 
 # --- pruned cost of PSP layers ------------------------------------------------
@@ -423,19 +355,8 @@ def _format_shape(shape):
 # --- graph walk ---------------------------------------------------------------
 
 
-def _graph_of(model):
-    """The Functional graph behind `model`, or None if it has none (yet)."""
-    if isinstance(model, keras.Sequential):
-        return model._functional
-    if isinstance(model, Functional):
-        return model
-    return None
-
-
-def _nodes_in_order(graph):
-    """The graph's call nodes, inputs first."""
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        yield from graph._nodes_by_depth[depth]
+_graph_of = compat.graph_of
+_nodes_in_order = compat.nodes_in_order
 
 
 def _shapes(tensors):
@@ -454,14 +375,14 @@ def _node_shapes(graph, input_shapes=None):
         for node in _nodes_in_order(graph):
             yield node, _shapes(node.input_tensors), _shapes(node.output_tensors)
         return
-    if len(input_shapes) != len(graph._inputs):
+    if len(input_shapes) != len(compat.flat_inputs(graph)):
         raise ValueError(
-            f"model '{graph.name}' has {len(graph._inputs)} inputs but "
+            f"model '{graph.name}' has {len(compat.flat_inputs(graph))} inputs but "
             f"{len(input_shapes)} input shapes were given."
         )
     specs = {
         id(t): keras.KerasTensor((None,) + tuple(shape), dtype=t.dtype)
-        for t, shape in zip(graph._inputs, input_shapes)
+        for t, shape in zip(compat.flat_inputs(graph), input_shapes)
     }
     for node in _nodes_in_order(graph):
         if node.is_input or any(id(t) not in specs for t in node.input_tensors):
@@ -487,9 +408,9 @@ def _check_static(layer, path, shapes, rule_name):
 def _gate_of(node):
     """(PSPGroupAlphas layer, index) when `node` reads a group-alpha output."""
     for x in node.input_tensors:
-        gate, node_index, _ = x._keras_history
+        gate, node_index, _ = compat.keras_history(x)
         if coupling.is_group_alphas(gate):
-            return gate, gate._inbound_nodes[node_index].arguments.kwargs["index"]
+            return gate, compat.inbound_nodes(gate)[node_index].arguments.kwargs["index"]
     return None, None
 
 
@@ -519,7 +440,7 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             inner = None if input_shapes is None else [s[1:] for s in in_shapes]
             _walk(layer, f"{path}/", rows, psp_entries, index, inner, kernel_rows)
             continue
-        rule = _mac_rule(layer)
+        rule = mac_rule(layer)
         macs, positions = 0, 0
         if rule is not None:
             _check_static(layer, path, in_shapes, "input")
@@ -688,8 +609,6 @@ def removability(model, input_shape=None, round_to=1):
         input_shape: as for `profile`.
         round_to: passed to `strip_and_shrink`.
     """
-    from tf_psp.shrink import strip, strip_and_shrink  # shrink imports profile's siblings
-
     plain = strip(model)
     shrunk = strip_and_shrink(model, round_to=round_to)
     total = profile(plain, input_shape).total_macs

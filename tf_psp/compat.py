@@ -1,0 +1,91 @@
+"""Every Keras internal tf_psp relies on, in one place.
+
+Keras 3 has no public API for walking a functional graph's nodes, a layer's
+call sites or a tensor's producer, so tf_psp reads a few private attributes.
+They are all here, and `tests/test_compat.py` exercises each one on the
+pinned Keras version, so a Keras release that moves one fails loudly in one
+test instead of somewhere deep in `strip_and_shrink` (the kind of drift that
+broke tensorflow-model-optimization on Keras 3).
+"""
+
+import keras
+from keras.src.models.functional import Functional
+
+KERAS_VERSION = "3.15.1"  # the version these accessors were checked against
+
+
+def is_functional(model):
+    """True for a functional model (including the graph behind a built Sequential)."""
+    return isinstance(model, Functional)
+
+
+def is_graph_model(layer):
+    """True for a model with a static graph tf_psp can walk (functional or built Sequential)."""
+    return graph_of(layer) is not None
+
+
+def graph_of(model):
+    """The Functional graph behind `model`, or None (subclassed, unbuilt Sequential, a layer)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if isinstance(model, Functional):
+        return model
+    return None
+
+
+def nodes_by_depth(model):
+    """`{depth: [Node]}` of a functional model (depth 0: the output nodes)."""
+    return graph_of(model)._nodes_by_depth
+
+
+def nodes_in_order(model):
+    """The call nodes of a functional (or built Sequential) model, inputs first."""
+    by_depth = nodes_by_depth(model)
+    for depth in sorted(by_depth, reverse=True):
+        yield from by_depth[depth]
+
+
+def inbound_nodes(layer):
+    """The nodes where `layer` was called."""
+    return list(getattr(layer, "_inbound_nodes", []))
+
+
+def outbound_nodes(layer):
+    """The nodes of the layers called on `layer`'s outputs."""
+    return list(getattr(layer, "_outbound_nodes", []))
+
+
+def keras_history(tensor):
+    """`(operation, node_index, tensor_index)` that produced a symbolic tensor."""
+    return tensor._keras_history
+
+
+def producer(tensor):
+    """The operation (layer or op) that produced a symbolic tensor, or None."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def flatten_layers(model):
+    """Every layer of `model`, nested models' layers included, in a fixed order."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def inputs_struct(model):
+    """The nested structure (list, dict ...) of a functional model's inputs."""
+    return graph_of(model)._inputs_struct
+
+
+def outputs_struct(model):
+    """The nested structure of a functional model's outputs."""
+    return graph_of(model)._outputs_struct
+
+
+def build_input_shape(layer):
+    """The input shape `layer` was built with (None if unbuilt)."""
+    return getattr(layer, "_build_shapes_dict", {}).get("input_shape")
+
+
+def flat_inputs(model):
+    """The input tensors of a functional model, flattened, in order."""
+    return list(graph_of(model)._inputs)

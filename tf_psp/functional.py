@@ -1,0 +1,121 @@
+"""The functional view of a Keras model: checks, walking, cloning and probing.
+
+The bottom of tf_psp (above `compat` only): every module that takes a model
+checks it, walks it, clones it or feeds it random probes through these.
+"""
+
+import keras
+import numpy as np
+
+from tf_psp import compat
+
+SUBCLASSED_MESSAGE = (
+    "model '{name}' is a subclassed keras.Model; its graph is "
+    "Python code that tf_psp cannot rewrite. Rebuild it with the functional API "
+    "or Sequential, or use the PSP layers (tf_psp.PSPConv2D, ...) directly in "
+    "its __init__."
+)
+
+
+def check_model(model):
+    """Raises a ValueError unless `model` is a built Sequential/functional model."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"expected a keras.Model, got {type(model).__name__}.")
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Sequential model '{model.name}' is not built; give it a "
+                "`keras.Input(shape)` first layer or call `model.build(input_shape)`."
+            )
+    elif not compat.is_functional(model):
+        raise ValueError(SUBCLASSED_MESSAGE.format(name=model.name))
+
+
+def functional_view(model):
+    """A functional model over the same layers (Sequential is converted)."""
+    if isinstance(model, keras.Sequential):
+        if not model.built or not getattr(model, "inputs", None):
+            raise ValueError(
+                f"model '{model.name}': Sequential model has no defined input; "
+                "build it with an `keras.Input` first."
+            )
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+        return keras.Model(inputs, outputs, name=model.name)
+    if not compat.is_functional(model):
+        raise ValueError(
+            f"model '{model.name}': only functional and Sequential models are "
+            "supported (subclassed models have no static graph)."
+        )
+    return model
+
+
+def walk_layers(model):
+    """`model.layers`, with the layers of nested models after each nested model."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from walk_layers(layer)
+
+
+def layers_by_name(model):
+    """Name -> layer for every layer of `model`, nested models included."""
+    return {layer.name: layer for layer in compat.flatten_layers(model)}
+
+
+def clone_layer(layer):
+    """A fresh copy of `layer` from its config; a Lambda or a keras.ops operation is reused.
+
+    A Python lambda cannot round-trip a config safely, and an op node (`x + 3.0`)
+    is stateless, so both are returned as they are.
+    """
+    if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
+        return layer
+    return type(layer).from_config(layer.get_config())
+
+
+def reuses(layer):
+    """Whether `clone_layer` returns `layer` itself (Lambda, op node)."""
+    return isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer)
+
+
+def clone_with_weights(model):
+    """A new model of the same architecture holding copies of `model`'s weights."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def probe_inputs(model, batch=4, seed=0):
+    """`(inputs, None)`: random normal inputs for `model`, or `(None, why not)`.
+
+    One `np.random.default_rng(seed).normal` array per input, in order, packed
+    like the model's inputs.
+    """
+    model = functional_view(model)
+    rng = np.random.default_rng(seed)
+    xs = []
+    for t in model.inputs:
+        if any(d is None for d in t.shape[1:]):
+            return None, f"input '{t.name}' has unknown dimensions {tuple(t.shape)}"
+        if "float" not in str(t.dtype):
+            return None, f"input '{t.name}' is not a float input ({t.dtype})"
+        xs.append(rng.normal(size=(batch,) + tuple(t.shape[1:])).astype(t.dtype))
+    return keras.tree.pack_sequence_as(compat.inputs_struct(model), xs), None
+
+
+def relative_error(reference, outputs):
+    """Max over outputs of max|reference - output| / max|reference| (scale-free).
+
+    `reference` and `outputs` are tensors, arrays, or matching nests of them.
+    """
+    worst = 0.0
+    for ref, out in zip(keras.tree.flatten(reference), keras.tree.flatten(outputs)):
+        ref = np.asarray(keras.ops.convert_to_numpy(ref), dtype=np.float64)
+        out = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
+        if ref.shape != out.shape:
+            return float("inf")
+        diff = float(np.abs(ref - out).max()) if ref.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst

@@ -1,0 +1,122 @@
+"""MAC counting rules: the multiply-accumulates of one call of a layer, from its shapes.
+
+A rule is a function `(layer, input_shapes, output_shapes) -> MACs` (batched
+shapes, batch dimension excluded from the count). The built-in rules cover
+Conv1D/2D/3D, their transposes, DepthwiseConv, SeparableConv and Dense;
+`tf_psp.register_layer` adds rules for other layer types.
+"""
+
+import math
+
+import keras
+
+from tf_psp import compat
+
+
+def spatial(layer, shape):
+    """Spatial dims of a batched `shape` given the layer's data_format."""
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return shape[2:]
+    return shape[1:-1]
+
+
+def _size(shape):
+    return math.prod(int(d) for d in shape)
+
+
+def _variable_size(variable):
+    return _size(variable.shape)
+
+
+def _conv_macs(layer, input_shapes, output_shapes):
+    # Each kernel entry is used once per output position; with groups the
+    # kernel is [*k, cin/groups, cout], so this is prod(k) * cin/groups * cout.
+    return _size(spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
+
+
+def _conv_transpose_macs(layer, input_shapes, output_shapes):
+    # Each kernel entry [*k, cout, cin] is used once per *input* position.
+    return _size(spatial(layer, input_shapes[0])) * _variable_size(layer.kernel)
+
+
+def _dense_macs(layer, input_shapes, output_shapes):
+    # Dense acts on the last axis; all other non-batch axes are positions.
+    return _size(output_shapes[0][1:-1]) * _variable_size(layer.kernel)
+
+
+def _depthwise_macs(layer, input_shapes, output_shapes):
+    return _size(spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
+
+
+def _separable_macs(layer, input_shapes, output_shapes):
+    positions = _size(spatial(layer, output_shapes[0]))
+    return positions * (
+        _variable_size(layer.depthwise_kernel) + _variable_size(layer.pointwise_kernel)
+    )
+
+
+# Checked in order with isinstance, so PSP layers use their Keras parent's rule.
+MAC_RULES = (
+    ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), _conv_macs),
+    (
+        (
+            keras.layers.Conv1DTranspose,
+            keras.layers.Conv2DTranspose,
+            keras.layers.Conv3DTranspose,
+        ),
+        _conv_transpose_macs,
+    ),
+    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), _depthwise_macs),
+    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), _separable_macs),
+    ((keras.layers.Dense,), _dense_macs),
+)
+
+
+_REGISTERED = []  # (layer class, rule) from tf_psp.register_layer, newest first
+
+
+def register_rule(layer_class, rule):
+    """Counts `layer_class` (and its subclasses) with `rule`, ahead of the built-in rules."""
+    global _REGISTERED
+    _REGISTERED = [(cls, r) for cls, r in _REGISTERED if cls is not layer_class]
+    _REGISTERED.insert(0, (layer_class, rule))
+
+
+def mac_rule(layer):
+    """The MAC rule for `layer` (registered first, then built-in, by isinstance), or None."""
+    for cls, rule in _REGISTERED:
+        if isinstance(layer, cls):
+            return rule
+    for classes, rule in MAC_RULES:
+        if isinstance(layer, classes):
+            return rule
+    return None
+
+
+def layer_macs(model):
+    """Layer name -> MACs of all its calls in `model`, from the shapes in the graph.
+
+    Nested models are walked; layers without a rule are left out.
+
+    Raises:
+        ValueError: a counted layer has an unknown dimension (naming it).
+    """
+    out = {}
+    for node in compat.nodes_in_order(model):
+        layer = node.operation
+        if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.layers.InputLayer):
+            continue
+        if compat.is_graph_model(layer):
+            for name, macs in layer_macs(layer).items():
+                out[name] = out.get(name, 0) + macs
+            continue
+        rule = mac_rule(layer)
+        if rule is None:
+            continue
+        shapes_in = [tuple(t.shape) for t in node.input_tensors]
+        shapes_out = [tuple(t.shape) for t in node.output_tensors]
+        if any(d is None for shape in shapes_in + shapes_out for d in shape[1:]):
+            raise ValueError(f"layer '{layer.name}': shapes {shapes_in} -> {shapes_out} have an "
+                             "unknown dimension, so its MACs cannot be counted.")
+        out[layer.name] = out.get(layer.name, 0) + rule(layer, shapes_in, shapes_out)
+    return out
