@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tf_psp
-from model_helpers import assert_weights_unchanged, weights_snapshot
+from conftest import assert_weights_unchanged, weights_snapshot
 
 L = keras.layers
 

@@ -19,7 +19,7 @@ import pytest
 import tf_psp
 from tf_psp import bench, cli
 from tf_psp import export as tf_psp_export
-from model_helpers import randomize_weights
+from conftest import randomize_weights
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
@@ -81,7 +81,6 @@ def psp_path(workdir):
 
 @pytest.fixture(scope="module")
 def shrunk(workdir, psp_path):
-    pytest.importorskip("tf_psp.shrink", reason="tf_psp.shrink is not available yet")
     path = str(workdir / "shrunk.keras")
     report = str(workdir / "shrunk.json")
     status, out, err = _run(["shrink", psp_path, path, "--report", report])

@@ -13,8 +13,7 @@ import tf_psp
 from tf_psp import coupling
 from tf_psp.profile import profile, removability
 
-from model_helpers import assert_weights_unchanged, weights_snapshot
-from shrink_helpers import _randomize
+from conftest import assert_weights_unchanged, randomize_biases_and_batchnorm, weights_snapshot
 
 L = keras.layers
 
@@ -34,7 +33,7 @@ def residual_model(width=8, inner=6, blocks=2):
         x = L.ReLU(name=f"b{b}_out")(L.Add(name=f"b{b}_add")([x, y]))
     x = L.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inp, L.Dense(5, name="fc")(x))
-    _randomize(model)
+    randomize_biases_and_batchnorm(model)
     return model
 
 
@@ -170,7 +169,7 @@ def test_mobilenetv2_random_group_masks_are_exact_and_fully_removable():
     model = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=7
     )
-    _randomize(model, seed=3)
+    randomize_biases_and_batchnorm(model, seed=3)
     psp = tf_psp.parameterize(model, coupling="group")
     gate = _gate(psp)
     _random_masks(gate, seed=4, dead=0.4)

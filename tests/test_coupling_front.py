@@ -20,7 +20,6 @@ TINY = ["--models=resnet_small", "--variants=layer,group,group_macs", "--strengt
 
 
 def _run_script(output_dir, *extra):
-    pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
     pytest.importorskip("ai_edge_litert")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tf_psp import export as tf_psp_export
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",

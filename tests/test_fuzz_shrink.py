@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import tf_psp
-from model_helpers import assert_weights_unchanged, weights_snapshot
+from conftest import assert_weights_unchanged, weights_snapshot
 
 L = keras.layers
 

@@ -21,7 +21,7 @@ import pytest
 import tf_psp
 from tf_psp import atomic, bench, cli
 from tf_psp import export as tf_psp_export
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 L = keras.layers
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -105,8 +105,6 @@ def test_every_public_function_taking_a_model_has_a_case():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_function_leaves_the_model_unchanged(name, tmp_path):
-    if name == "fold_batchnorm" and not hasattr(tf_psp.batchnorm, "fold_batchnorm"):
-        pytest.skip("no fold_batchnorm in this version")
     model = _psp_model()
     before = weights_snapshot(model)
     names = [layer.name for layer in model.layers]

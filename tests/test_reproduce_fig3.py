@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from model_helpers import randomize_weights
+from conftest import randomize_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -29,7 +29,6 @@ TINY = ["--methods=wd,magnitude", "--strengths=0.5", "--sparsities=0.5",
 
 
 def _run_script(output_dir):
-    pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
