@@ -4,7 +4,16 @@ Train one scale `alpha` per structure with weight decay, then physically
 remove the structures whose alpha reached zero.
 """
 
-from tf_psp import balance, batchnorm, callbacks, coupling, regularizers, structures
+from tf_psp import (
+    balance,
+    batchnorm,
+    bench,
+    callbacks,
+    coupling,
+    export,
+    regularizers,
+    structures,
+)
 from tf_psp.balance import balance_alphas
 from tf_psp.batchnorm import RecalibrateBatchNorm, fold_batchnorm, recalibrate_batchnorm
 from tf_psp.callbacks import PSPMonitor
@@ -40,9 +49,11 @@ __all__ = [
     "balance",
     "balance_alphas",
     "batchnorm",
+    "bench",
     "callbacks",
     "fold_batchnorm",
     "coupling",
+    "export",
     "is_psp_layer",
     "parameterize",
     "profile",
