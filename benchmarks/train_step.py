@@ -49,7 +49,8 @@ def main(argv):
         model.train_on_batch(x, y)
     times = {"plain": [], "psp": []}
     for r in range(FLAGS.rounds):
-        for name, model in (("plain", plain), ("psp", psp)) if r % 2 == 0 else (("psp", psp), ("plain", plain)):
+        order = (("plain", plain), ("psp", psp))
+        for name, model in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             for _ in range(FLAGS.steps):
                 model.train_on_batch(x, y)

@@ -10,7 +10,6 @@ import pytest
 
 from tf_psp.shrink import strip_and_shrink
 
-
 # --- building test models -----------------------------------------------------------
 
 

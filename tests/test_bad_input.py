@@ -16,6 +16,7 @@ import pytest
 import tf_psp
 from tf_psp import cli
 from tf_psp import export as tf_psp_export
+
 from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 L = keras.layers

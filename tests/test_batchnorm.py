@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_psp
+
 from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 

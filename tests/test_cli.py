@@ -19,6 +19,7 @@ import pytest
 import tf_psp
 from tf_psp import bench, cli
 from tf_psp import export as tf_psp_export
+
 from conftest import randomize_weights
 
 pytestmark = pytest.mark.skipif(

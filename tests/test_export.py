@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tf_psp import export as tf_psp_export
+
 from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 pytestmark = pytest.mark.skipif(

@@ -22,7 +22,8 @@ def test_import_is_light_and_reaches_export_and_bench():
     code = ("import sys, tf_psp; "
             f"bad = [m for m in {_HEAVY!r} if m in sys.modules]; assert not bad, bad; "
             "assert tf_psp.export.export_tflite and tf_psp.bench.compare; "
-            "import os; assert os.environ.get('TF_USE_LEGACY_KERAS') in (None, '0'), 'legacy keras'")
+            "import os; "
+            "assert os.environ.get('TF_USE_LEGACY_KERAS') in (None, '0'), 'legacy keras'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -44,7 +45,8 @@ def test_public_api():
 def test_quickstart_runs_and_prints_sparsity():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "mnist_quickstart.py"), "--epochs=1", "--pretrain_epochs=1", "--limit=256"],
+        [sys.executable, str(ROOT / "examples" / "mnist_quickstart.py"), "--epochs=1",
+         "--pretrain_epochs=1", "--limit=256"],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "structure sparsity" in result.stdout and "test accuracy" in result.stdout

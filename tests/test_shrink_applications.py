@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tf_psp
+
 from conftest import randomize_biases_and_batchnorm
 
 APPLICATIONS = {

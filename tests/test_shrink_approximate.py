@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import tf_psp
-from conftest import randomize_biases_and_batchnorm, set_alpha
 from tf_psp.shrink import strip_and_shrink
+
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 

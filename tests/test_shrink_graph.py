@@ -8,6 +8,7 @@ import numpy as np
 import tf_psp
 from tf_psp import graph as psp_graph
 from tf_psp.shrink import strip, strip_and_shrink
+
 from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers

@@ -6,6 +6,7 @@ import pytest
 
 import tf_psp
 from tf_psp.shrink import strip_and_shrink
+
 from conftest import randomize_biases_and_batchnorm
 
 L = keras.layers

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tf_psp
-from tf_psp.shrink import strip, strip_and_shrink
+from tf_psp.shrink import strip
 
 from conftest import randomize_biases_and_batchnorm, set_alpha
 
@@ -70,7 +70,7 @@ def test_strip_keeps_widths_and_values():
     model = _chain(False)
     x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype("float32")
     plain = strip(model)
-    assert [type(l).__name__ for l in plain.layers][1] == "Conv2D"
+    assert [type(layer).__name__ for layer in plain.layers][1] == "Conv2D"
     assert plain.get_layer("c1").filters == 8
     np.testing.assert_allclose(plain(x, training=False), model(x, training=False), atol=1e-5)
     assert model.get_layer("c1") is not plain.get_layer("c1")

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 import tf_psp
+
 from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers

@@ -16,6 +16,7 @@ import pytest
 
 import tf_psp
 from tf_psp import export as tf_psp_export
+
 from conftest import randomize_weights
 
 TFLITE_CONVERT = os.path.join(os.path.dirname(sys.executable), "tflite_convert")
