@@ -1,7 +1,7 @@
 """The `tf-psp` command line: profile, shrink, export, bench and its errors.
 
-Most tests call `tf_psp.cli.main(argv)` in-process; two run the real
-`python -m tf_psp.cli` in a subprocess (help, and an error).
+The tests call `tf_psp.cli.main(argv)` in-process; one (slow) runs the real
+`python -m tf_psp.cli --help` in a subprocess.
 """
 
 import io
@@ -289,6 +289,7 @@ def _subprocess(*args):
     )
 
 
+@pytest.mark.slow  # the real program in a subprocess
 def test_help_lists_the_commands():
     result = _subprocess("--help")
     assert result.returncode == 0
@@ -300,10 +301,10 @@ def test_help_lists_the_commands():
 def test_error_exits_without_traceback(workdir):
     corrupt = workdir / "corrupt_sub.keras"
     corrupt.write_text("not a zip archive")
-    result = _subprocess("export", str(corrupt), str(workdir / "x.tflite"))
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("tf-psp:")]
+    status, _, err = _run(["export", str(corrupt), str(workdir / "x.tflite")])
+    assert status == 1
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("tf-psp:")]
     assert lines == [
         f"tf-psp: error: not a valid .keras file (it is not a zip archive) ({corrupt})"
     ]

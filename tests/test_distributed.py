@@ -24,8 +24,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "distributed_train.py"
 TOLERANCE = 1e-5  # measured: 1.5e-7 (float32 summation order of the all-reduce)
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="tf.distribute needs TensorFlow")
+pytestmark = [
+    pytest.mark.slow,  # six TensorFlow processes
+    pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                       reason="tf.distribute needs TensorFlow"),
+]
 
 
 def _free_port():

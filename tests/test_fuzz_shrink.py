@@ -328,7 +328,10 @@ def check_spec(spec):
 
 # --- the properties --------------------------------------------------------------------
 
-pytestmark = pytest.mark.filterwarnings("ignore:strip_and_shrink. every structure")
+pytestmark = [
+    pytest.mark.slow,  # hundreds of generated models
+    pytest.mark.filterwarnings("ignore:strip_and_shrink. every structure"),
+]
 
 
 # Edge cases pinned for every run (no failure of the long runs needed one, see FUZZING.md).

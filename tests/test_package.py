@@ -42,6 +42,7 @@ def test_public_api():
         assert hasattr(tf_psp, name), name
 
 
+@pytest.mark.slow  # the quickstart end to end in a subprocess
 def test_quickstart_runs_and_prints_sparsity():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(

@@ -40,6 +40,7 @@ def _run_script(output_dir):
     return proc.stdout
 
 
+@pytest.mark.slow  # the script end to end in a subprocess
 def test_script_writes_results_and_resumes(tmp_path):
     first = _run_script(tmp_path)
     assert first.count(": running") == 3, first  # dense baseline, wd 0.5, magnitude 0.5

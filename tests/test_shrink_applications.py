@@ -35,6 +35,7 @@ def _prune_half(model, seed=0):
             layer.alpha.assign(alpha)
 
 
+@pytest.mark.slow  # a sweep over keras.applications (DenseNet121 alone takes a minute)
 @pytest.mark.parametrize("name", sorted(APPLICATIONS))
 def test_application_shrinks_exactly_and_converts(name, tmp_path):
     psp = tf_psp.parameterize(APPLICATIONS[name](), structure="channel")

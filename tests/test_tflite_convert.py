@@ -22,6 +22,7 @@ from conftest import randomize_weights
 TFLITE_CONVERT = os.path.join(os.path.dirname(sys.executable), "tflite_convert")
 
 pytestmark = [
+    pytest.mark.slow,  # runs the tflite_convert script in a subprocess
     pytest.mark.skipif(
         keras.backend.backend() != "tensorflow",
         reason="tflite_convert needs the TensorFlow backend",
