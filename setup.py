@@ -13,6 +13,7 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
+        "ruff==0.17.5",
         "hypothesis==6.170.17",
         "mlxtend==0.25.0",
         "scikit-learn==1.9.1",

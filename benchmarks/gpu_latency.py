@@ -75,8 +75,9 @@ def main(argv):
         dense_ms = statistics.median(times["dense"]) * 1e3
         shrunk_ms = statistics.median(times["shrunk"]) * 1e3
         speedup = dense_ms / shrunk_ms
-        row = {"batch_size": batch, "dense_ms": round(dense_ms, 3), "shrunk_ms": round(shrunk_ms, 3),
-               "speedup": round(speedup, 3), "fidelity": round(speedup * macs / dense_macs, 3)}
+        row = {"batch_size": batch, "dense_ms": round(dense_ms, 3),
+               "shrunk_ms": round(shrunk_ms, 3), "speedup": round(speedup, 3),
+               "fidelity": round(speedup * macs / dense_macs, 3)}
         print(json.dumps(row), flush=True)
         results.append(row)
     report = {

@@ -119,7 +119,8 @@ def main(argv):
         "round_to": FLAGS.round_to, "repeats": FLAGS.repeats,
         "models": results,
     }
-    print("| model | layers | PSP layers | MACs dense -> shrunk (M) | strip_and_shrink median | goal |")
+    print("| model | layers | PSP layers | MACs dense -> shrunk (M) "
+          "| strip_and_shrink median | goal |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['layers']} | {r['psp_layers']} | {r['dense_macs'] / 1e6:.0f} -> "

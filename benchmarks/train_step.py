@@ -10,9 +10,14 @@ of each is reported with their ratio. Writes JSON to --output.
 import json
 import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
+
+# The model zoo of the examples (examples/models.py) builds ResNet-20.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+import models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 7, "Interleaved A/B rounds.")
@@ -20,32 +25,6 @@ flags.DEFINE_integer("steps", 10, "Training steps timed per round and model.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_string("structure", "channel", "PSP structure.")
 flags.DEFINE_string("output", "benchmarks/results/train_step.json", "Where to write JSON.")
-
-
-def resnet20(num_classes=10):
-    """ResNet-20 for CIFAR (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 filters."""
-    import keras
-
-    def block(x, filters, stride):
-        shortcut = x
-        y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
-        y = keras.layers.BatchNormalization()(y)
-        y = keras.layers.ReLU()(y)
-        y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
-        y = keras.layers.BatchNormalization()(y)
-        if stride != 1 or x.shape[-1] != filters:
-            shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x)
-            shortcut = keras.layers.BatchNormalization()(shortcut)
-        return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
-
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-    for stage, filters in enumerate((16, 32, 64)):
-        for i in range(3):
-            x = block(x, filters, 2 if (stage and i == 0) else 1)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(num_classes)(x), name="resnet20")
 
 
 def main(argv):
@@ -57,7 +36,7 @@ def main(argv):
     from tf_psp import atomic
 
     keras.utils.set_random_seed(0)
-    plain = resnet20()
+    plain = models.resnet_cifar(20, kernel_initializer="glorot_uniform")
     psp = tf_psp.parameterize(plain, structure=FLAGS.structure)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")
@@ -70,7 +49,8 @@ def main(argv):
         model.train_on_batch(x, y)
     times = {"plain": [], "psp": []}
     for r in range(FLAGS.rounds):
-        for name, model in (("plain", plain), ("psp", psp)) if r % 2 == 0 else (("psp", psp), ("plain", plain)):
+        order = (("plain", plain), ("psp", psp))
+        for name, model in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             for _ in range(FLAGS.steps):
                 model.train_on_batch(x, y)

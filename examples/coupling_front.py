@@ -190,9 +190,10 @@ def _run(model_name, variant, strength, build, data, pretrained, runs_dir):
     """
     import keras
 
-    import pruning_experiments as pe
     import tf_psp
     from tf_psp import atomic
+
+    import pruning_experiments as pe
 
     stem = os.path.join(runs_dir, f"{model_name}_{variant}_{strength:g}")
     if os.path.exists(stem + ".json"):
@@ -295,8 +296,8 @@ def markdown(model_name, results, dense, latency, summary):
              f"Dense (same epochs): accuracy {dense['accuracy']:.4f}, "
              f"{dense['macs_dense']:,} MACs"
              + (f", TFLite {latency['dense']:.3f} ms" if latency else "") + ".", "",
-             "| variant | decay (fixed: target) | accuracy | removed MACs | MAC speed-up | removable share "
-             "| TFLite ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | decay (fixed: target) | accuracy | removed MACs | MAC speed-up "
+             "| removable share | TFLite ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["strength"])):
         ms = latency.get(f"{r['variant']}_{r['strength']:g}")
         timing = "| |" if ms is None else f"| {ms:.3f} | {latency['dense'] / ms:.2f}x |"
@@ -359,7 +360,8 @@ def main(argv):
             raise app.UsageError(f"--models: unknown model {name!r}; expected {MODELS}.")
     for name in FLAGS.variants:
         if name not in VARIANTS:
-            raise app.UsageError(f"--variants: unknown variant {name!r}; expected {list(VARIANTS)}.")
+            raise app.UsageError(
+                f"--variants: unknown variant {name!r}; expected {list(VARIANTS)}.")
     if not 0 <= FLAGS.finetune_epochs < FLAGS.epochs:
         raise app.UsageError(f"--finetune_epochs must be in [0, --epochs={FLAGS.epochs}), "
                              f"got {FLAGS.finetune_epochs}.")
@@ -390,8 +392,8 @@ def main(argv):
             f"({wall / 60:.0f} min here, 2 CPU cores)\n\n" + "\n".join(sections))
     atomic.write_text(os.path.join(FLAGS.output_dir, f"{FLAGS.report_name}.md"), text)
     report["flags"] = {f: FLAGS[f].value for f in (
-        "strengths", "fixed_targets", "widths", "finetune_epochs", "kernel_decay", "epsilon", "clipnorm",
-        "pretrain_epochs", "epochs", "lr", "batch_size", "image_size", "alpha_width",
+        "strengths", "fixed_targets", "widths", "finetune_epochs", "kernel_decay", "epsilon",
+        "clipnorm", "pretrain_epochs", "epochs", "lr", "batch_size", "image_size", "alpha_width",
         "steps_per_epoch", "seed")}
     atomic.write_text(os.path.join(FLAGS.output_dir, f"{FLAGS.report_name}.json"),
                       json.dumps(report, indent=1, default=float))

@@ -85,7 +85,6 @@ def make_data(seed, samples):
 def build_model(seed, decay, coupling="layer"):
     """A small PSP CNN with seeded initial weights (the same in every process)."""
     import keras
-    import numpy as np
 
     import tf_psp
 
@@ -226,7 +225,8 @@ def summarize(model, strategy, losses):
         "replicas": int(strategy.num_replicas_in_sync),
         "losses": losses,
         "alphas": {name: v.tolist() for name, v in values.items()},
-        "masks": {name: (np.abs(values[name]) >= eps).tolist() for name, (_, eps) in alphas.items()},
+        "masks": {name: (np.abs(values[name]) >= eps).tolist()
+                  for name, (_, eps) in alphas.items()},
         "epsilons": {name: eps for name, (_, eps) in alphas.items()},
         "replica_alpha_spread": max(
             float(np.max(np.abs(v - values[0]))) for values in replicas.values() for v in values),

@@ -22,7 +22,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("pretrain_epochs", 3, "Epochs of ordinary training (Adam) before PSP.")
 flags.DEFINE_integer("epochs", 6, "PSP training epochs.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD with momentum 0.9 (the paper's) or Adam.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"],
+                  "SGD with momentum 0.9 (the paper's) or Adam.")
 flags.DEFINE_float("learning_rate", 0.01, "Learning rate.")
 flags.DEFINE_float("decay", 1.5e-1, "Weight decay lambda on alpha (paper eq. 6).")
 flags.DEFINE_float("kernel_decay", 5e-4, "L2 weight decay on the kernels.")
@@ -54,7 +55,8 @@ def build_model():
     x = conv_relu(x, 64)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(64, activation="relu", kernel_regularizer=decay)(x)
-    return keras.Model(inputs, keras.layers.Dense(10, kernel_regularizer=decay)(x), name="mnist_cnn")
+    outputs = keras.layers.Dense(10, kernel_regularizer=decay)(x)
+    return keras.Model(inputs, outputs, name="mnist_cnn")
 
 
 def main(argv):
@@ -63,6 +65,7 @@ def main(argv):
     import numpy as np
 
     import tf_psp
+
     from datasets import load_mnist5k
 
     keras.utils.set_random_seed(FLAGS.seed)

@@ -39,11 +39,27 @@ def mobilenetv2(image_size, num_classes, alpha_width=1.0, weights=None):
     return keras.Model(base.input, logits, name="mobilenetv2")
 
 
-def resnet_cifar(depth=56, num_classes=10, image_size=32):
+def resnet_cifar(depth=56, num_classes=10, image_size=32, *, input_shape=None,
+                 widths=(16, 32, 64), kernel_initializer="he_normal", kernel_decay=0.0,
+                 name=None):
     """CIFAR ResNet (He et al. 2016): 3 stages of (depth - 2) / 6 basic blocks, 16/32/64 filters.
 
     Depth 56 is the paper's Fig. 3 model. Where the shape changes, the
-    shortcut is a strided 1x1 convolution with BatchNormalization.
+    shortcut is a strided 1x1 convolution with BatchNormalization. The examples
+    and the benchmarks (latency.py, train_step.py) all build their ResNets here.
+
+    Args:
+        depth: 6n + 2 layers: n basic blocks per stage (8, 20, 56 ...).
+        num_classes: logits produced by the Dense head `logits`.
+        image_size: input height and width (3 channels), unless `input_shape`.
+        input_shape: one sample's shape, channels last; overrides `image_size`.
+        widths: channels of the stem and of each stage.
+        kernel_initializer: of every convolution (Keras's default is glorot_uniform).
+        kernel_decay: L2 penalty on every convolution and Dense kernel (0: none).
+        name: model name (default `resnet{depth}`).
+
+    Returns:
+        An uncompiled functional `keras.Model` whose input is named `image`.
 
     Raises:
         ValueError: naming `--resnet_depth` unless depth = 6n + 2.
@@ -55,27 +71,30 @@ def resnet_cifar(depth=56, num_classes=10, image_size=32):
             f"--resnet_depth={depth}: a CIFAR ResNet has depth 6n + 2 (8, 20, 56 ...).")
     blocks = (depth - 2) // 6
     L = keras.layers
+    regularizer = keras.regularizers.L2(kernel_decay) if kernel_decay else None
+
+    def conv(x, filters, kernel_size, stride, layer_name, padding="same"):
+        return L.Conv2D(filters, kernel_size, strides=stride, padding=padding, use_bias=False,
+                        kernel_initializer=kernel_initializer, kernel_regularizer=regularizer,
+                        name=layer_name)(x)
 
     def block(x, filters, stride, prefix):
-        y = L.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                     kernel_initializer="he_normal", name=f"{prefix}_conv1")(x)
+        y = conv(x, filters, 3, stride, f"{prefix}_conv1")
         y = L.ReLU(name=f"{prefix}_relu1")(L.BatchNormalization(name=f"{prefix}_bn1")(y))
-        y = L.Conv2D(filters, 3, padding="same", use_bias=False,
-                     kernel_initializer="he_normal", name=f"{prefix}_conv2")(y)
+        y = conv(y, filters, 3, 1, f"{prefix}_conv2")
         y = L.BatchNormalization(name=f"{prefix}_bn2")(y)
         shortcut = x
         if stride != 1 or x.shape[-1] != filters:
-            shortcut = L.Conv2D(filters, 1, strides=stride, use_bias=False,
-                                kernel_initializer="he_normal", name=f"{prefix}_proj")(x)
+            shortcut = conv(x, filters, 1, stride, f"{prefix}_proj", padding="valid")
             shortcut = L.BatchNormalization(name=f"{prefix}_proj_bn")(shortcut)
         return L.ReLU(name=f"{prefix}_out")(L.Add(name=f"{prefix}_add")([y, shortcut]))
 
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = L.Conv2D(16, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
-                 name="stem_conv")(inputs)
+    inputs = keras.Input(input_shape or (image_size, image_size, 3), name="image")
+    x = conv(inputs, widths[0], 3, 1, "stem_conv")
     x = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(x))
-    for stage, filters in enumerate((16, 32, 64)):
+    for stage, filters in enumerate(widths):
         for i in range(blocks):
             x = block(x, filters, 2 if (stage and i == 0) else 1, f"s{stage + 1}b{i + 1}")
     x = L.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, L.Dense(num_classes, name="logits")(x), name=f"resnet{depth}")
+    logits = L.Dense(num_classes, kernel_regularizer=regularizer, name="logits")(x)
+    return keras.Model(inputs, logits, name=name or f"resnet{depth}")

@@ -174,8 +174,9 @@ def pretrained_model(builder, data, runs_dir):
     """The dense pre-trained model, loaded from `runs_dir` or trained and saved there."""
     import keras
 
-    import pruning_experiments
     from tf_psp import atomic
+
+    import pruning_experiments
 
     path = os.path.join(runs_dir, f"pretrained_{_pretrain_digest()}.weights.h5")
     if os.path.exists(path):
@@ -216,8 +217,9 @@ def planned_runs():
 
 def run_one(method, value, builder, data, pretrained):
     """Trains and measures one run; returns its result dict."""
-    import pruning_experiments as pe
     import tf_psp
+
+    import pruning_experiments as pe
 
     common = dict(epochs=FLAGS.epochs, lr=FLAGS.lr, seed=FLAGS.seed, pretrained=pretrained,
                   batch_size=FLAGS.batch_size, batchnorm=FLAGS.batchnorm,

@@ -16,7 +16,8 @@ import pytest
 import tf_psp
 from tf_psp import cli
 from tf_psp import export as tf_psp_export
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 L = keras.layers
 

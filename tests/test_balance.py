@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import tf_psp
-from model_helpers import assert_weights_unchanged, weights_snapshot
+
+from conftest import assert_weights_unchanged, weights_snapshot
 
 L = keras.layers
 
@@ -60,8 +61,8 @@ def test_group_alphas_balance_over_all_their_readers():
     balanced = tf_psp.balance_alphas(psp, kernel_decay=2e-3)
     x = _x()
     np.testing.assert_allclose(_np(balanced(x)), _np(psp(x)), rtol=1e-4, atol=1e-5)
-    gate = next(l for l in psp.layers if isinstance(l, tf_psp.PSPGroupAlphas))
-    new_gate = next(l for l in balanced.layers if isinstance(l, tf_psp.PSPGroupAlphas))
+    gate = next(layer for layer in psp.layers if isinstance(layer, tf_psp.PSPGroupAlphas))
+    new_gate = next(layer for layer in balanced.layers if isinstance(layer, tf_psp.PSPGroupAlphas))
     assert gate.group_names == ["stem", "c1"]
     # The stem's channels (tied by Add) are read by c1 and, through dw and pooling, by fc.
     rows = np.sum(np.square(_np(model.get_layer("c1").kernel)), axis=(0, 1, 3))

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tf_psp
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 
 def _conv_bn_model(psp=False):

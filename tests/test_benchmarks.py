@@ -15,10 +15,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the benchmark exports to TFLite and ONNX with the TensorFlow backend",
-)
+pytestmark = [
+    pytest.mark.slow,  # a subprocess runs the benchmark end to end
+    pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow",
+        reason="the benchmark exports to TFLite and ONNX with the TensorFlow backend",
+    ),
+]
 
 
 def test_latency_quick_writes_results(tmp_path):

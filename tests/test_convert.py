@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import tf_psp
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 
 def _close(a, b, tol):
@@ -63,7 +64,7 @@ def test_select_layers_by_name_and_predicate_and_report():
     assert {name for name, _, _ in report.skipped} == {"c2", "head"}
     assert "kept layer 'c2'" in str(report)
     psp2 = tf_psp.parameterize(model, layers=lambda layer: isinstance(layer, keras.layers.Dense))
-    assert [l.name for l in psp2.layers if tf_psp.is_psp_layer(l)] == ["head"]
+    assert [layer.name for layer in psp2.layers if tf_psp.is_psp_layer(layer)] == ["head"]
 
 
 def test_unsupported_layer_is_listed():
@@ -75,18 +76,20 @@ def test_unsupported_layer_is_listed():
 
 
 def test_per_layer_structure_callable():
-    psp = tf_psp.parameterize(_residual(), structure=lambda l: "filter" if l.name == "c1" else "channel")
+    psp = tf_psp.parameterize(
+        _residual(), structure=lambda layer: "filter" if layer.name == "c1" else "channel")
     assert psp.get_layer("c1").structure == "filter" and psp.get_layer("c2").structure == "channel"
 
 
 def test_mobilenetv2_small_input_equivalent():
-    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, alpha=0.35, classes=10)
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, alpha=0.35,
+                                           classes=10)
     before = weights_snapshot(model)
     psp = tf_psp.parameterize(model)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     _close(psp(x, training=False), model(x, training=False), 1e-6)
     assert_weights_unchanged(before, model)
-    kinds = {type(l).__name__ for l in psp.layers if tf_psp.is_psp_layer(l)}
+    kinds = {type(layer).__name__ for layer in psp.layers if tf_psp.is_psp_layer(layer)}
     assert kinds == {"PSPConv2D", "PSPDepthwiseConv2D", "PSPDense"}
 
 

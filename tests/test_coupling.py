@@ -13,8 +13,7 @@ import tf_psp
 from tf_psp import coupling
 from tf_psp.profiling import profile, removability
 
-from model_helpers import assert_weights_unchanged, weights_snapshot
-from shrink_helpers import _randomize
+from conftest import assert_weights_unchanged, randomize_biases_and_batchnorm, weights_snapshot
 
 L = keras.layers
 
@@ -34,7 +33,7 @@ def residual_model(width=8, inner=6, blocks=2):
         x = L.ReLU(name=f"b{b}_out")(L.Add(name=f"b{b}_add")([x, y]))
     x = L.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inp, L.Dense(5, name="fc")(x))
-    _randomize(model)
+    randomize_biases_and_batchnorm(model)
     return model
 
 
@@ -47,7 +46,7 @@ def _x(shape=(4, 8, 8, 3), seed=1):
 
 
 def _gate(model):
-    return next(l for l in model.layers if isinstance(l, tf_psp.PSPGroupAlphas))
+    return next(layer for layer in model.layers if isinstance(layer, tf_psp.PSPGroupAlphas))
 
 
 def _relative(a, b):
@@ -94,10 +93,11 @@ def test_group_gradient_is_the_sum_over_its_readers():
         g_loss = loss(y, group(x, training=False))
     gate = _gate(group)
     g_grads = [g.numpy() for g in tape.gradient(g_loss, gate.group_alphas)]
-    layers = [l for l in per_layer.layers if tf_psp.is_psp_layer(l)]
+    layers = [layer for layer in per_layer.layers if tf_psp.is_psp_layer(layer)]
     with tf.GradientTape() as tape:
         l_loss = loss(y, per_layer(x, training=False))
-    l_grads = {l.name: g.numpy() for l, g in zip(layers, tape.gradient(l_loss, [l.alpha for l in layers]))}
+    grads = tape.gradient(l_loss, [layer.alpha for layer in layers])
+    l_grads = {layer.name: g.numpy() for layer, g in zip(layers, grads)}
     # The stream's readers are b0_c1, b1_c1 and fc; b0_c2 and b1_c2 read the inner spaces.
     stream = l_grads["b0_c1"] + l_grads["b1_c1"] + l_grads["fc"]
     np.testing.assert_allclose(g_grads[0], stream, rtol=1e-4, atol=1e-6)
@@ -115,14 +115,15 @@ def test_a_group_alpha_scales_its_channel_in_every_reader():
     values[3], values[5] = 0.5, 0.0  # 0 is below epsilon: pruned
     stream.assign(values)
     plain = tf_psp.strip(psp)
-    assert not any(isinstance(l, tf_psp.PSPGroupAlphas) for l in plain.layers)
+    assert not any(isinstance(layer, tf_psp.PSPGroupAlphas) for layer in plain.layers)
     expected_scale = np.where(values >= 1e-2, values, 0.0)
     for name in ("b0_c1", "b1_c1", "fc"):  # every reader of the stream
         kernel = _np(plain.get_layer(name).kernel)
         original = _np(model.get_layer(name).kernel)
         np.testing.assert_allclose(kernel, original * expected_scale.reshape(-1, 1), rtol=1e-6)
     for name in ("stem", "b0_c2", "b1_c2"):  # writers are not scaled
-        np.testing.assert_array_equal(_np(plain.get_layer(name).kernel), _np(model.get_layer(name).kernel))
+        np.testing.assert_array_equal(_np(plain.get_layer(name).kernel),
+                                      _np(model.get_layer(name).kernel))
     x = _x()
     np.testing.assert_allclose(_np(plain(x)), _np(psp(x)), rtol=1e-5, atol=1e-5)
 
@@ -133,7 +134,8 @@ def test_pruning_a_group_alpha_removes_the_channel_everywhere():
     gate = _gate(psp)
     gate.group_alphas[0].assign(np.array([1, 1, 0, 1, 1, 0, 1, 1], "float32"))
     shrunk = tf_psp.strip_and_shrink(psp)
-    widths = {l.name: l.kernel.shape[-1] for l in shrunk.layers if hasattr(l, "kernel")}
+    widths = {layer.name: layer.kernel.shape[-1]
+              for layer in shrunk.layers if hasattr(layer, "kernel")}
     # Every writer of the stream loses filters 2 and 5, every reader the rows.
     assert widths["stem"] == widths["b0_c2"] == widths["b1_c2"] == 6
     assert shrunk.get_layer("b0_c1").kernel.shape[-2] == 6
@@ -170,7 +172,7 @@ def test_mobilenetv2_random_group_masks_are_exact_and_fully_removable():
     model = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=7
     )
-    _randomize(model, seed=3)
+    randomize_biases_and_batchnorm(model, seed=3)
     psp = tf_psp.parameterize(model, coupling="group")
     gate = _gate(psp)
     _random_masks(gate, seed=4, dead=0.4)
@@ -180,7 +182,7 @@ def test_mobilenetv2_random_group_masks_are_exact_and_fully_removable():
     r = removability(psp)
     assert r.kept_zero_macs == 0
     assert r.mac_reduction > 1.5
-    assert not any(type(l).__module__.startswith("tf_psp") for l in shrunk.layers)
+    assert not any(type(layer).__module__.startswith("tf_psp") for layer in shrunk.layers)
 
 
 def test_per_layer_alphas_leave_zeros_that_group_alphas_remove():
@@ -226,7 +228,8 @@ def test_cost_weights_equal_hand_computed_macs():
 def test_cost_aware_decay_for_per_layer_alphas():
     model = residual_model()
     psp = tf_psp.parameterize(
-        model, structure="channel", cost="macs", alpha_regularizer=tf_psp.regularizers.WeightDecay(1.0)
+        model, structure="channel", cost="macs",
+        alpha_regularizer=tf_psp.regularizers.WeightDecay(1.0),
     )
     macs = {row.name: row.macs for row in profile(model).layers}
     per = {name: macs[name] / n for name, n in

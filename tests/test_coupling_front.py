@@ -20,7 +20,6 @@ TINY = ["--models=resnet_small", "--variants=layer,group,group_macs", "--strengt
 
 
 def _run_script(output_dir, *extra):
-    pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
     pytest.importorskip("ai_edge_litert")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -31,6 +30,7 @@ def _run_script(output_dir, *extra):
     )
 
 
+@pytest.mark.slow
 def test_script_compares_the_three_variants_and_resumes(tmp_path):
     first = _run_script(tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -57,6 +57,9 @@ def test_script_compares_the_three_variants_and_resumes(tmp_path):
     assert second.stdout.count("done before, skipped") == 4
 
 
+# A subprocess: coupling_front's absl flags (--epochs ...) clash with mobilenet_prune's,
+# which test_mobilenet_prune defines in this process.
+@pytest.mark.slow
 def test_unknown_variant_is_a_usage_error(tmp_path):
     proc = _run_script(tmp_path, "--variants=layer,grouped")
     assert proc.returncode != 0

@@ -57,6 +57,7 @@ json.dump({
 '''
 
 
+@pytest.mark.slow  # two TensorFlow subprocesses
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="enable_op_determinism is TensorFlow's")
 def test_two_runs_give_the_same_alphas_masks_and_shrunk_model(tmp_path):

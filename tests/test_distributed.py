@@ -9,6 +9,7 @@ weights: every replica ends with the same alphas, masks and regularization
 loss as one device, up to float32 round-off.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -24,14 +25,27 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "distributed_train.py"
 TOLERANCE = 1e-5  # measured: 1.5e-7 (float32 summation order of the all-reduce)
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="tf.distribute needs TensorFlow")
+pytestmark = [
+    pytest.mark.slow,  # six TensorFlow processes
+    pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                       reason="tf.distribute needs TensorFlow"),
+]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def _reserved_port(stack):
+    """A localhost port for a worker, held until `stack` closes.
+
+    Picking a free port and releasing it before the worker binds it leaves a
+    window (the worker binds seconds later, after importing TensorFlow) in
+    which any other bind(0) or outgoing connection on the machine can take it.
+    Instead the port stays bound here, with SO_REUSEADDR and never listening:
+    the kernel gives it to no other bind(0) or connection, and the worker's
+    gRPC server (which sets SO_REUSEADDR too) can still bind and listen on it.
+    """
+    s = stack.enter_context(socket.socket())
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 def _start(args, summary, tf_config=None):
@@ -48,7 +62,15 @@ def _start(args, summary, tf_config=None):
 def runs(tmp_path_factory):
     """Summaries of the four processes, started together (each is mostly start-up)."""
     directory = tmp_path_factory.mktemp("distributed")
-    workers = [f"localhost:{_free_port()}", f"localhost:{_free_port()}"]
+    with contextlib.ExitStack() as ports:
+        workers = [f"localhost:{_reserved_port(ports)}" for _ in range(2)]
+        results = _run_all(directory, workers)
+    results["directory"] = directory
+    return results
+
+
+def _run_all(directory, workers):
+    """Starts every process, waits for all; returns their summaries by name."""
     started = {
         "single": _start(["--strategy=default", "--logical_cpus=0"], directory / "single.json"),
         "mirrored": _start(["--strategy=mirrored", "--logical_cpus=2",
@@ -69,12 +91,24 @@ def runs(tmp_path_factory):
             directory / f"worker{index}.json",
             {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
     results = {}
-    for name, process in started.items():
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{name} failed:\n{output[-3000:]}"
-        results[name] = json.loads((directory / f"{name}.json").read_text())
-    results["directory"] = directory
+    try:
+        for name, process in started.items():
+            output, _ = process.communicate(timeout=300)
+            assert process.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+            results[name] = json.loads((directory / f"{name}.json").read_text())
+    finally:  # a worker whose peer failed would wait for it forever
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     return results
+
+
+def test_a_reserved_port_is_refused_to_other_binds():
+    with contextlib.ExitStack() as stack:
+        port = _reserved_port(stack)
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("localhost", port))
 
 
 def _assert_same_training(run, reference):

@@ -1,15 +1,14 @@
 """Exports to SavedModel, TFLite and ONNX compute what the Keras model computes."""
 
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
 from tf_psp import export as tf_psp_export
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
@@ -189,12 +188,3 @@ def test_interpreter_needs_named_inputs_when_several(tmp_path):
     with pytest.raises(ValueError, match="dict keyed by input name"):
         tf_psp_export.run_tflite(interpreter, [inputs["zeta"], inputs["alpha"]])
 
-
-def test_import_stays_light():
-    code = (
-        "import sys, tf_psp, tf_psp.export\n"
-        "heavy = {'tf2onnx', 'onnxruntime', 'ai_edge_litert', "
-        "'tensorflow_model_optimization', 'tf_keras'} & set(sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,8 +18,8 @@ parameterized, and random alphas are set to 0 (or below epsilon). Then:
 - (another) the same with `parameterize(coupling='group')` and random group alphas.
 
 Examples per run: `TF_PSP_FUZZ_EXAMPLES` (default 150; the TFLite test runs a
-tenth of it, the group test a fifth, at least 8 each). Without it the run is derandomized (the same examples
-every CI run); with it, pass `--hypothesis-seed=N` to explore. See FUZZING.md.
+tenth of it, the group test a fifth, at least 8 each). Without it the run is derandomized (the
+same examples every CI run); with it, pass `--hypothesis-seed=N` to explore. See FUZZING.md.
 """
 
 import os
@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import tf_psp
-from model_helpers import assert_weights_unchanged, weights_snapshot
+
+from conftest import assert_weights_unchanged, weights_snapshot
 
 L = keras.layers
 
@@ -67,7 +68,8 @@ _psp = st.tuples(st.sampled_from(STRUCTURES), st.sampled_from(PRUNE))  # structu
 
 _OPS = {
     "conv": st.tuples(st.just("conv"), _src, _width, st.sampled_from((1, 3)), _padding,
-                      st.sampled_from(ACTIVATIONS), st.booleans(), _psp, st.sampled_from((1, 1, 2))),
+                      st.sampled_from(ACTIVATIONS), st.booleans(), _psp,
+                      st.sampled_from((1, 1, 2))),
     "dw": st.tuples(st.just("dw"), _src, st.sampled_from((1, 3)), st.integers(1, 2),
                     st.sampled_from(ACTIVATIONS), st.booleans(), _psp, _padding),
     "sep": st.tuples(st.just("sep"), _src, _width, st.sampled_from((1, 3)), st.integers(1, 2),
@@ -298,7 +300,8 @@ def _max_rel_error(reference, outputs):
 
 
 def _probe(spec):
-    return np.random.default_rng(spec[3] + 1).normal(size=(2, SIZE, SIZE, spec[0])).astype("float32")
+    rng = np.random.default_rng(spec[3] + 1)
+    return rng.normal(size=(2, SIZE, SIZE, spec[0])).astype("float32")
 
 
 def check_spec(spec):
@@ -325,7 +328,10 @@ def check_spec(spec):
 
 # --- the properties --------------------------------------------------------------------
 
-pytestmark = pytest.mark.filterwarnings("ignore:strip_and_shrink. every structure")
+pytestmark = [
+    pytest.mark.slow,  # hundreds of generated models
+    pytest.mark.filterwarnings("ignore:strip_and_shrink. every structure"),
+]
 
 
 # Edge cases pinned for every run (no failure of the long runs needed one, see FUZZING.md).

@@ -55,8 +55,9 @@ def _hand_scaled(layer, plain_cls, alpha):
                for v in layer.weights}
     kernel_name = _scaled_kernel_name(layer)
     kernel = weights[kernel_name]
-    if layer.structure == "channel" or (layer.structure == "filter" and kernel_name != "pointwise_kernel"
-                                        and isinstance(layer, keras.layers.DepthwiseConv2D)):
+    if layer.structure == "channel" or (
+            layer.structure == "filter" and kernel_name != "pointwise_kernel"
+            and isinstance(layer, keras.layers.DepthwiseConv2D)):
         scale = alpha.reshape((1,) * (kernel.ndim - 2) + (-1, 1))
     elif layer.structure == "filter":
         scale = alpha.reshape((1,) * (kernel.ndim - 1) + (-1,))
@@ -80,7 +81,9 @@ def _hand_scaled(layer, plain_cls, alpha):
 
 def _scaled_kernel_name(layer):
     if isinstance(layer, keras.layers.SeparableConv2D):
-        return "depthwise_kernel" if layer.structure in ("channel", "column") else "pointwise_kernel"
+        if layer.structure in ("channel", "column"):
+            return "depthwise_kernel"
+        return "pointwise_kernel"
     return "kernel"
 
 
@@ -139,7 +142,8 @@ def _loss_and_grads(layer, x, target):
         import jax
 
         def loss_fn(trainable):
-            y, _ = layer.stateless_call(trainable, [v.value for v in layer.non_trainable_variables], x)
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+            y, _ = layer.stateless_call(trainable, non_trainable, x)
             return jax.numpy.sum((y - target) ** 2)
 
         grads = jax.grad(loss_fn)([v.value for v in layer.trainable_variables])
@@ -209,7 +213,8 @@ def test_pruned_structure_revives_under_straight_through():
 
 def test_sequential_add_and_alpha_is_trainable_weight():
     model = keras.Sequential([keras.Input((8, 8, 3)), tf_psp.PSPConv2D(6, 3, name="c"),
-                              keras.layers.GlobalAveragePooling2D(), tf_psp.PSPDense(2, structure="filter")])
+                              keras.layers.GlobalAveragePooling2D(),
+                              tf_psp.PSPDense(2, structure="filter")])
     conv = model.get_layer("c")
     assert conv.alpha.shape == (3,)
     assert any(v is conv.alpha for v in model.trainable_weights)

@@ -1,11 +1,10 @@
-"""Mixed precision (float16, bfloat16): alpha stays float32, training works, the shrunk model matches."""
+"""Mixed precision (float16, bfloat16): alpha stays float32, training works, shrunk matches."""
 
 import keras
 import numpy as np
 import pytest
 
 import tf_psp
-
 
 # Policy -> max deviation of the shrunk model from the PSP model, relative to
 # the largest output: both compute in the low precision, in different orders

@@ -28,6 +28,27 @@ def _run(args, timeout=900):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+def _run_in_process(args, capsys):
+    """Runs the script's `main` through absl's `app.run` here; returns (status, stdout, stderr).
+
+    For checks that end before any training (flag errors, --helpfull): the same
+    code path as the script, without a process start.
+    """
+    from absl import app
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import mobilenet_prune
+
+    mobilenet_prune.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            app.run(mobilenet_prune.main, argv=[str(SCRIPT), *args])
+    finally:
+        mobilenet_prune.FLAGS.unparse_flags()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
 def _ok(result):
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     return result
@@ -52,6 +73,7 @@ def _weights(path):
     return arrays
 
 
+@pytest.mark.slow
 def test_mobilenetv2_tiny_run_writes_every_report_file(tmp_path):
     out = tmp_path / "mnv2"
     result = _ok(_run(["--image_size=32", "--alpha_width=0.35", "--train_limit=32",
@@ -76,6 +98,7 @@ def test_mobilenetv2_tiny_run_writes_every_report_file(tmp_path):
     assert "| accuracy before (dense) |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_keep_macs_prunes_to_the_budget(tmp_path):
     out = tmp_path / "budget"
     result = _ok(_run(TINY_RESNET + ["--epochs=2", "--pretrain_epochs=1", "--keep_macs=0.5",
@@ -88,6 +111,7 @@ def test_keep_macs_prunes_to_the_budget(tmp_path):
     assert report["max_rel_deviation"] < 1e-4
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     common = TINY_RESNET + ["--epochs=2", "--pretrain_epochs=1", "--finetune_epochs=1",
@@ -145,21 +169,21 @@ def _check_exports_and_benchmark(out, result):
     (["--image_size=0"], "--image_size"),
     (["--lr_boundaries=5,x"], "--lr_boundaries"),
 ])
-def test_bad_flags_fail_with_a_message_naming_the_flag(args, flag, tmp_path):
-    result = _run(args + [f"--output_dir={tmp_path}"], timeout=120)
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if flag in line]
-    assert lines, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_bad_flags_fail_with_a_message_naming_the_flag(args, flag, tmp_path, capsys):
+    status, _, stderr = _run_in_process(args + [f"--output_dir={tmp_path}"], capsys)
+    assert status != 0
+    lines = [line for line in stderr.splitlines() if flag in line]
+    assert lines, stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
-def test_helpfull_documents_every_flag():
-    result = _run(["--helpfull"], timeout=120)  # absl exits with status 1 after help
+def test_helpfull_documents_every_flag(capsys):
+    _, stdout, _ = _run_in_process(["--helpfull"], capsys)  # absl exits with status 1 after help
     for flag in ("dataset", "data_dir", "weights", "alpha_width", "image_size", "structure",
                  "epsilon", "alpha_decay", "learning_rate", "momentum", "epochs", "batch_size",
                  "steps_per_epoch", "pretrain_epochs", "round_to", "finetune_epochs",
                  "bench_rounds", "benchmark", "output_dir", "stop_after_epoch", "model"):
-        assert f"--{flag}" in result.stdout or f"--[no]{flag}" in result.stdout, flag
+        assert f"--{flag}" in stdout or f"--[no]{flag}" in stdout, flag
 
 
 @pytest.mark.parametrize("name", ["demo.cfg", "cifar10-resnet56.cfg", "imagenette.cfg"])

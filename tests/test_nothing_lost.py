@@ -21,7 +21,8 @@ import pytest
 import tf_psp
 from tf_psp import atomic, bench, cli
 from tf_psp import export as tf_psp_export
-from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
+
+from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 L = keras.layers
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -92,7 +93,8 @@ def _public_functions_taking_a_model():
     modules = [tf_psp, tf_psp_export, bench, tf_psp.batchnorm]
     names = set()
     for module in modules:
-        public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+        public = (getattr(module, "__all__", None)
+                  or [n for n in dir(module) if not n.startswith("_")])
         for name in public:
             function = getattr(module, name, None)
             if not inspect.isfunction(function) or (
@@ -111,8 +113,6 @@ def test_every_public_function_taking_a_model_has_a_case():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_function_leaves_the_model_unchanged(name, tmp_path):
-    if name == "fold_batchnorm" and not hasattr(tf_psp.batchnorm, "fold_batchnorm"):
-        pytest.skip("no fold_batchnorm in this version")
     model = _psp_model()
     before = weights_snapshot(model)
     names = [layer.name for layer in model.layers]
@@ -145,8 +145,9 @@ def _code_lines(path):
     lines = {}
     with open(path, "rb") as f:
         for token in tokenize.tokenize(f.readline):
-            if token.type in (tokenize.COMMENT, tokenize.ENCODING) or (
-                    token.type == tokenize.STRING and token.string.lstrip("rbuRBU")[:3] in ('"""', "'''")):
+            docstring = (token.type == tokenize.STRING
+                         and token.string.lstrip("rbuRBU")[:3] in ('"""', "'''"))
+            if token.type in (tokenize.COMMENT, tokenize.ENCODING) or docstring:
                 continue
             lines.setdefault(token.start[0], []).append(token.string)
     return [(number, " ".join(parts)) for number, parts in sorted(lines.items())]
@@ -160,8 +161,9 @@ def test_every_file_write_in_tf_psp_goes_through_atomic():
         source = path.read_text().splitlines()
         for number, code in _code_lines(path):
             line = source[number - 1].strip() if number <= len(source) else ""
-            if _WRITES.search(code) and "atomic ." not in code \
-                    and not _TF_PSP_EXPORT.search(code) and (path.name, line) not in _INTO_TEMPORARY:
+            if (_WRITES.search(code) and "atomic ." not in code
+                    and not _TF_PSP_EXPORT.search(code)
+                    and (path.name, line) not in _INTO_TEMPORARY):
                 direct.append(f"{path.name}:{number}: {line}")
     assert not direct, "write through tf_psp.atomic instead:\n" + "\n".join(direct)
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from model_helpers import randomize_weights
+from conftest import randomize_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -29,7 +29,6 @@ TINY = ["--methods=wd,magnitude", "--strengths=0.5", "--sparsities=0.5",
 
 
 def _run_script(output_dir):
-    pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
@@ -41,6 +40,7 @@ def _run_script(output_dir):
     return proc.stdout
 
 
+@pytest.mark.slow  # the script end to end in a subprocess
 def test_script_writes_results_and_resumes(tmp_path):
     first = _run_script(tmp_path)
     assert first.count(": running") == 3, first  # dense baseline, wd 0.5, magnitude 0.5

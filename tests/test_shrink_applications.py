@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import tf_psp
-from shrink_helpers import _randomize
+
+from conftest import randomize_biases_and_batchnorm
 
 APPLICATIONS = {
     "MobileNetV2": lambda: keras.applications.MobileNetV2(
@@ -34,10 +35,11 @@ def _prune_half(model, seed=0):
             layer.alpha.assign(alpha)
 
 
+@pytest.mark.slow  # a sweep over keras.applications (DenseNet121 alone takes a minute)
 @pytest.mark.parametrize("name", sorted(APPLICATIONS))
 def test_application_shrinks_exactly_and_converts(name, tmp_path):
     psp = tf_psp.parameterize(APPLICATIONS[name](), structure="channel")
-    _randomize(psp)
+    randomize_biases_and_batchnorm(psp)
     _prune_half(psp)
     shrunk = tf_psp.strip_and_shrink(psp)
     x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import tf_psp
-from shrink_helpers import _check, _randomize, _set_alpha
 from tf_psp.shrink import strip_and_shrink
+
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 
@@ -20,15 +21,15 @@ def _padded_reader(shape=(8, 8, 3)):
     x = L.GlobalAveragePooling2D(name="gap")(x)
     outputs = L.Dense(2, name="head")(x)
     model = keras.Model(inputs, outputs)
-    _randomize(model)
-    _set_alpha(model.get_layer("c1"), [1, 1, 0, 1, 1, 1])
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("c1"), [1, 1, 0, 1, 1, 1])
     return model
 
 
-def test_exact_mode_keeps_constant_read_with_padding():
+def test_exact_mode_keeps_constant_read_with_padding(check_shrink):
     model = _padded_reader()
     x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype("float32")
-    _, report = _check(model, x, {"c1": 6, "c2": 4})
+    _, report = check_shrink(model, x, {"c1": 6, "c2": 4})
     assert any(row["layer"] == "c2" and "cannot fold" in row["reason"] for row in report.blocked)
     assert report.approximation_error is None and "approximate" not in str(report)
 

@@ -8,7 +8,8 @@ import numpy as np
 import tf_psp
 from tf_psp import graph as psp_graph
 from tf_psp.shrink import strip, strip_and_shrink
-from shrink_helpers import _check, _randomize, _set_alpha
+
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 
@@ -17,7 +18,7 @@ def _dead(n, dead):
     return [0 if i in dead else 1 for i in range(n)]
 
 
-def test_nested_model_is_frozen_and_stripped():
+def test_nested_model_is_frozen_and_stripped(check_shrink):
     inner_in = keras.Input((6, 6, 4))
     inner = keras.Model(inner_in, tf_psp.PSPConv2D(4, 1, structure="channel", name="ic")(inner_in),
                         name="inner")
@@ -27,12 +28,12 @@ def test_nested_model_is_frozen_and_stripped():
     x = tf_psp.PSPConv2D(3, 1, structure="channel", name="c2")(x)
     outputs = L.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inputs, outputs)
-    _randomize(model)
-    _set_alpha(model.get_layer("c1"), _dead(4, {1}))
-    _set_alpha(inner.get_layer("ic"), _dead(4, {2}))
-    _set_alpha(model.get_layer("c2"), _dead(4, {0}))
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("c1"), _dead(4, {1}))
+    set_alpha(inner.get_layer("ic"), _dead(4, {2}))
+    set_alpha(model.get_layer("c2"), _dead(4, {0}))
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
-    shrunk, _ = _check(model, x, {"c1": 4, "inner": 4, "c2": 3})
+    shrunk, _ = check_shrink(model, x, {"c1": 4, "inner": 4, "c2": 3})
     assert type(shrunk.get_layer("inner").get_layer("ic")) is L.Conv2D
     assert type(strip(model).get_layer("inner").get_layer("ic")) is L.Conv2D
 
@@ -48,11 +49,11 @@ def test_two_inputs_two_outputs_shared_layer_and_ops():
     out1 = L.GlobalAveragePooling1D(name="gap")(h)
     out2 = L.Dense(2, name="head2")(h)
     model = keras.Model({"a": a_in, "b": b_in}, [out1, out2])
-    _randomize(model)
-    _set_alpha(model.get_layer("shared"), _dead(6, {0, 1}))
-    _set_alpha(model.get_layer("ca"), _dead(6, {2, 3}))
-    _set_alpha(model.get_layer("cb"), _dead(6, {3}))
-    _set_alpha(model.get_layer("seq_dense"), _dead(5, {1, 4}))
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("shared"), _dead(6, {0, 1}))
+    set_alpha(model.get_layer("ca"), _dead(6, {2, 3}))
+    set_alpha(model.get_layer("cb"), _dead(6, {3}))
+    set_alpha(model.get_layer("seq_dense"), _dead(5, {1, 4}))
     rng = np.random.default_rng(0)
     x = {"a": rng.normal(size=(2, 8, 3)).astype("float32"),
          "b": rng.normal(size=(2, 8, 3)).astype("float32")}
@@ -70,7 +71,7 @@ def test_two_inputs_two_outputs_shared_layer_and_ops():
         np.testing.assert_array_equal(w0, w1)
 
 
-def test_dense_on_sequences():
+def test_dense_on_sequences(check_shrink):
     model = keras.Sequential([
         keras.Input((5, 4)),
         tf_psp.PSPDense(8, activation="relu", structure="filter", name="d1"),
@@ -78,12 +79,12 @@ def test_dense_on_sequences():
         tf_psp.PSPDense(6, activation="relu", structure="filter", name="d2"),
         tf_psp.PSPDense(3, structure="channel", name="d3"),
     ])
-    _randomize(model)
-    _set_alpha(model.get_layer("d1"), _dead(8, {0, 5}))
-    _set_alpha(model.get_layer("d2"), _dead(6, {1, 2, 3}))
-    _set_alpha(model.get_layer("d3"), _dead(6, {0}))
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("d1"), _dead(8, {0, 5}))
+    set_alpha(model.get_layer("d2"), _dead(6, {1, 2, 3}))
+    set_alpha(model.get_layer("d3"), _dead(6, {0}))
     x = np.random.default_rng(0).normal(size=(2, 5, 4)).astype("float32")
-    _, report = _check(model, x, {"d1": 8, "ln": 8, "d2": 2, "d3": 3})
+    _, report = check_shrink(model, x, {"d1": 8, "ln": 8, "d2": 2, "d3": 3})
     assert "'ln' (LayerNormalization)" in str(report)
 
 
@@ -96,7 +97,7 @@ class TwiceHandler(psp_graph.PassThroughHandler):
     pass
 
 
-def test_registering_a_handler_unfreezes_a_custom_layer():
+def test_registering_a_handler_unfreezes_a_custom_layer(check_shrink):
     def build():
         inputs = keras.Input((6, 6, 3))
         x = tf_psp.PSPConv2D(4, 3, padding="same", name="c1")(inputs)
@@ -104,14 +105,14 @@ def test_registering_a_handler_unfreezes_a_custom_layer():
         outputs = tf_psp.PSPDense(2, structure="channel", name="fc")(
             L.GlobalAveragePooling2D()(x))
         model = keras.Model(inputs, outputs)
-        _randomize(model)
-        _set_alpha(model.get_layer("fc"), _dead(4, {1, 2}))
+        randomize_biases_and_batchnorm(model)
+        set_alpha(model.get_layer("fc"), _dead(4, {1, 2}))
         return model
 
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
-    _check(build(), x, {"c1": 4})
+    check_shrink(build(), x, {"c1": 4})
     psp_graph.REGISTRY[Twice] = TwiceHandler
     try:
-        _check(build(), x, {"c1": 2, "twice": 2})
+        check_shrink(build(), x, {"c1": 2, "twice": 2})
     finally:
         del psp_graph.REGISTRY[Twice]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import tf_psp
-from shrink_helpers import _check, _randomize, _set_alpha
+
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 
@@ -14,7 +15,7 @@ def _dead(n, dead):
     return [0 if i in dead else 1 for i in range(n)]
 
 
-def test_resnet_blocks():
+def test_resnet_blocks(check_shrink):
     x = inputs = keras.Input((8, 8, 4))
     x = tf_psp.PSPConv2D(8, 3, padding="same", structure="filter", name="stem")(x)
     x = L.BatchNormalization(name="stem_bn")(x)
@@ -31,22 +32,22 @@ def test_resnet_blocks():
     h = tf_psp.PSPDense(5, structure="channel", name="fc")(h)
     outputs = L.Dense(2, name="head")(h)
     model = keras.Model(inputs, outputs)
-    _randomize(model)
-    _set_alpha(model.get_layer("stem"), _dead(8, {2}))
-    _set_alpha(model.get_layer("b1a"), _dead(8, {1, 3, 6, 7}))
-    _set_alpha(model.get_layer("b2a"), _dead(8, {1, 3, 6}))
-    _set_alpha(model.get_layer("fc"), _dead(8, {1, 3, 5, 6}))
-    _set_alpha(model.get_layer("b1b"), _dead(6, {0, 4}))
-    _set_alpha(model.get_layer("b2b"), _dead(6, {2}))
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("stem"), _dead(8, {2}))
+    set_alpha(model.get_layer("b1a"), _dead(8, {1, 3, 6, 7}))
+    set_alpha(model.get_layer("b2a"), _dead(8, {1, 3, 6}))
+    set_alpha(model.get_layer("fc"), _dead(8, {1, 3, 5, 6}))
+    set_alpha(model.get_layer("b1b"), _dead(6, {0, 4}))
+    set_alpha(model.get_layer("b2b"), _dead(6, {2}))
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 4)).astype("float32")
     # Main space: removable where b1a, b2a and fc all ignore it: {1, 3, 6}.
     # Inner spaces: removable where the second conv ignores it.
     expected = {"stem": 5, "add1": 5, "add2": 5, "gap": 5, "b1b": 5, "b2b": 5,
                 "b1a": 4, "b1a_bn": 4, "b2a": 5, "fc": 5}
-    _check(model, x, expected)
+    check_shrink(model, x, expected)
 
 
-def test_mobilenetv2_block():
+def test_mobilenetv2_block(check_shrink):
     x = inputs = keras.Input((8, 8, 3))
     x = L.Conv2D(6, 3, padding="same", name="stem")(x)
     x = L.BatchNormalization(name="stem_bn")(x)
@@ -63,24 +64,24 @@ def test_mobilenetv2_block():
     h = L.GlobalAveragePooling2D(name="gap")(h)
     outputs = tf_psp.PSPDense(3, structure="channel", name="fc")(h)
     model = keras.Model(inputs, outputs)
-    _randomize(model, seed=3)
-    _set_alpha(model.get_layer("expand"), _dead(6, {0, 2, 5}))
-    _set_alpha(model.get_layer("fc"), _dead(6, {0, 1, 5}))
+    randomize_biases_and_batchnorm(model, seed=3)
+    set_alpha(model.get_layer("expand"), _dead(6, {0, 2, 5}))
+    set_alpha(model.get_layer("fc"), _dead(6, {0, 1, 5}))
     # dw 'channel' keeps its bias: a dead depthwise channel is a constant that
     # the 1x1 projection folds into a bias (it gets one: use_bias=False here,
     # as in MobileNetV2).
-    _set_alpha(model.get_layer("dw"), _dead(12, {1, 4, 7}))
-    _set_alpha(model.get_layer("project"), _dead(12, {4, 8, 9, 10}))
+    set_alpha(model.get_layer("dw"), _dead(12, {1, 4, 7}))
+    set_alpha(model.get_layer("project"), _dead(12, {4, 8, 9, 10}))
     x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype("float32")
     expected = {"stem": 4, "add": 4, "expand": 12 - 6, "dw": 6, "dw_bn": 6,
                 "project": 4, "fc": 3}
-    shrunk, _ = _check(model, x, expected)
+    shrunk, _ = check_shrink(model, x, expected)
     assert shrunk.get_layer("project").use_bias
     assert not shrunk.get_layer("expand").use_bias
 
 
 @pytest.mark.parametrize("merge", ["Add", "Subtract", "Average", "Maximum", "Minimum", "Multiply"])
-def test_merge_layers(merge):
+def test_merge_layers(check_shrink, merge):
     inputs = keras.Input((6, 6, 3))
     a = tf_psp.PSPConv2D(6, 3, padding="same", structure="filter", name="a")(inputs)
     a = L.BatchNormalization(name="a_bn")(a)
@@ -91,16 +92,16 @@ def test_merge_layers(merge):
     x = L.GlobalAveragePooling2D(name="gap")(x)
     outputs = L.Dense(2, name="head")(x)
     model = keras.Model(inputs, outputs)
-    _randomize(model)
-    _set_alpha(model.get_layer("a"), _dead(6, {0, 1}))
-    _set_alpha(model.get_layer("b"), _dead(6, {1, 2}))
-    _set_alpha(model.get_layer("mix"), _dead(6, {3}))
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("a"), _dead(6, {0, 1}))
+    set_alpha(model.get_layer("b"), _dead(6, {1, 2}))
+    set_alpha(model.get_layer("mix"), _dead(6, {3}))
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
     # 1: both inputs constant -> a constant the 1x1 mix folds; 3: ignored by mix.
-    _check(model, x, {"a": 4, "b": 4, "merge": 4, "mix": 4})
+    check_shrink(model, x, {"a": 4, "b": 4, "merge": 4, "mix": 4})
 
 
-def test_keras_mobilenetv2_exact():
+def test_keras_mobilenetv2_exact(check_shrink):
     model = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4, include_top=True)
     rng = np.random.default_rng(0)
@@ -118,5 +119,5 @@ def test_keras_mobilenetv2_exact():
     # the 1x1 projection folds. The 112-wide output space meets the head: kept.
     kernel = model.get_layer("expanded_conv_depthwise").kernel.numpy()
     dead = int(np.sum(~np.any(kernel != 0, axis=(0, 1, 3))))
-    shrunk, report = _check(model, x, {"Conv1": 16 - dead, "block_16_project": 112})
+    shrunk, report = check_shrink(model, x, {"Conv1": 16 - dead, "block_16_project": 112})
     assert shrunk.count_params() < 0.85 * model.count_params()

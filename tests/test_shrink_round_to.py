@@ -6,7 +6,8 @@ import pytest
 
 import tf_psp
 from tf_psp.shrink import strip_and_shrink
-from shrink_helpers import _randomize
+
+from conftest import randomize_biases_and_batchnorm
 
 L = keras.layers
 
@@ -21,7 +22,7 @@ def _model():
         L.GlobalAveragePooling2D(name="gap"),
         L.Dense(2, name="head"),
     ])
-    _randomize(model)
+    randomize_biases_and_batchnorm(model)
     # c1 filters 1..6 pruned with distinct |alpha| below epsilon (0.01):
     # the largest ones come back first when rounding.
     model.get_layer("c1").alpha.assign(

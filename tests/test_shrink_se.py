@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import tf_psp
-from shrink_helpers import _check, _randomize, _set_alpha
+
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 
@@ -15,7 +16,7 @@ def _dead(n, dead):
 
 
 @pytest.mark.parametrize("reshape", [True, False])
-def test_squeeze_excitation(reshape):
+def test_squeeze_excitation(check_shrink, reshape):
     inputs = keras.Input((8, 8, 3))
     f = tf_psp.PSPConv2D(8, 3, padding="same", structure="filter", name="conv")(inputs)
     f = L.BatchNormalization(name="bn")(f)
@@ -30,15 +31,15 @@ def test_squeeze_excitation(reshape):
     x = L.GlobalAveragePooling2D(name="gap")(x)
     outputs = L.Dense(2, name="head")(x)
     model = keras.Model(inputs, outputs)
-    _randomize(model)
+    randomize_biases_and_batchnorm(model)
     bn = model.get_layer("bn")
     gamma, beta, mean, var = bn.get_weights()
     beta[[1, 2]], mean[[1, 2]] = -5.0, 0.0  # dead filters 1, 2 -> relu(bn(0)) = 0
     beta[[3]], mean[[3]] = 2.0, 0.0  # dead filter 3 -> a nonzero constant
     bn.set_weights([gamma, beta, mean, var])
-    _set_alpha(model.get_layer("conv"), _dead(8, {1, 2, 3}))
-    _set_alpha(model.get_layer("se_reduce"), _dead(8, {2, 5, 6}))
-    _set_alpha(model.get_layer("project"), _dead(8, {3, 6, 7}))
+    set_alpha(model.get_layer("conv"), _dead(8, {1, 2, 3}))
+    set_alpha(model.get_layer("se_reduce"), _dead(8, {2, 5, 6}))
+    set_alpha(model.get_layer("project"), _dead(8, {3, 6, 7}))
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     # channel c goes when se_reduce ignores it or it is constant (folded into
     # se_reduce's bias) AND the product is ignored by project or is 0:
@@ -46,4 +47,4 @@ def test_squeeze_excitation(reshape):
     # project ignores it; 6: ignored by both; 5, 7: read by one of them.
     expected = {"conv": 4, "bn": 4, "squeeze": 4, "se_reduce": 3, "se_expand": 4,
                 "excite": 4, "project": 4}
-    _check(model, x, expected)
+    check_shrink(model, x, expected)

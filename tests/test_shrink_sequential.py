@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import tf_psp
-from tf_psp.shrink import strip, strip_and_shrink
+from tf_psp.shrink import strip
 
-from shrink_helpers import _check, _checksum, _randomize, _set_alpha
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 
@@ -38,7 +38,7 @@ def _chain(sequential):
         for layer in layers:
             x = layer(x)
         model = keras.Model(inputs, x)
-    _randomize(model)
+    randomize_biases_and_batchnorm(model)
     # bn1: channel 1 maps the pruned constant 0 to a negative value (ReLU -> 0);
     # channel 6 to a positive one that a 3x3 'same' conv cannot absorb.
     bn1 = model.get_layer("bn1")
@@ -46,15 +46,15 @@ def _chain(sequential):
     beta[1], mean[1] = -3.0, 0.0
     beta[6], mean[6] = 2.0, 0.0
     bn1.set_weights([gamma, beta, mean, var])
-    _set_alpha(model.get_layer("c1"), [1, 0, 1, 0, 1, 1, 0, 1])
-    _set_alpha(model.get_layer("c2"), [1, 1, 0, 0, 1, 1, 1, 0])
-    _set_alpha(model.get_layer("c3"), [1, 0, 1, 1, 0])
-    _set_alpha(model.get_layer("d1"), [1, 1, 0, 1, 1])
+    set_alpha(model.get_layer("c1"), [1, 0, 1, 0, 1, 1, 0, 1])
+    set_alpha(model.get_layer("c2"), [1, 1, 0, 0, 1, 1, 1, 0])
+    set_alpha(model.get_layer("c3"), [1, 0, 1, 1, 0])
+    set_alpha(model.get_layer("d1"), [1, 1, 0, 1, 1])
     return model
 
 
 @pytest.mark.parametrize("sequential", [True, False])
-def test_chain_shrinks_exactly(sequential):
+def test_chain_shrinks_exactly(check_shrink, sequential):
     model = _chain(sequential)
     x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
     # c1 keeps {0, 4, 5, 6}: 2, 7 unread by c2; 3 pruned and unread; 1 is relu(bn(0)) = 0;
@@ -62,7 +62,7 @@ def test_chain_shrinks_exactly(sequential):
     # c2 keeps all 6 (c3 is filter-pruned, reads every input).
     # c3 keeps {0, 3}: 2 is unread by d1; 1, 4 are constants folded into d1's bias.
     expected = {"c1": 4, "bn1": 4, "r1": 4, "c2": 6, "c3": 2, "gap": 2, "d1": 4, "d2": 3}
-    shrunk, report = _check(model, x, expected)
+    shrunk, report = check_shrink(model, x, expected)
     assert "c2" in str(report)
 
 
@@ -70,7 +70,7 @@ def test_strip_keeps_widths_and_values():
     model = _chain(False)
     x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype("float32")
     plain = strip(model)
-    assert [type(l).__name__ for l in plain.layers][1] == "Conv2D"
+    assert [type(layer).__name__ for layer in plain.layers][1] == "Conv2D"
     assert plain.get_layer("c1").filters == 8
     np.testing.assert_allclose(plain(x, training=False), model(x, training=False), atol=1e-5)
     assert model.get_layer("c1") is not plain.get_layer("c1")
@@ -81,7 +81,7 @@ def test_strip_keeps_widths_and_values():
     (1, "same", True),  # a 1x1 'same' conv pads nothing
     (3, "same", False),  # border windows see zero padding: kept
 ])
-def test_constant_folding_into_conv(kernel_size, padding, absorbed):
+def test_constant_folding_into_conv(check_shrink, kernel_size, padding, absorbed):
     model = keras.Sequential([
         keras.Input((7, 7, 2)),
         tf_psp.PSPConv2D(4, 3, padding="same", structure="filter", name="c1"),
@@ -89,7 +89,7 @@ def test_constant_folding_into_conv(kernel_size, padding, absorbed):
         L.Conv2D(3, kernel_size, strides=2, padding=padding, dilation_rate=1, name="c2"),
         L.GlobalMaxPooling2D(name="gmp"),
     ])
-    _randomize(model)
-    _set_alpha(model.get_layer("c1"), [1, 0, 1, 0])
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("c1"), [1, 0, 1, 0])
     x = np.random.default_rng(0).normal(size=(2, 7, 7, 2)).astype("float32")
-    _check(model, x, {"c1": 2 if absorbed else 4, "c2": 3})
+    check_shrink(model, x, {"c1": 2 if absorbed else 4, "c2": 3})

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 
 import tf_psp
-from shrink_helpers import _check, _randomize, _set_alpha
+
+from conftest import randomize_biases_and_batchnorm, set_alpha
 
 L = keras.layers
 
@@ -24,18 +25,18 @@ def _model(middle):
     x = L.GlobalAveragePooling2D(name="gap")(x)
     outputs = L.Dense(2, name="head")(x)
     model = keras.Model(inputs, outputs)
-    _randomize(model)
-    _set_alpha(model.get_layer("c1"), _dead(6, {0, 4}))
-    _set_alpha(model.get_layer("c2"), _dead(6, {1, 4}))
-    _set_alpha(model.get_layer("c3"), _dead(5, {2, 3}))
+    randomize_biases_and_batchnorm(model)
+    set_alpha(model.get_layer("c1"), _dead(6, {0, 4}))
+    set_alpha(model.get_layer("c2"), _dead(6, {1, 4}))
+    set_alpha(model.get_layer("c3"), _dead(5, {2, 3}))
     return model
 
 
-def test_lambda_freezes_its_channels():
+def test_lambda_freezes_its_channels(check_shrink):
     model = _model(L.Lambda(lambda t: 2.0 * t + 1.0, name="lam"))
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
     # c1's space is frozen by the Lambda; c2's space is not.
-    shrunk, report = _check(model, x, {"c1": 6, "lam": 6, "c2": 3, "c3": 4})
+    shrunk, report = check_shrink(model, x, {"c1": 6, "lam": 6, "c2": 3, "c3": 4})
     assert shrunk.get_layer("lam") is model.get_layer("lam")  # reused, not round-tripped
     blocked = report.to_dict()["blocked"]
     rows = {row["space"]: row for row in blocked if row["layer"] == "lam"}
@@ -47,16 +48,16 @@ def test_lambda_freezes_its_channels():
         report)
 
 
-def test_general_reshape_freezes():
+def test_general_reshape_freezes(check_shrink):
     model = _model(L.Reshape((6, 6, 6), name="reshape"))  # not size-1 only: frozen
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
-    _check(model, x, {"c1": 6, "reshape": 6, "c2": 3})
+    check_shrink(model, x, {"c1": 6, "reshape": 6, "c2": 3})
 
 
-def test_without_unknown_layer_shrinks():
+def test_without_unknown_layer_shrinks(check_shrink):
     model = _model(L.Identity(name="ident"))
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
-    _check(model, x, {"c1": 3, "c2": 3, "c3": 4})
+    check_shrink(model, x, {"c1": 3, "c2": 3, "c3": 4})
 
 
 class Scale(L.Layer):
@@ -64,10 +65,10 @@ class Scale(L.Layer):
         return x * 3.0
 
 
-def test_custom_layer_freezes():
+def test_custom_layer_freezes(check_shrink):
     model = _model(Scale(name="custom"))
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
-    _, report = _check(model, x, {"c1": 6, "c2": 3})
+    _, report = check_shrink(model, x, {"c1": 6, "c2": 3})
     assert "custom" in str(report)
 
 

@@ -16,11 +16,13 @@ import pytest
 
 import tf_psp
 from tf_psp import export as tf_psp_export
-from model_helpers import randomize_weights
+
+from conftest import randomize_weights
 
 TFLITE_CONVERT = os.path.join(os.path.dirname(sys.executable), "tflite_convert")
 
 pytestmark = [
+    pytest.mark.slow,  # runs the tflite_convert script in a subprocess
     pytest.mark.skipif(
         keras.backend.backend() != "tensorflow",
         reason="tflite_convert needs the TensorFlow backend",

@@ -114,7 +114,8 @@ def _balance_groups(model, calls, kappa, min_alpha):
     rows = {}
     for name, (_, index) in calls.items():
         reader = model.get_layer(name)
-        kernel_var = reader.depthwise_kernel if hasattr(reader, "pointwise_kernel") else reader.kernel
+        separable = hasattr(reader, "pointwise_kernel")
+        kernel_var = reader.depthwise_kernel if separable else reader.kernel
         kernel = _np(kernel_var)
         index = np.asarray(index)
         per_channel = np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1)

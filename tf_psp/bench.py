@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from tf_psp import export
+
 DEFAULT_WARMUP = 5
 DEFAULT_RUNS = 50
 _PROBE_SEED = 0
@@ -44,8 +46,6 @@ def tflite_timer(path, probe=None, num_threads=1):
     Returns:
         A callable `() -> seconds`.
     """
-    from tf_psp import export
-
     interpreter = export.litert_interpreter(path, num_threads=num_threads)
     if probe is None:
         probe = tflite_probe(path)
@@ -159,8 +159,6 @@ def tflite_probe(path, batch=1):
     Returns:
         An array for a single-input model, else a dict keyed by input name.
     """
-    from tf_psp import export
-
     interpreter = export.litert_interpreter(path)
     details = interpreter.get_input_details()
     signatures = interpreter.get_signature_list()

@@ -1,4 +1,4 @@
-"""Keras callbacks: PSP sparsity reports (`PSPMonitor`) and budget-driven pruning (`PruneToBudget`)."""
+"""Keras callbacks: sparsity reports (`PSPMonitor`) and budget-driven pruning (`PruneToBudget`)."""
 
 import math
 

@@ -1,0 +1,90 @@
+"""What the tests share: random weights, PSP alphas set by hand, and two oracles.
+
+Model builders call the plain functions (`from conftest import randomize_weights`);
+test bodies take the oracle that shrinks and compares as the `check_shrink` fixture.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from tf_psp.shrink import strip_and_shrink
+
+# --- building test models -----------------------------------------------------------
+
+
+def randomize_weights(model, seed=0):
+    """Gives every weight random values (BatchNorm variances positive); returns the model."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([
+        np.abs(rng.normal(size=v.shape)) + 0.5 if "variance" in v.path
+        else rng.normal(scale=0.3, size=v.shape)
+        for v in model.weights
+    ])
+    return model
+
+
+def randomize_biases_and_batchnorm(model, seed=0):
+    """Non-trivial biases and BatchNorm statistics; kernels and alphas keep their values."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 1, c),
+                               rng.normal(0, 0.5, c), rng.uniform(0.5, 2.0, c)])
+        elif getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.normal(0, 0.5, layer.bias.shape))
+
+
+def set_alpha(layer, alive):
+    """Sets a PSP layer's alphas: 0 where `alive` is false, distinct values above 1 elsewhere."""
+    alive = np.asarray(alive, bool)
+    layer.alpha.assign(np.where(alive, 1.0 + 0.1 * np.arange(alive.size).reshape(alive.shape), 0.0))
+
+
+# --- oracles ------------------------------------------------------------------------
+
+
+def weights_snapshot(model):
+    """Copies of all of the model's weights."""
+    return [np.array(w).copy() for w in model.get_weights()]
+
+
+def assert_weights_unchanged(before, model):
+    """Fails unless `model`'s weights equal the `weights_snapshot` taken before."""
+    after = model.get_weights()
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def _shrink_and_compare(model, x, expected):
+    """`strip_and_shrink(model)`: same outputs, plain Keras layers, `expected` widths.
+
+    Args:
+        model: a PSP model.
+        x: a probe batch.
+        expected: layer name -> channels the report gives it after shrinking.
+
+    Returns:
+        `(shrunk, report)`; the PSP model's weights are checked to be untouched.
+    """
+    before = weights_snapshot(model)
+    shrunk, report = strip_and_shrink(model, return_report=True)
+    ref = keras.ops.convert_to_numpy(model(x, training=False))
+    out = keras.ops.convert_to_numpy(shrunk(x, training=False))
+    assert out.shape == ref.shape
+    assert np.max(np.abs(out - ref)) <= 1e-5 * np.max(np.abs(ref))
+    for layer in shrunk._flatten_layers(include_self=False):
+        assert not type(layer).__module__.startswith("tf_psp")
+    widths = {row["name"]: row["channels_after"] for row in report.to_dict()["layers"]}
+    for name, width in expected.items():
+        assert widths[name] == width, (name, str(report))
+    assert_weights_unchanged(before, model)
+    return shrunk, report
+
+
+@pytest.fixture
+def check_shrink():
+    """`check_shrink(model, x, expected) -> (shrunk, report)`: shrinks and checks exactness."""
+    return _shrink_and_compare
