@@ -12,6 +12,7 @@ from tf_psp import (
     callbacks,
     coupling,
     export,
+    handlers,
     pipeline,
     plan,
     regularizers,
@@ -42,6 +43,7 @@ from tf_psp.profiling import (
     profile,
     removability,
 )
+from tf_psp.registry import register_layer, unregister_layer
 from tf_psp.shrink import strip, strip_and_shrink
 
 __version__ = "0.1.0"
@@ -64,6 +66,9 @@ __all__ = [
     "pipeline",
     "plan",
     "prune",
+    "register_layer",
+    "unregister_layer",
+    "handlers",
     "prune_to_budget",
     "pruning_plan",
     "sparse_training",

@@ -33,7 +33,7 @@ read from exact zeros in the folded weights, so every PSP structure
 import keras
 import numpy as np
 
-from tf_psp import compat
+from tf_psp import compat, macs, registry
 from tf_psp.functional import functional_view
 
 # --- small helpers ------------------------------------------------------------
@@ -136,7 +136,10 @@ class LayerHandler:
 
     `kind` is 'producer' (outputs are a new channel space, inputs are read
     through a kernel), 'passthrough' (outputs share the inputs' groups) or
-    'frozen'.
+    'frozen'. A handler may also define `macs(layer, input_shapes,
+    output_shapes) -> number`, the MACs of one call (batched shapes), used by
+    `tf_psp.profile` and the budget functions. Register a handler for a layer
+    class with `tf_psp.register_layer`; `tf_psp.handlers` has ready ones.
     """
 
     kind = "frozen"
@@ -307,6 +310,9 @@ class TrivialReshapeHandler(PassThroughHandler):
 
 class DepthwiseHandler(PassThroughHandler):
     """DepthwiseConv: input channel c owns outputs c*m .. c*m+m-1."""
+
+    def macs(self, layer, input_shapes, output_shapes):
+        return macs.depthwise_macs(layer, input_shapes, output_shapes)
 
     def frozen_reason(self, layer, node):
         if not _channels_last(layer):
@@ -596,15 +602,22 @@ def _folds_exactly(handler, layer, value):
 
 
 class ConvHandler(_KernelHandler):
-    pass
+    def macs(self, layer, input_shapes, output_shapes):
+        return macs.conv_macs(layer, input_shapes, output_shapes)
 
 
 class DenseHandler(_KernelHandler):
     width_key = "units"
 
+    def macs(self, layer, input_shapes, output_shapes):
+        return macs.dense_macs(layer, input_shapes, output_shapes)
+
 
 class SeparableConvHandler(_KernelHandler):
     """SeparableConv: depthwise [.., cin, m] then pointwise [.., cin*m, out]."""
+
+    def macs(self, layer, input_shapes, output_shapes):
+        return macs.separable_macs(layer, input_shapes, output_shapes)
 
     def _kernel(self, layer):
         return _np(layer.pointwise_kernel)
@@ -635,66 +648,69 @@ class SeparableConvHandler(_KernelHandler):
 
 
 L = keras.layers
-REGISTRY = {
-    L.Conv1D: ConvHandler,
-    L.Conv2D: ConvHandler,
-    L.Conv3D: ConvHandler,
-    L.Dense: DenseHandler,
-    L.SeparableConv1D: SeparableConvHandler,
-    L.SeparableConv2D: SeparableConvHandler,
-    L.DepthwiseConv1D: DepthwiseHandler,
-    L.DepthwiseConv2D: DepthwiseHandler,
-    L.BatchNormalization: BatchNormHandler,
-    L.Activation: ActivationHandler,
-    L.ReLU: PassThroughHandler,
-    L.LeakyReLU: PassThroughHandler,
-    L.ELU: PassThroughHandler,
-    L.Identity: PassThroughHandler,
-    L.Dropout: PassThroughHandler,
-    L.SpatialDropout1D: PassThroughHandler,
-    L.SpatialDropout2D: PassThroughHandler,
-    L.SpatialDropout3D: PassThroughHandler,
-    L.GaussianNoise: PassThroughHandler,
-    L.GaussianDropout: PassThroughHandler,
-    L.AlphaDropout: PassThroughHandler,
-    L.Rescaling: RescalingHandler,
-    L.MaxPooling1D: ShapeKeepingHandler,
-    L.MaxPooling2D: ShapeKeepingHandler,
-    L.MaxPooling3D: ShapeKeepingHandler,
-    L.AveragePooling1D: ShapeKeepingHandler,
-    L.AveragePooling2D: ShapeKeepingHandler,
-    L.AveragePooling3D: ShapeKeepingHandler,
-    L.GlobalAveragePooling1D: ShapeKeepingHandler,
-    L.GlobalAveragePooling2D: ShapeKeepingHandler,
-    L.GlobalAveragePooling3D: ShapeKeepingHandler,
-    L.GlobalMaxPooling1D: ShapeKeepingHandler,
-    L.GlobalMaxPooling2D: ShapeKeepingHandler,
-    L.GlobalMaxPooling3D: ShapeKeepingHandler,
-    L.Cropping1D: ShapeKeepingHandler,
-    L.Cropping2D: ShapeKeepingHandler,
-    L.Cropping3D: ShapeKeepingHandler,
-    L.UpSampling1D: ShapeKeepingHandler,
-    L.UpSampling2D: ShapeKeepingHandler,
-    L.UpSampling3D: ShapeKeepingHandler,
-    L.ZeroPadding1D: ZeroPaddingHandler,
-    L.ZeroPadding2D: ZeroPaddingHandler,
-    L.ZeroPadding3D: ZeroPaddingHandler,
-    L.Add: MergeHandler,
-    L.Subtract: MergeHandler,
-    L.Average: MergeHandler,
-    L.Maximum: MergeHandler,
-    L.Minimum: MergeHandler,
-    L.Multiply: MergeHandler,
-    L.Concatenate: ConcatenateHandler,
-    L.Flatten: FlattenHandler,
-    L.Reshape: TrivialReshapeHandler,
-}
-del L
+_BUILT_INS = (
+    (L.Conv1D, ConvHandler),
+    (L.Conv2D, ConvHandler),
+    (L.Conv3D, ConvHandler),
+    (L.Dense, DenseHandler),
+    (L.SeparableConv1D, SeparableConvHandler),
+    (L.SeparableConv2D, SeparableConvHandler),
+    (L.DepthwiseConv1D, DepthwiseHandler),
+    (L.DepthwiseConv2D, DepthwiseHandler),
+    (L.BatchNormalization, BatchNormHandler),
+    (L.Activation, ActivationHandler),
+    (L.ReLU, PassThroughHandler),
+    (L.LeakyReLU, PassThroughHandler),
+    (L.ELU, PassThroughHandler),
+    (L.Identity, PassThroughHandler),
+    (L.Dropout, PassThroughHandler),
+    (L.SpatialDropout1D, PassThroughHandler),
+    (L.SpatialDropout2D, PassThroughHandler),
+    (L.SpatialDropout3D, PassThroughHandler),
+    (L.GaussianNoise, PassThroughHandler),
+    (L.GaussianDropout, PassThroughHandler),
+    (L.AlphaDropout, PassThroughHandler),
+    (L.Rescaling, RescalingHandler),
+    (L.MaxPooling1D, ShapeKeepingHandler),
+    (L.MaxPooling2D, ShapeKeepingHandler),
+    (L.MaxPooling3D, ShapeKeepingHandler),
+    (L.AveragePooling1D, ShapeKeepingHandler),
+    (L.AveragePooling2D, ShapeKeepingHandler),
+    (L.AveragePooling3D, ShapeKeepingHandler),
+    (L.GlobalAveragePooling1D, ShapeKeepingHandler),
+    (L.GlobalAveragePooling2D, ShapeKeepingHandler),
+    (L.GlobalAveragePooling3D, ShapeKeepingHandler),
+    (L.GlobalMaxPooling1D, ShapeKeepingHandler),
+    (L.GlobalMaxPooling2D, ShapeKeepingHandler),
+    (L.GlobalMaxPooling3D, ShapeKeepingHandler),
+    (L.Cropping1D, ShapeKeepingHandler),
+    (L.Cropping2D, ShapeKeepingHandler),
+    (L.Cropping3D, ShapeKeepingHandler),
+    (L.UpSampling1D, ShapeKeepingHandler),
+    (L.UpSampling2D, ShapeKeepingHandler),
+    (L.UpSampling3D, ShapeKeepingHandler),
+    (L.ZeroPadding1D, ZeroPaddingHandler),
+    (L.ZeroPadding2D, ZeroPaddingHandler),
+    (L.ZeroPadding3D, ZeroPaddingHandler),
+    (L.Add, MergeHandler),
+    (L.Subtract, MergeHandler),
+    (L.Average, MergeHandler),
+    (L.Maximum, MergeHandler),
+    (L.Minimum, MergeHandler),
+    (L.Multiply, MergeHandler),
+    (L.Concatenate, ConcatenateHandler),
+    (L.Flatten, FlattenHandler),
+    (L.Reshape, TrivialReshapeHandler),
+)
+for _cls, _handler in _BUILT_INS:
+    registry.register_layer(_cls, _handler)
+del L, _cls, _handler
+REGISTRY = registry.HANDLERS  # layer class -> handler; add entries with tf_psp.register_layer
 
 
 def handler_for(layer):
-    """The registered handler instance for `layer`'s exact class (or a freezer)."""
-    return REGISTRY.get(type(layer), _FrozenHandler)()
+    """`(handler instance, frozen reason or None)` for `layer` (see `tf_psp.registry`)."""
+    return registry.handler_for(layer, _FrozenHandler)
 
 
 # --- the graph ------------------------------------------------------------------
@@ -758,11 +774,12 @@ class ChannelGraph:
         for node in ordered:
             inputs = [self._tensor(t) for t in node.arguments.keras_tensors]
             outputs = [self._tensor(t) for t in node.outputs]
-            handler = handler_for(node.operation)
+            handler, reason = handler_for(node.operation)
             handler.approximate = self.approximate
             info = NodeInfo(node, handler, inputs, outputs)
-            reason = None
-            if calls[id(node.operation)] > 1:
+            if reason is not None:
+                pass  # a subclass with its own call() of a registered layer
+            elif calls[id(node.operation)] > 1:
                 reason = "is shared (called more than once)"
             elif any(t.channels is None for t in inputs + outputs):
                 reason = "has an unknown channel count"

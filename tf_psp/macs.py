@@ -3,14 +3,15 @@
 A rule is a function `(layer, input_shapes, output_shapes) -> MACs` (batched
 shapes, batch dimension excluded from the count). The built-in rules cover
 Conv1D/2D/3D, their transposes, DepthwiseConv, SeparableConv and Dense;
-`tf_psp.register_layer` adds rules for other layer types.
+`tf_psp.register_layer` adds rules for other layer types (a handler's
+`macs` method).
 """
 
 import math
 
 import keras
 
-from tf_psp import compat
+from tf_psp import compat, registry
 
 
 def spatial(layer, shape):
@@ -28,27 +29,27 @@ def _variable_size(variable):
     return _size(variable.shape)
 
 
-def _conv_macs(layer, input_shapes, output_shapes):
+def conv_macs(layer, input_shapes, output_shapes):
     # Each kernel entry is used once per output position; with groups the
     # kernel is [*k, cin/groups, cout], so this is prod(k) * cin/groups * cout.
     return _size(spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
 
 
-def _conv_transpose_macs(layer, input_shapes, output_shapes):
+def conv_transpose_macs(layer, input_shapes, output_shapes):
     # Each kernel entry [*k, cout, cin] is used once per *input* position.
     return _size(spatial(layer, input_shapes[0])) * _variable_size(layer.kernel)
 
 
-def _dense_macs(layer, input_shapes, output_shapes):
+def dense_macs(layer, input_shapes, output_shapes):
     # Dense acts on the last axis; all other non-batch axes are positions.
     return _size(output_shapes[0][1:-1]) * _variable_size(layer.kernel)
 
 
-def _depthwise_macs(layer, input_shapes, output_shapes):
+def depthwise_macs(layer, input_shapes, output_shapes):
     return _size(spatial(layer, output_shapes[0])) * _variable_size(layer.kernel)
 
 
-def _separable_macs(layer, input_shapes, output_shapes):
+def separable_macs(layer, input_shapes, output_shapes):
     positions = _size(spatial(layer, output_shapes[0]))
     return positions * (
         _variable_size(layer.depthwise_kernel) + _variable_size(layer.pointwise_kernel)
@@ -57,36 +58,27 @@ def _separable_macs(layer, input_shapes, output_shapes):
 
 # Checked in order with isinstance, so PSP layers use their Keras parent's rule.
 MAC_RULES = (
-    ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), _conv_macs),
+    ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), conv_macs),
     (
         (
             keras.layers.Conv1DTranspose,
             keras.layers.Conv2DTranspose,
             keras.layers.Conv3DTranspose,
         ),
-        _conv_transpose_macs,
+        conv_transpose_macs,
     ),
-    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), _depthwise_macs),
-    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), _separable_macs),
-    ((keras.layers.Dense,), _dense_macs),
+    ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), depthwise_macs),
+    ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), separable_macs),
+    ((keras.layers.Dense,), dense_macs),
 )
 
 
-_REGISTERED = []  # (layer class, rule) from tf_psp.register_layer, newest first
-
-
-def register_rule(layer_class, rule):
-    """Counts `layer_class` (and its subclasses) with `rule`, ahead of the built-in rules."""
-    global _REGISTERED
-    _REGISTERED = [(cls, r) for cls, r in _REGISTERED if cls is not layer_class]
-    _REGISTERED.insert(0, (layer_class, rule))
-
-
 def mac_rule(layer):
-    """The MAC rule for `layer` (registered first, then built-in, by isinstance), or None."""
-    for cls, rule in _REGISTERED:
-        if isinstance(layer, cls):
-            return rule
+    """The MAC rule for `layer`, or None: its registered handler's `macs` method
+    (`tf_psp.register_layer`; inherited by subclasses), else a built-in rule."""
+    handler = registry.mac_handler(layer)
+    if handler is not None:
+        return handler.macs
     for classes, rule in MAC_RULES:
         if isinstance(layer, classes):
             return rule

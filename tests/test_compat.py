@@ -1,0 +1,64 @@
+"""tf_psp.compat: every Keras internal tf_psp reads, exercised on the pinned Keras.
+
+When a Keras upgrade moves one of them, this file fails first and names it.
+"""
+
+import keras
+import pytest
+
+from tf_psp import compat
+
+L = keras.layers
+
+
+def _model():
+    i = keras.Input((4, 4, 2), name="x")
+    a = L.Conv2D(3, 1, name="a")(i)
+    b = L.ReLU(name="b")(a)
+    inner = keras.Sequential([keras.Input((3,)), L.Dense(2, name="inner_dense")], name="inner")
+    o = inner(L.GlobalAveragePooling2D(name="gap")(b))
+    return keras.Model({"x": i}, [o, b], name="m"), inner
+
+
+def test_pinned_keras_version():
+    assert keras.__version__ == compat.KERAS_VERSION, (
+        f"Keras {keras.__version__} is not the version tf_psp.compat was checked against "
+        f"({compat.KERAS_VERSION}): run tests/test_compat.py, fix the accessors that fail, "
+        "then update KERAS_VERSION.")
+
+
+def test_graph_accessors():
+    model, inner = _model()
+    assert compat.is_functional(model) and compat.is_graph_model(model)
+    assert compat.is_graph_model(inner) and not compat.is_graph_model(L.Dense(1))
+    assert compat.graph_of(inner) is not None
+    names = [n.operation.name for n in compat.nodes_in_order(model) if not n.is_input]
+    assert names == ["a", "b", "gap", "inner"]
+    assert set(compat.nodes_by_depth(model)) == {0, 1, 2, 3, 4}
+    assert [t.name for t in compat.flat_inputs(model)] == ["x"]
+    assert isinstance(compat.inputs_struct(model), dict)
+    assert isinstance(compat.outputs_struct(model), list)
+
+
+def test_layer_and_tensor_accessors():
+    model, _ = _model()
+    a, b = model.get_layer("a"), model.get_layer("b")
+    assert [n.operation for n in compat.outbound_nodes(a)] == [b]
+    (node,) = compat.inbound_nodes(b)
+    (tensor,) = node.input_tensors
+    assert compat.producer(tensor) is a
+    operation, node_index, tensor_index = compat.keras_history(tensor)
+    assert (operation, node_index, tensor_index) == (a, 0, 0)
+    names = [layer.name for layer in compat.flatten_layers(model)]
+    assert names[:5] == ["x", "a", "b", "gap", "inner"] and "inner_dense" in names
+    assert tuple(compat.build_input_shape(a)) == (None, 4, 4, 2)
+
+
+def test_subclassed_model_has_no_graph():
+    class Sub(keras.Model):
+        def call(self, x):
+            return x
+
+    assert compat.graph_of(Sub()) is None
+    with pytest.raises(AttributeError):
+        compat.nodes_by_depth(Sub())
