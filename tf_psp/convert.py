@@ -113,8 +113,8 @@ def parameterize(
     originals = {}
 
     def clone_function(layer):
-        if isinstance(layer, keras.layers.Lambda):
-            return layer  # stateless; a python lambda cannot round-trip a config
+        if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
+            return layer  # stateless (a keras.ops call, or a lambda that cannot round-trip)
         twin = psp_layers.PSP_TWINS.get(type(layer))
         if twin is not None and select(layer):
             chosen = structure(layer) if callable(structure) else structure

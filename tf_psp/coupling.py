@@ -365,8 +365,8 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
 
     def clone_function(layer):
         if id(layer) not in clones:
-            if isinstance(layer, keras.layers.Lambda):
-                new = layer  # a Python lambda cannot round-trip a config safely
+            if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
+                new = layer  # stateless: a keras.ops call, or a lambda that cannot round-trip
             else:
                 new = type(layer).from_config(layer.get_config())
             clones[id(layer)] = new

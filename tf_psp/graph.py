@@ -33,6 +33,13 @@ read from exact zeros in the folded weights, so every PSP structure
 import keras
 import numpy as np
 
+# keras.ops classes (`h + 3.0` in a functional model is a node of
+# keras.src.ops.numpy.Add) have no public import path.
+from keras.src.applications import convnext as _convnext
+from keras.src.ops import core as _core_ops
+from keras.src.ops import nn as _nn_ops
+from keras.src.ops import numpy as _numpy_ops
+
 # --- small helpers ------------------------------------------------------------
 
 
@@ -279,6 +286,23 @@ class RescalingHandler(PassThroughHandler):
             pick(layer.scale), offset=pick(layer.offset), name=layer.name, dtype=layer.dtype_policy
         )
         return new, []
+
+
+class LayerScaleHandler(PassThroughHandler):
+    """ConvNeXt's `LayerScale`: `x * gamma`, one gamma per channel."""
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = _new_layer(node.layer, projection_dim=len(keep_out[0]))
+        return layer, [_np(node.layer.gamma)[keep_out[0]]]
+
+
+class LayerNormHandler(_FrozenHandler):
+    """LayerNormalization: every output channel depends on every input channel."""
+
+    def couple(self, graph, node):
+        reason = "normalizes across channels (removing one changes the others)"
+        for t in node.inputs + node.outputs:
+            graph.freeze(t, node, reason)
 
 
 class TrivialReshapeHandler(PassThroughHandler):
@@ -631,6 +655,121 @@ class SeparableConvHandler(_KernelHandler):
         return _new_layer(layer, filters=len(keep_out[0])), weights
 
 
+# --- keras.ops calls ------------------------------------------------------------
+
+
+def _is_scalar(value):
+    """A Python number or a one-element array: broadcasts onto every channel alike."""
+    if isinstance(value, (bool, int, float, np.number)):
+        return True
+    return isinstance(value, np.ndarray) and value.size == 1
+
+
+def _op_constant_reason(node):
+    """Why an op call's non-tensor arguments block pass-through (None: all scalars)."""
+    tensors = {id(t) for t in node.node.arguments.keras_tensors}
+    values = [v for v in keras.tree.flatten((node.node.arguments.args, node.node.arguments.kwargs))
+              if id(v) not in tensors and v is not None and not isinstance(v, str)]
+    if not all(_is_scalar(v) for v in values):
+        return "has a constant operand that is not a scalar"
+    return None
+
+
+def _call_op_on_constants(node, in_consts):
+    """The op applied to per-channel constants (NaN where an input is not constant)."""
+    ranks = [len(t.tensor.shape) for t in node.inputs]
+    values, finite = {}, np.ones(node.outputs[0].channels, bool)
+    for t, c, rank in zip(node.inputs, in_consts, ranks):
+        ok = np.isfinite(c)
+        finite &= np.broadcast_to(ok, finite.shape)
+        x = np.where(ok, c, 0.0).reshape((1,) * (rank - 1) + (-1,))
+        values[id(t.tensor)] = x.astype(t.tensor.dtype or "float32")
+    args, kwargs = node.node.arguments.fill_in(values)
+    y = _np(node.layer(*args, **kwargs)).reshape(-1).astype(np.float64)
+    y = np.broadcast_to(y, finite.shape)
+    return np.where(finite & np.isfinite(y), y, np.nan)
+
+
+class ElementwiseOpHandler(PassThroughHandler):
+    """A keras.ops call on one tensor and scalar constants (`h + 3.0`, `ops.relu(h)`).
+
+    Channel c in is channel c out; the op object is stateless and reused; a
+    constant channel maps to the op applied to the constant.
+    """
+
+    def frozen_reason(self, layer, node):
+        if len(node.inputs) != 1 or len(node.outputs) != 1:
+            return "is a keras.ops call on several tensors"
+        if node.inputs[0].channels != node.outputs[0].channels:
+            return "changes the channel count"
+        return _op_constant_reason(node)
+
+    def constants(self, node, in_consts):
+        if not np.any(np.isfinite(in_consts[0])):
+            return [in_consts[0].copy()]
+        return [_call_op_on_constants(node, in_consts)]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return node.layer, None
+
+
+class BinaryOpHandler(MergeHandler):
+    """A keras.ops call on two tensors (`a + b`, `x * gate`): couples them like Add.
+
+    With one tensor and scalar constants it is an `ElementwiseOpHandler`.
+    """
+
+    def frozen_reason(self, layer, node):
+        if len(node.inputs) == 1:
+            return ElementwiseOpHandler().frozen_reason(layer, node)
+        return super().frozen_reason(layer, node) or _op_constant_reason(node)
+
+    def couple(self, graph, node):
+        if len(node.inputs) == 1:
+            return graph.union_tensors(node.inputs[0], node.outputs[0])
+        return super().couple(graph, node)
+
+    def constants(self, node, in_consts):
+        if not any(np.any(np.isfinite(c)) for c in in_consts):
+            return [np.full(node.outputs[0].channels, np.nan)]
+        out = _call_op_on_constants(node, in_consts)
+        if type(node.layer).__name__ == "Multiply" and len(in_consts) > 1:
+            zero = np.any([np.broadcast_to(c == 0, out.shape) for c in in_consts], axis=0)
+            out = np.where(zero, 0.0, out)
+        return [out]
+
+    def needed_inputs(self, node, out_needed):
+        if len(node.inputs) == 1:
+            return [out_needed[0].copy()]
+        return super().needed_inputs(node, out_needed)
+
+    def dropped_inputs(self, node, in_consts):
+        if len(node.inputs) == 1:
+            return []
+        return super().dropped_inputs(node, in_consts)
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return node.layer, None
+
+
+def _op_classes(module, names):
+    """The classes `names` of a keras.ops module that exist in this Keras version."""
+    return [getattr(module, n) for n in names if hasattr(module, n)]
+
+
+ELEMENTWISE_OPS = _op_classes(_nn_ops, (
+    "Relu", "Relu6", "Sigmoid", "HardSigmoid", "HardSilu", "Silu", "Gelu", "Elu", "Selu",
+    "Celu", "LeakyRelu", "Softplus", "Softsign", "SoftShrink", "HardShrink", "HardTanh",
+    "TanhShrink", "SparsePlus", "Squareplus", "LogSigmoid", "Mish",
+)) + _op_classes(_numpy_ops, (
+    "Tanh", "Absolute", "Abs", "Negative", "Square", "Sqrt", "Exp", "Expm1", "Log", "Log1p",
+    "Clip", "Reciprocal", "Sign", "Floor", "Ceil", "Round",
+)) + _op_classes(_core_ops, ("Cast",))
+BINARY_OPS = _op_classes(_numpy_ops, (
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
+))
+
+
 L = keras.layers
 REGISTRY = {
     L.Conv1D: ConvHandler,
@@ -685,7 +824,11 @@ REGISTRY = {
     L.Concatenate: ConcatenateHandler,
     L.Flatten: FlattenHandler,
     L.Reshape: TrivialReshapeHandler,
+    L.LayerNormalization: LayerNormHandler,
+    _convnext.LayerScale: LayerScaleHandler,
 }
+REGISTRY.update({cls: ElementwiseOpHandler for cls in ELEMENTWISE_OPS})
+REGISTRY.update({cls: BinaryOpHandler for cls in BINARY_OPS})
 del L
 
 
@@ -785,6 +928,9 @@ class ChannelGraph:
                 reason = "has an unknown channel count"
             elif handler.kind != "frozen":
                 reason = handler.frozen_reason(node.operation, info)
+            elif not isinstance(node.operation, keras.layers.Layer):
+                reason = ("is a keras.ops call that may mix channels (only elementwise "
+                          "ops with scalar constants pass channels through)")
             if reason is not None:
                 info.handler = _FrozenHandler()
                 info.frozen_reason = reason
