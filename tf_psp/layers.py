@@ -220,6 +220,19 @@ class PSPConv1D(_PSPConvBase, keras.layers.Conv1D):
 
     plain_class = keras.layers.Conv1D
 
+    def convolution_op(self, inputs, kernel):
+        if self.padding != "causal":
+            return super().convolution_op(inputs, kernel)
+        # as keras.layers.Conv1D.call: pad dilation * (k - 1) steps on the left
+        return ops.conv(
+            ops.pad(inputs, self._compute_causal_padding()),
+            kernel,
+            strides=list(self.strides),
+            padding="valid",
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+
 
 @keras.saving.register_keras_serializable(package="tf_psp")
 class PSPConv2D(_PSPConvBase, keras.layers.Conv2D):
