@@ -859,6 +859,23 @@ def functional_view(model):
     return model
 
 
+def check_channels_last(model, caller):
+    """Raises a ValueError naming the first `channels_first` layer of `model` (nested too).
+
+    The channel graph reads channels on the last axis; on a channels_first
+    model it would see widths and spatial positions where channels are.
+    """
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "data_format", None) == "channels_first":
+            raise ValueError(
+                f"{caller}: layer '{layer.name}' ({type(layer).__name__}) uses "
+                "data_format='channels_first'; tf_psp finds channels on the last axis "
+                "only. Rebuild the model channels_last (the default, "
+                "keras.config.set_image_data_format('channels_last')) and copy the "
+                "weights: kernels have the same layout in both formats."
+            )
+
+
 class ChannelGraph:
     """Channel groups, constants and liveness of a functional Keras model.
 

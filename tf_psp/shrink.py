@@ -387,11 +387,16 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
 
     Returns:
         A functional `keras.Model`, or `(model, report)` with `return_report`.
+
+    Raises:
+        ValueError: `model` is not a built functional/Sequential model, has
+            non-finite alphas, or a `channels_first` layer (refused, named).
     """
     check_model(model)
     if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
     round_to = int(round_to)
+    psp_graph.check_channels_last(model, f"strip_and_shrink(model '{model.name}')")
     _check_finite_alphas(model)
     scores = _psp_scores(model)
     g = psp_graph.ChannelGraph(strip(model), approximate=approximate)
