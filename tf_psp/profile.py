@@ -5,6 +5,15 @@ Sequential model's graph (batch dimension excluded), so nothing is run.
 Supporting a new layer type is one entry in `MAC_RULES`: a function
 `(layer, input_shapes, output_shapes) -> MACs of one call`.
 
+Conventions: a MAC is one multiply-accumulate of a weight; biases,
+activations, gate products and per-channel scales (BatchNormalization,
+PReLU) count 0, an Embedding lookup counts 0. Convolutions count each kernel
+entry once per output position (transposed ones: per input position),
+SimpleRNN/LSTM/GRU each kernel and recurrent-kernel entry once per time step,
+MultiHeadAttention its four projections plus heads * Tq * Tv * (key_dim +
+value_dim) for the scores and the weighted sum. A layer with weights and no
+rule is *not counted*: `LayerProfile.counted` is False and the table says so.
+
 For PSP layers the profile also counts the structures whose `|alpha|` is below
 `epsilon` and the MACs and parameters they zero, i.e. what this layer would
 lose if those structures were physically removed. The count is local to the
@@ -75,7 +84,50 @@ def _separable_macs(layer, input_shapes, output_shapes):
     )
 
 
+def _rnn_macs(layer, input_shapes, output_shapes):
+    # Each kernel and recurrent-kernel entry is used once per time step (LSTM: 4
+    # gates, GRU: 3); gate products, activations and biases are not counted.
+    cell = getattr(layer, "cell", None)
+    if getattr(cell, "kernel", None) is None or getattr(cell, "recurrent_kernel", None) is None:
+        return None
+    steps = _size(input_shapes[0][1:-1])
+    return steps * (_variable_size(cell.kernel) + _variable_size(cell.recurrent_kernel))
+
+
+def _bidirectional_macs(layer, input_shapes, output_shapes):
+    parts = []
+    for sub in (layer.forward_layer, layer.backward_layer):
+        rule = _mac_rule(sub)
+        parts.append(None if rule is None else rule(sub, input_shapes, output_shapes))
+    return None if None in parts else sum(parts)
+
+
+def _attention_macs(layer, input_shapes, output_shapes):
+    # Projections: each kernel entry once per query (Q, output) or value (K, V)
+    # position; scores and weighted sum: heads * Tq * Tv * (key_dim + value_dim).
+    query_kernel = layer._query_dense.kernel
+    value_kernel = layer._value_dense.kernel
+    value_dim = int(value_kernel.shape[0])
+    # `value` is the second argument; masks may follow: pick by its feature size
+    value = next((s for s in input_shapes[1:] if s[-1] == value_dim), input_shapes[0])
+    tq, tv = _size(output_shapes[0][1:-1]), _size(value[1:-1])
+    heads, key_dim = int(query_kernel.shape[-2]), int(query_kernel.shape[-1])
+    head_value_dim = int(value_kernel.shape[-1])
+    return (
+        tq * (_variable_size(query_kernel) + _variable_size(layer._output_dense.kernel))
+        + tv * (_variable_size(layer._key_dense.kernel) + _variable_size(value_kernel))
+        + heads * tq * tv * (key_dim + head_value_dim)
+    )
+
+
+def _no_macs(layer, input_shapes, output_shapes):
+    # Lookups (Embedding) and per-channel scales and shifts (normalizations,
+    # PReLU): no multiply-accumulates by convention, like activations.
+    return 0
+
+
 # Checked in order with isinstance, so PSP layers use their Keras parent's rule.
+# A rule may return None: "not counted" (e.g. an RNN with an unusual cell).
 MAC_RULES = (
     ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), _conv_macs),
     (
@@ -89,7 +141,25 @@ MAC_RULES = (
     ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), _depthwise_macs),
     ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), _separable_macs),
     ((keras.layers.Dense,), _dense_macs),
+    ((keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU), _rnn_macs),
+    ((keras.layers.Bidirectional,), _bidirectional_macs),
+    ((keras.layers.MultiHeadAttention,), _attention_macs),
+    (
+        (
+            keras.layers.Embedding,
+            keras.layers.BatchNormalization,
+            keras.layers.LayerNormalization,
+            keras.layers.GroupNormalization,
+            keras.layers.Normalization,
+            keras.layers.PReLU,
+        ),
+        _no_macs,
+    ),
 )
+
+
+# rules of layers whose kernels `zeroed_macs` reads (`_kernel_entries`)
+_KERNEL_RULES = (_conv_macs, _conv_transpose_macs, _depthwise_macs, _separable_macs, _dense_macs)
 
 
 def _mac_rule(layer):
@@ -188,6 +258,8 @@ class LayerProfile:
         structures_alive: structures with `|alpha| >= epsilon`.
         pruned_macs: MACs of the dead structures.
         pruned_params: kernel (and owned bias) entries of the dead structures.
+        counted: False for a layer with weights and no MAC rule: its `macs`
+            (0) are unknown, not zero.
     """
 
     name: str
@@ -201,6 +273,7 @@ class LayerProfile:
     structures_alive: int = None
     pruned_macs: int = 0
     pruned_params: int = 0
+    counted: bool = True
 
     @property
     def is_psp(self):
@@ -272,6 +345,11 @@ class ModelProfile:
         return sum(row.params for row in self.layers)
 
     @property
+    def uncounted(self):
+        """Names of the layers with weights whose MACs no rule counts (not in `total_macs`)."""
+        return [row.name for row in self.layers if not row.counted]
+
+    @property
     def pruned_macs(self):
         """MACs zeroed by the dead PSP structures."""
         return sum(row.pruned_macs for row in self.layers)
@@ -318,6 +396,7 @@ class ModelProfile:
             "name": self.name,
             "layers": [row.to_dict() for row in self.layers],
             "total_macs": self.total_macs,
+            "uncounted": self.uncounted,
             "total_params": self.total_params,
             "pruned_macs": self.pruned_macs,
             "pruned_params": self.pruned_params,
@@ -349,7 +428,7 @@ class ModelProfile:
                     f"{row.name} ({row.class_name})",
                     _format_shape(row.output_shape),
                     f"{row.params:,}",
-                    f"{row.macs:,}",
+                    f"{row.macs:,}" if row.counted else "not counted",
                     f"{row.structures_alive}/{row.structures_total}" if row.is_psp else "",
                     _percent(row.pruned_macs, row.macs or self.total_macs) if row.is_psp else "",
                 )
@@ -367,6 +446,11 @@ class ModelProfile:
         out.append(rule)
         out.append(f"Total params: {self.total_params:,}")
         out.append(f"Total MACs: {self.total_macs:,}")
+        if self.uncounted:
+            out.append(
+                f"MACs not counted (weights but no rule in tf_psp.profile.MAC_RULES): "
+                f"{', '.join(self.uncounted)}"
+            )
         if self.structures_total:
             out.append(
                 f"PSP structures pruned: {self.structures_pruned:,}/"
@@ -520,11 +604,15 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             _walk(layer, f"{path}/", rows, psp_entries, index, inner, kernel_rows)
             continue
         rule = _mac_rule(layer)
-        macs, positions = 0, 0
-        if rule is not None:
+        macs, positions, counted = 0, 0, not layer.weights
+        if rule is _no_macs:
+            counted = True
+        elif rule is not None:
             _check_static(layer, path, in_shapes, "input")
             _check_static(layer, path, out_shapes, "output")
-            macs = int(rule(layer, in_shapes, out_shapes))
+            macs = rule(layer, in_shapes, out_shapes)
+            counted = macs is not None
+            macs = int(macs or 0)
             positions = _positions(layer, out_shapes)
             gate, gate_index = _gate_of(node)
             if gate is not None:
@@ -535,6 +623,7 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
         if layer in index:
             row = index[layer]
             row.macs += macs
+            row.counted = row.counted and counted
             row.calls += 1
             for entry in psp_entries:
                 if entry[1] is layer and not coupling.is_group_alphas(layer):
@@ -555,7 +644,8 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
         elif coupling.is_group_alphas(layer):
             row.structure = layer.structure
             psp_entries.append([row, layer, []])
-        if rule is not None and kernel_rows is not None:
+        row.counted = counted
+        if rule in _KERNEL_RULES and kernel_rows is not None:
             kernel_rows.append((row, layer))
         index[layer] = row
         rows.append(row)
