@@ -430,13 +430,19 @@ class ReaderView:
         return self.gate.scales(self.index) != 0
 
 
-def fold_input_scale(weights, scale):
+def fold_input_scale(weights, scale, transposed=False):
     """Reader `weights` with input channel `c` scaled by `scale[c]`.
 
     The first weight of every reader is indexed `[..., in, out]` (Conv, Dense,
     DepthwiseConv `[.., in, multiplier]`, SeparableConv's depthwise kernel),
-    so one broadcast covers them all.
+    so one broadcast covers them all; `transposed`: `[..., out, in]`
+    (Conv*DTranspose).
     """
     weights = [np.array(w) for w in weights]
-    weights[0] = weights[0] * scale.reshape(-1, 1).astype(weights[0].dtype)
+    shape = (-1,) if transposed else (-1, 1)
+    weights[0] = weights[0] * scale.reshape(shape).astype(weights[0].dtype)
     return weights
+
+
+TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+              keras.layers.Conv3DTranspose)

@@ -146,6 +146,11 @@ class LayerHandler:
     kind = "frozen"
     approximate = False  # fold constants as if convolutions had no padding
 
+    @classmethod
+    def specialize(cls, layer):
+        """The handler class for this very layer (e.g. a grouped conv's); default `cls`."""
+        return cls
+
     def frozen_reason(self, layer, node):
         """None when this handler understands `layer`, else why not."""
         return None
@@ -334,8 +339,15 @@ class DepthwiseHandler(PassThroughHandler):
             return "is not channels_last"
         return None
 
+    def _multiplier(self, layer):
+        return layer.depth_multiplier
+
+    def _dw_kernel(self, layer):
+        """The kernel as [*spatial, cin, m]."""
+        return _np(layer.kernel)
+
     def couple(self, graph, node):
-        m = node.layer.depth_multiplier
+        m = self._multiplier(node.layer)
         t_in, t_out = node.inputs[0], node.outputs[0]
         for c in range(t_in.channels):
             for j in range(m):
@@ -343,10 +355,10 @@ class DepthwiseHandler(PassThroughHandler):
 
     def constants(self, node, in_consts):
         layer = node.layer
-        kernel = _np(layer.kernel)
+        kernel = self._dw_kernel(layer)
         zero = ~np.any(kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) != 0, axis=0)
         bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
-        m = layer.depth_multiplier
+        m = self._multiplier(layer)
         value = np.repeat(np.where(np.isfinite(in_consts[0]), in_consts[0], 0.0), m)
         folds = np.repeat([np.isfinite(v) and _folds_exactly(self, layer, v) for v in in_consts[0]], m)
         zero |= folds
@@ -357,18 +369,66 @@ class DepthwiseHandler(PassThroughHandler):
         return [out.astype(np.float64)]
 
     def needed_inputs(self, node, out_needed):
-        kernel = _np(node.layer.kernel)
-        m = node.layer.depth_multiplier
+        kernel = self._dw_kernel(node.layer)
+        m = self._multiplier(node.layer)
         live = np.any(kernel.reshape(-1, kernel.shape[-2], m) != 0, axis=0)
         return [np.any(live & out_needed[0].reshape(-1, m), axis=1)]
+
+    def _bias(self, layer, keep):
+        m = self._multiplier(layer)
+        return _np(layer.bias).reshape(-1, m)[keep].reshape(-1)
 
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
         layer = node.layer
         weights = [_np(layer.kernel)[..., keep_in[0], :]]
         if layer.use_bias:
-            m = layer.depth_multiplier
-            weights.append(_np(layer.bias).reshape(-1, m)[keep_in[0]].reshape(-1))
+            weights.append(self._bias(layer, keep_in[0]))
         return _new_layer(layer), weights
+
+
+class GroupedDepthwiseHandler(DepthwiseHandler):
+    """Conv with `groups` == input channels (ConvNeXt's depthwise): a DepthwiseConv.
+
+    The kernel [*spatial, 1, cin * m]: output c*m + j reads input channel c only.
+    """
+
+    def _multiplier(self, layer):
+        return layer.filters // layer.groups
+
+    def _dw_kernel(self, layer):
+        kernel = _np(layer.kernel)
+        return kernel.reshape(kernel.shape[:-2] + (layer.groups, self._multiplier(layer)))
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = node.layer
+        m = self._multiplier(layer)
+        rows = (keep_in[0][:, None] * m + np.arange(m)).reshape(-1)
+        weights = [_np(layer.kernel)[..., rows]]
+        if layer.use_bias:
+            weights.append(self._bias(layer, keep_in[0]))
+        n = len(keep_in[0])
+        return _new_layer(layer, groups=n, filters=n * m), weights
+
+
+class PReLUHandler(PassThroughHandler):
+    """PReLU: its alpha is sliced on the channel axis (unless shared across it)."""
+
+    def _alpha(self, node):
+        return _np(node.layer.alpha)
+
+    def constants(self, node, in_consts):
+        alpha = self._alpha(node)
+        c = in_consts[0]
+        if alpha.size != alpha.shape[-1]:  # alpha varies over positions
+            return [np.where(c >= 0, c, np.nan)]
+        slope = np.broadcast_to(alpha.reshape(-1), c.shape)
+        return [np.where(c >= 0, c, slope * c)]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        alpha = self._alpha(node)
+        if alpha.shape[-1] == node.outputs[0].channels:
+            alpha = alpha[..., keep_out[0]]
+        return _new_layer(node.layer), [alpha]
 
 
 class MergeHandler(LayerHandler):
@@ -543,8 +603,10 @@ class _KernelHandler(LayerHandler):
     def frozen_reason(self, layer, node):
         if not _channels_last(layer):
             return "is not channels_last"
-        if getattr(layer, "groups", 1) != 1:
-            return "is a grouped convolution"
+        groups = getattr(layer, "groups", 1)
+        if groups != 1:
+            return (f"is a grouped convolution (groups={groups}): removing a channel "
+                    "would unbalance its groups")
         if len(node.inputs) != 1:
             return "has several inputs"
         return None
@@ -617,7 +679,12 @@ def _folds_exactly(handler, layer, value):
 
 
 class ConvHandler(_KernelHandler):
-    pass
+    @classmethod
+    def specialize(cls, layer):
+        kernel = getattr(layer, "kernel", None)
+        if getattr(layer, "groups", 1) > 1 and kernel is not None and kernel.shape[-2] == 1:
+            return GroupedDepthwiseHandler
+        return cls
 
 
 class DenseHandler(_KernelHandler):
@@ -653,6 +720,26 @@ class SeparableConvHandler(_KernelHandler):
         if layer.use_bias:
             weights.append(_np(layer.bias)[keep_out[0]])
         return _new_layer(layer, filters=len(keep_out[0])), weights
+
+
+class ConvTransposeHandler(_KernelHandler):
+    """Conv1D/2D/3DTranspose: kernel [*spatial, out, in] (the transpose of Conv's).
+
+    Only a constant 0 input folds: with strides, output positions sum
+    different numbers of kernel taps, so a constant input is not a constant
+    contribution.
+    """
+
+    def _kernel(self, layer):
+        return np.swapaxes(_np(layer.kernel), -1, -2)
+
+    def absorbs(self, node, value):
+        return value == 0
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer, weights = super().rebuild(node, keep_in, keep_out, in_consts, in_needed)
+        weights[0] = np.swapaxes(weights[0], -1, -2)
+        return layer, weights
 
 
 # --- keras.ops calls ------------------------------------------------------------
@@ -775,6 +862,9 @@ REGISTRY = {
     L.Conv1D: ConvHandler,
     L.Conv2D: ConvHandler,
     L.Conv3D: ConvHandler,
+    L.Conv1DTranspose: ConvTransposeHandler,
+    L.Conv2DTranspose: ConvTransposeHandler,
+    L.Conv3DTranspose: ConvTransposeHandler,
     L.Dense: DenseHandler,
     L.SeparableConv1D: SeparableConvHandler,
     L.SeparableConv2D: SeparableConvHandler,
@@ -784,6 +874,7 @@ REGISTRY = {
     L.Activation: ActivationHandler,
     L.ReLU: PassThroughHandler,
     L.LeakyReLU: PassThroughHandler,
+    L.PReLU: PReLUHandler,
     L.ELU: PassThroughHandler,
     L.Identity: PassThroughHandler,
     L.Dropout: PassThroughHandler,
@@ -834,7 +925,7 @@ del L
 
 def handler_for(layer):
     """The registered handler instance for `layer`'s exact class (or a freezer)."""
-    return REGISTRY.get(type(layer), _FrozenHandler)()
+    return REGISTRY.get(type(layer), _FrozenHandler).specialize(layer)()
 
 
 # --- the graph ------------------------------------------------------------------

@@ -82,7 +82,8 @@ def strip(model):
     for old, new in pairs:
         weights = old.folded_weights() if is_psp_layer(old) else old.get_weights()
         if old.name in scales:
-            weights = coupling.fold_input_scale(weights, scales[old.name])
+            weights = coupling.fold_input_scale(
+                weights, scales[old.name], transposed=isinstance(old, coupling.TRANSPOSED))
         new.set_weights(weights)
     return clone
 
