@@ -69,7 +69,9 @@ def parameterize(
             removed by `strip_and_shrink`. With `'group'`, `structure` must be
             `'channel'`, `layers` must be None, the layers stay plain Keras
             layers, one `PSPGroupAlphas` layer holds the alphas, and a
-            Sequential model comes back as a functional one.
+            Sequential model comes back as a functional one, with nested
+            models inlined into one flat graph (so their channels share groups
+            with the outer model's).
         cost: None, or `'macs'`: weight each alpha's regularizer by the MACs
             its structure costs, divided by the mean over all alphas (so the
             strength keeps its meaning); training then removes expensive

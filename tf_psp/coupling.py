@@ -342,7 +342,7 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
     if cost not in COSTS:
         raise ValueError(f"parameterize: cost must be one of {COSTS}, got {cost!r}.")
     psp_graph.check_channels_last(model, f"parameterize(model '{model.name}', coupling='group')")
-    functional = psp_graph.functional_view(model)
+    functional = psp_graph.inline_nested(model)  # nested models: flat, with the same weights
     plan = plan_groups(functional)
     if not plan.group_sizes:
         raise ValueError(

@@ -950,6 +950,66 @@ def functional_view(model):
     return model
 
 
+def _inner_graph(layer):
+    """The functional graph of a nested functional or Sequential model, else None."""
+    if isinstance(layer, keras.Sequential):
+        return getattr(layer, "_functional", None)
+    if isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth"):
+        return layer
+    return None
+
+
+def inline_nested(model):
+    """A flat functional model: nested functional and Sequential models inlined.
+
+    A backbone used as a layer (`bb(i)`) is one opaque node to the channel
+    graph, which would freeze every channel it touches. Inlined, its layers
+    are ordinary nodes of one graph, so channels are coupled and removed
+    across the nesting. When something is inlined, every layer is a copy with
+    the same weights (Lambda layers and keras.ops calls are reused), so
+    `model` is left untouched; a layer whose name another layer already has
+    gets a `_1`, `_2` ... suffix. Subclassed models stay opaque nodes.
+    Returns `model`'s functional view when nothing is nested.
+    """
+    model = functional_view(model)
+    if not any(_inner_graph(layer) is not None for layer in model.layers):
+        return model
+    taken = {layer.name for layer in model._flatten_layers(include_self=False)}
+    used, cache, copies = set(), {}, []
+
+    def operation_fn(op):
+        if id(op) not in cache:
+            new = op
+            if (isinstance(op, keras.layers.Layer) and _inner_graph(op) is None
+                    and not isinstance(op, keras.layers.Lambda)):
+                name = op.name
+                if name in used:
+                    k = 1
+                    while f"{name}_{k}" in taken:
+                        k += 1
+                    name = f"{name}_{k}"
+                    taken.add(name)
+                new = _new_layer(op, name=name)
+                copies.append((op, new))
+            used.add(getattr(new, "name", None))
+            cache[id(op)] = new
+        return cache[id(op)]
+
+    def call_fn(op, *args, **kwargs):
+        inner = _inner_graph(op)
+        if inner is None:
+            return op(*args, **kwargs)
+        return inner._run_through_graph(args[0], operation_fn=operation_fn, call_fn=call_fn)
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in model.inputs]
+    outputs = model._run_through_graph(inputs, operation_fn=operation_fn, call_fn=call_fn)
+    flat = keras.Model(keras.tree.pack_sequence_as(model._inputs_struct, inputs), outputs,
+                       name=model.name)
+    for old, new in copies:
+        new.set_weights(old.get_weights())
+    return flat
+
+
 def check_channels_last(model, caller):
     """Raises a ValueError naming the first `channels_first` layer of `model` (nested too).
 
@@ -985,7 +1045,7 @@ class ChannelGraph:
     """
 
     def __init__(self, model, approximate=False):
-        self.model = functional_view(model)
+        self.model = inline_nested(model)
         self.approximate = bool(approximate)
         self._uf = _UnionFind()
         self.tensors = {}

@@ -13,6 +13,11 @@ channels whose value no longer matters, using `tf_psp.graph.ChannelGraph`:
 - channels touched by layers the graph does not understand, model inputs and
   model outputs are kept, and the report says which layer kept them.
 
+Nested functional and Sequential models (a backbone used as a layer) are
+inlined first (`tf_psp.graph.inline_nested`), so channels are removed across
+the nesting; an opaque nested node would freeze every channel it touches. The
+shrunk model is therefore flat, its layers keeping their names.
+
 The result computes exactly what the PSP model computes in inference mode
 (up to float32 round-off), unless `approximate=True` trades exactness at the
 borders of padded convolutions for size and reports the measured deviation.
@@ -387,7 +392,8 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
             `ShrinkReport.approximation_error`). Default False: exact.
 
     Returns:
-        A functional `keras.Model`, or `(model, report)` with `return_report`.
+        A functional `keras.Model` (flat: nested models are inlined), or
+        `(model, report)` with `return_report`.
 
     Raises:
         ValueError: `model` is not a built functional/Sequential model, has
