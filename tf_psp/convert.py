@@ -91,11 +91,13 @@ def parameterize(
     check_model(model)
     if not callable(structure):
         structures.validate_structure(structure)
-    if not float(epsilon) > 0 or float(epsilon) == float("inf"):
+    try:
+        psp_layers.validate_epsilon(epsilon, "(every converted layer)")
+    except ValueError:
         raise ValueError(
             f"parameterize(model '{model.name}'): epsilon must be a positive "
-            f"finite threshold, got {epsilon}."
-        )
+            f"finite threshold, got {epsilon!r}."
+        ) from None
     unknown = set(psp_kwargs) - set(psp_layers.PSP_CONFIG_KEYS)
     if unknown:
         raise TypeError(f"parameterize: unknown PSP arguments {sorted(unknown)}.")

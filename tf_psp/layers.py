@@ -45,13 +45,16 @@ def threshold(alpha, epsilon, straight_through=True):
 
 def validate_epsilon(epsilon, name):
     """Returns `epsilon` as a float, or raises a ValueError naming the layer."""
-    epsilon = float(epsilon)
-    if not epsilon > 0 or not np.isfinite(epsilon):
+    try:
+        value = float(epsilon)
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(epsilon, bool) or value is None or not value > 0 or not np.isfinite(value):
         raise ValueError(
             f"layer '{name}': epsilon must be a positive finite "
-            f"threshold, got {epsilon}."
+            f"threshold, got {epsilon!r}."
         )
-    return epsilon
+    return value
 
 
 class PSPMixin:

@@ -322,6 +322,7 @@ class ModelProfile:
 
     def refresh(self):
         """Re-reads every PSP layer's alpha mask; returns `self`."""
+        _check_finite(self._psp_entries)
         for row, layer, positions in self._psp_entries:
             mask = np.asarray(layer.structure_mask(), dtype=bool)
             row.structures_total = int(mask.size)
@@ -479,6 +480,25 @@ class ModelProfile:
             f"<ModelProfile '{self.name}': {len(self.layers)} layers, "
             f"{self.total_macs:,} MACs, {self.total_params:,} params, "
             f"sparsity {self.sparsity:.3f}>"
+        )
+
+
+def _check_finite(psp_entries):
+    """Raises a ValueError naming the PSP layers with NaN or infinite alphas.
+
+    `|nan| < epsilon` is False, so a NaN alpha would count as pruned.
+    """
+    bad = []
+    for row, layer, _ in psp_entries:
+        values = layer.alphas() if coupling.is_group_alphas(layer) else np.asarray(
+            keras.ops.convert_to_numpy(layer.alpha.value))
+        if not np.all(np.isfinite(values)):
+            bad.append(row.name)
+    if bad:
+        raise ValueError(
+            f"profile: PSP layers {bad} have NaN or infinite alphas (training diverged), "
+            "so their pruned structures cannot be counted. Lower the learning rate or "
+            "the alpha decay and train again."
         )
 
 
@@ -681,7 +701,8 @@ def profile(model, input_shape=None, removable=False):
 
     Raises:
         ValueError: `model` is not a Keras model, is not built, has no graph
-            (subclassed models), or has unknown spatial dimensions.
+            (subclassed models), has unknown spatial dimensions, or a PSP
+            layer has NaN or infinite alphas (named).
     """
     if not isinstance(model, keras.Model):
         raise ValueError(

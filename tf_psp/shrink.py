@@ -125,7 +125,9 @@ class ShrinkReport:
             channels that were prunable somewhere (a constant, or ignored by
             a reader) but had to be kept, which layer kept them and why;
             `space` names the channel space (its first producer).
-        round_to: the rounding used; `readmitted`: channels kept for rounding.
+        round_to: the rounding used; `readmitted`: pruned channels kept for
+            rounding, or (also with `round_to=1`) so that no channel space
+            is emptied.
         removed_branches: list of dicts `{merge, layers, offset}`: merge inputs
             that were constant and removed with the layers computing them;
             `offset` names the `Rescaling` adding the constant (None if 0).
@@ -177,8 +179,14 @@ class ShrinkReport:
                     f"  {who}{row['reason']}: keeps {row['channels']} channel(s) "
                     f"of {row['space']}"
                 )
-        if self.readmitted:
-            lines.append(f"kept {self.readmitted} pruned channel(s) to round widths to {self.round_to}")
+        if self.readmitted and self.round_to > 1:
+            lines.append(
+                f"kept {self.readmitted} pruned channel(s) to round widths to multiples of "
+                f"{self.round_to} (and keep at least one channel per space)")
+        elif self.readmitted:
+            lines.append(
+                f"kept {self.readmitted} pruned channel(s) so that every channel space "
+                "keeps at least one channel")
         for row in self.removed_branches:
             how = f"adds it with '{row['offset']}'" if row["offset"] else "it is 0"
             lines.append(
@@ -400,9 +408,11 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
             non-finite alphas, or a `channels_first` layer (refused, named).
     """
     check_model(model)
-    if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
-    round_to = int(round_to)
+    round_to = _positive_int(round_to, "round_to")
+    if not isinstance(approximate, (bool, np.bool_)):
+        raise ValueError(
+            f"strip_and_shrink: approximate must be True or False, got {approximate!r}."
+        )
     psp_graph.check_channels_last(model, f"strip_and_shrink(model '{model.name}')")
     _check_finite_alphas(model)
     scores = _psp_scores(model)
@@ -423,6 +433,14 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
     if approximate:
         report.approximation_error, report.approximation_note = _deviation(model, shrunk)
     return shrunk, report
+
+
+def _positive_int(value, name):
+    """`value` as an int >= 1 (integral floats too), or a ValueError naming `name`."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or int(value) != value or value < 1:
+        raise ValueError(f"strip_and_shrink: {name} must be a positive integer, got {value!r}.")
+    return int(value)
 
 
 def _warn_fully_pruned(g, scores, keep):
