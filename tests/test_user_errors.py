@@ -74,7 +74,7 @@ def test_integral_round_to_is_accepted():
 
 @pytest.mark.parametrize("approximate", ["yes", 1, None])
 def test_approximate_must_be_a_bool(approximate):
-    with pytest.raises(ValueError, match="approximate must be True or False"):
+    with pytest.raises(TypeError, match="approximate must be True or False"):
         tf_psp.strip_and_shrink(_psp_model(), approximate=approximate)
 
 

@@ -405,12 +405,14 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
 
     Raises:
         ValueError: `model` is not a built functional/Sequential model, has
-            non-finite alphas, or a `channels_first` layer (refused, named).
+            non-finite alphas, or a `channels_first` layer (refused, named),
+            or `round_to` is not a positive integer.
+        TypeError: `approximate` is not a bool.
     """
     check_model(model)
     round_to = _positive_int(round_to, "round_to")
     if not isinstance(approximate, (bool, np.bool_)):
-        raise ValueError(
+        raise TypeError(
             f"strip_and_shrink: approximate must be True or False, got {approximate!r}."
         )
     psp_graph.check_channels_last(model, f"strip_and_shrink(model '{model.name}')")
