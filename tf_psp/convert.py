@@ -48,7 +48,7 @@ def parameterize(
 ):
     """Returns a copy of `model` whose prunable layers are PSP layers.
 
-    Conv1D/2D/3D, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,
+    Conv1D/2D/3D, Conv2DTranspose, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,
     not subclasses) become their PSP twins with the same weights and
     `alpha = 1` (by default), so the new model computes what `model` computes. `model`
     itself is never changed. Nested sub-models are converted recursively.
@@ -195,7 +195,10 @@ def _layer_cost_weights(model, structure, select):
         if isinstance(layer, keras.layers.SeparableConv2D):
             depthwise = chosen in ("channel", "column")
             kernel = layer.depthwise_kernel if depthwise else layer.pointwise_kernel
-        count = int(np.prod(structures.alpha_shape(chosen, tuple(kernel.shape), depthwise)))
+        shape = tuple(kernel.shape)
+        if getattr(twin, "_alpha_transposed", False):  # [.., out, in]
+            shape = shape[:-2] + (shape[-1], shape[-2])
+        count = int(np.prod(structures.alpha_shape(chosen, shape, depthwise)))
         per_structure[layer.name] = (row.macs / count, count)
     total = sum(c for _, c in per_structure.values())
     mean = sum(m * c for m, c in per_structure.values()) / total if total else 1.0

@@ -66,6 +66,7 @@ class PSPMixin:
 
     _alpha_kernel_name = "kernel"
     _alpha_depthwise = False
+    _alpha_transposed = False  # kernel [*spatial, out, in] (Conv*DTranspose)
 
     def __init__(
         self,
@@ -91,9 +92,14 @@ class PSPMixin:
     # --- alpha --------------------------------------------------------------
     def _build_alpha(self):
         kernel_shape = tuple(getattr(self, self._alpha_kernel_name).shape)
+        if self._alpha_transposed:  # alphas as for the [.., in, out] kernel it transposes
+            kernel_shape = kernel_shape[:-2] + (kernel_shape[-1], kernel_shape[-2])
         self._alpha_broadcast = structures.broadcast_shape(
             self.structure, kernel_shape, self._alpha_depthwise
         )
+        if self._alpha_transposed and len(self._alpha_broadcast):
+            b = self._alpha_broadcast
+            self._alpha_broadcast = b[:-2] + (b[-1], b[-2])
         self.alpha = self.add_weight(
             name="alpha",
             shape=structures.alpha_shape(
@@ -266,6 +272,42 @@ class PSPConv3D(_PSPConvBase, keras.layers.Conv3D):
     plain_class = keras.layers.Conv3D
 
 
+class _PSPConvTransposeBase(_PSPConvBase):
+    """Conv*DTranspose: kernel [*spatial, out, in]; alphas as for a Conv's [.., in, out]."""
+
+    _alpha_transposed = True
+
+    def call(self, inputs):
+        outputs = ops.conv_transpose(
+            inputs,
+            self._scaled(self.kernel),
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        if self.use_bias:
+            bias = self._scaled_bias(self.bias)
+            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, self.filters)))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="tf_psp")
+class PSPConv2DTranspose(_PSPConvTransposeBase, keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` with PSP structure parameters `alpha`.
+
+    The kernel is `[kh, kw, out, in]`; alpha shapes are those of a Conv2D
+    reading the same input: `'channel'` -> `(in,)`, `'filter'` -> `(out,)`
+    (scales the bias too), `'column'` -> `(kh, kw, in)`, `'layer'` -> `()`.
+    Other arguments as in `PSPConv2D`.
+    """
+
+    plain_class = keras.layers.Conv2DTranspose
+
+
 @keras.saving.register_keras_serializable(package="tf_psp")
 class PSPDense(PSPMixin, keras.layers.Dense):
     """`keras.layers.Dense` with PSP structure parameters `alpha`.
@@ -402,6 +444,7 @@ PSP_LAYERS = (
     PSPConv1D,
     PSPConv2D,
     PSPConv3D,
+    PSPConv2DTranspose,
     PSPDense,
     PSPDepthwiseConv2D,
     PSPSeparableConv2D,

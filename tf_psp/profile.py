@@ -633,7 +633,8 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             macs = rule(layer, in_shapes, out_shapes)
             counted = macs is not None
             macs = int(macs or 0)
-            positions = _positions(layer, out_shapes)
+            # a transposed conv uses each kernel entry once per *input* position
+            positions = _positions(layer, in_shapes if rule is _conv_transpose_macs else out_shapes)
             gate, gate_index = _gate_of(node)
             if gate is not None:
                 size = sum(_variable_size(k) for k in _kernel_entries(layer))

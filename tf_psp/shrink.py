@@ -508,6 +508,8 @@ def _column_sparsity(scores, shrunk):
         if layer.structure != "column" or name not in kept:
             continue
         kernel = np.asarray(keras.ops.convert_to_numpy(getattr(kept[name], layer._alpha_kernel_name)))
+        if getattr(layer, "_alpha_transposed", False):  # [.., out, in] -> [.., in, out]
+            kernel = np.swapaxes(kernel, -1, -2)
         columns = kernel.reshape(-1, kernel.shape[-1])
         zero = int(np.sum(~np.any(columns != 0, axis=1)))
         rows.append({"name": name, "columns": len(columns), "zero_columns": zero,
