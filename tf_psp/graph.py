@@ -989,8 +989,13 @@ def inline_nested(model):
                         k += 1
                     name = f"{name}_{k}"
                     taken.add(name)
-                new = _new_layer(op, name=name)
-                copies.append((op, new))
+                try:
+                    new = _new_layer(op, name=name)
+                    copies.append((op, new))
+                except Exception:  # noqa: BLE001  a config that cannot round-trip
+                    if name != op.name:
+                        raise
+                    new = op  # reused as is (stateless or not, it is the same layer)
             used.add(getattr(new, "name", None))
             cache[id(op)] = new
         return cache[id(op)]
