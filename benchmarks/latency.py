@@ -130,8 +130,10 @@ def randomize_batchnorm(model, seed):
     import keras
     import numpy as np
 
+    import tf_psp
+
     rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.2, c),
@@ -190,34 +192,28 @@ class Pattern:
         import numpy as np
 
         import tf_psp
-        from tf_psp import graph as psp_graph
 
         self.model = psp_model
-        g = psp_graph.ChannelGraph(tf_psp.strip(psp_model))
-        frozen = {g.group(s) for s in g.frozen}
-        residual = set()
-        for node in g.nodes:
-            if isinstance(node.handler, psp_graph.MergeHandler):
-                for t in node.inputs:
-                    residual.add(tuple(g.group(s) for s in t.slots()))
-        nodes = {node.name: node for node in g.nodes}
+        # the public pruning plan: which channel group each input channel of a layer is
+        plan = tf_psp.pruning_plan(psp_model)
+        unit_of = {(name, c): u for u in plan.units for name, c in u.reads}
         self.layers = []  # (layer, l1 per input channel, space key or None)
         self.skipped = []
         sums = {}
-        for layer in psp_model._flatten_layers(include_self=False):
+        for layer in tf_psp.compat.flatten_layers(psp_model):
             if not tf_psp.is_psp_layer(layer):
                 continue
             if layer.structure != "channel":
                 raise ValueError(f"layer '{layer.name}': expected structure 'channel', "
                                  f"got {layer.structure!r}.")
-            node = nodes[layer.name]
-            roots = tuple(g.group(s) for s in node.inputs[0].slots())
-            if any(r in frozen for r in roots):
+            kernel = np.abs(keras.ops.convert_to_numpy(getattr(layer, layer._alpha_kernel_name)))
+            units = [unit_of.get((layer.name, c)) for c in range(kernel.shape[-2])]
+            if any(u is None for u in units):
                 self.skipped.append(layer.name)  # reads the model input: not removable
                 continue
-            kernel = np.abs(keras.ops.convert_to_numpy(getattr(layer, layer._alpha_kernel_name)))
             l1 = np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1).sum(axis=1)
-            key = roots if roots in residual else None
+            # a residual stream: channels written by several producers tied by Add
+            key = tuple(u.index for u in units) if all(len(u.writes) > 1 for u in units) else None
             if key is not None:
                 sums[key] = sums.get(key, 0.0) + l1
             self.layers.append((layer, l1, key))

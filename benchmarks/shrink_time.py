@@ -51,7 +51,7 @@ def zero_alphas(psp, fraction, seed):
     first = {id(layer) for node_input in psp.inputs
              for layer in _readers(psp, node_input)}
     zeroed = 0
-    for layer in psp._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(psp):
         if not tf_psp.is_psp_layer(layer) or id(layer) in first:
             continue
         alpha = np.ones(layer.alpha.shape, np.float32).reshape(-1)
@@ -64,9 +64,10 @@ def zero_alphas(psp, fraction, seed):
 
 def _readers(model, tensor):
     """Layers called directly on `tensor`."""
+    import tf_psp
     readers = []
     for layer in model.layers:
-        for node in layer._inbound_nodes:
+        for node in tf_psp.compat.inbound_nodes(layer):
             if any(t is tensor for t in node.arguments.keras_tensors):
                 readers.append(layer)
     return readers

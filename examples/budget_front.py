@@ -61,6 +61,10 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__
                                         "results", "budget"), "Output directory.")
 flags.DEFINE_integer("steps_per_epoch", 0, "Use only this many batches per epoch (smoke tests).")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: default).")
+flags.DEFINE_string("search_from", None,
+                    "Take the searched settings from search_<this model>.json (e.g. resnet8) "
+                    "instead of the model's own search.")
+flags.DEFINE_boolean("pretrain_only", False, "Only pre-train (and cache) the dense models.")
 
 DEFAULTS = {"lr": 0.01, "strength": 0.0}
 # The settings searched per method on the validation split (keep 0.3, seed 0), in
@@ -302,7 +306,7 @@ def best_config(model_name, method, split):
     """The searched setting with the best validation accuracy (defaults before a search)."""
     if split == "val":
         return None
-    path = os.path.join(FLAGS.out, f"search_{model_name}.json")
+    path = os.path.join(FLAGS.out, f"search_{FLAGS.search_from or model_name}.json")
     if not os.path.exists(path):
         return dict(DEFAULTS, **SEARCH[method][2])
     with open(path) as f:
@@ -420,6 +424,10 @@ def main(argv):
         data = load_data(model_name, split)
         rows = []
         seeds = [0] if FLAGS.search else [int(s) for s in FLAGS.seeds]
+        if FLAGS.pretrain_only:
+            for seed in seeds:
+                _pretrained(model_name, data, seed, split)
+            continue
         budgets = [SEARCH_BUDGET] if FLAGS.search else [float(b) for b in FLAGS.budgets]
         jobs = []
         for seed in seeds:  # complete seed blocks first, so a partial sweep is balanced

@@ -361,8 +361,10 @@ def fit_phase(phase, model, train, val, calibration, epochs, steps):
 def has_batchnorm(model):
     import keras
 
+    import tf_psp
+
     return any(isinstance(layer, keras.layers.BatchNormalization)
-               for layer in model._flatten_layers(include_self=False))
+               for layer in tf_psp.compat.flatten_layers(model))
 
 
 def recalibrated(model, calibration):
@@ -403,18 +405,21 @@ def layers_without_alphas(model, structure):
     """
     import keras
 
+    import tf_psp
+
     skipped = {}
     input_ids = {id(t) for t in model.inputs}
     for layer in model.layers:
         if not layer.weights or isinstance(layer, keras.layers.BatchNormalization):
             continue
-        if any(id(t) in input_ids for node in layer._inbound_nodes for t in node.input_tensors):
+        if any(id(t) in input_ids for node in tf_psp.compat.inbound_nodes(layer)
+               for t in node.input_tensors):
             skipped[layer.name] = "reads the model input"
             continue
         depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
         if not (structure == "filter" or (depthwise and structure == "channel")):
             continue
-        consumers = [node.operation for node in layer._outbound_nodes]
+        consumers = [node.operation for node in tf_psp.compat.outbound_nodes(layer)]
         if consumers and all(isinstance(c, keras.layers.BatchNormalization) for c in consumers):
             skipped[layer.name] = "BatchNorm follows: the loss cannot see these alphas"
     return skipped
@@ -456,7 +461,7 @@ def alpha_values(model):
     import tf_psp
 
     values = [np.abs(keras.ops.convert_to_numpy(layer.alpha.value)).ravel()
-              for layer in model._flatten_layers(include_self=False) if tf_psp.is_psp_layer(layer)]
+              for layer in tf_psp.compat.flatten_layers(model) if tf_psp.is_psp_layer(layer)]
     return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -468,7 +473,7 @@ def alpha_per_layer(model):
     import tf_psp
 
     rows = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if tf_psp.is_psp_layer(layer):
             values = np.abs(keras.ops.convert_to_numpy(layer.alpha.value)).ravel()
             rows.append({"name": layer.name, "structures": int(values.size),

@@ -34,19 +34,7 @@ import keras
 import numpy as np
 
 import tf_psp
-
-# Layers that pass channel c to channel c, followed when looking for the
-# consumer of a producer's filters (l1-norm pruning).
-_PASS_THROUGH = (
-    keras.layers.BatchNormalization,
-    keras.layers.Activation,
-    keras.layers.ReLU,
-    keras.layers.Dropout,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-)
-_PRODUCERS = (keras.layers.Conv2D, keras.layers.Dense)
+from tf_psp import compat
 
 
 @dataclasses.dataclass
@@ -191,7 +179,7 @@ def _steps(data, batch_size, steps_per_epoch):
 
 def set_batchnorm_trainable(model, trainable):
     """Sets `trainable` on every BatchNormalization layer (False: inference mode)."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = trainable
 
@@ -215,11 +203,13 @@ def normalize_batchnorm_scale(model):
     for bn in model.layers:
         if not isinstance(bn, keras.layers.BatchNormalization) or not (bn.scale and bn.center):
             continue
-        inbound = [layer for node in bn._inbound_nodes for layer in _inbound_layers(node)]
-        if len(inbound) != 1 or not isinstance(inbound[0], _PRODUCERS):
+        inbound = [compat.producer(t) for node in compat.inbound_nodes(bn)
+                   for t in node.input_tensors]
+        if len(inbound) != 1 or not isinstance(inbound[0], (keras.layers.Conv2D,
+                                                            keras.layers.Dense)):
             continue
         conv = inbound[0]
-        if len([n for n in conv._outbound_nodes if n.operation in model.layers]) != 1:
+        if len([n for n in compat.outbound_nodes(conv) if n.operation in model.layers]) != 1:
             continue
         gamma, beta, mean, var = (np.asarray(keras.ops.convert_to_numpy(w)) for w in bn.weights)
         scale = gamma / np.sqrt(var + bn.epsilon)
@@ -230,10 +220,6 @@ def normalize_batchnorm_scale(model):
                         np.full_like(var, 1.0 - bn.epsilon)])
         done.append(bn.name)
     return done
-
-
-def _inbound_layers(node):
-    return [t._keras_history.operation for t in node.input_tensors]
 
 
 def recalibrate_batchnorm(model, x, batch_size=64):
@@ -281,7 +267,7 @@ def _skip_model_inputs(model):
     input_ids = {id(t) for t in model.inputs}
 
     def select(layer):
-        for node in layer._inbound_nodes:
+        for node in compat.inbound_nodes(layer):
             if any(id(t) in input_ids for t in node.input_tensors):
                 return False
         return True
@@ -399,7 +385,7 @@ def run_psp(model_builder, data, *, structure, regularizer, constraint=None, epo
 
 def set_kernel_decay(model, decay, psp_only=True):
     """Sets an L2 regularizer of strength `decay` on the kernels (of the PSP layers)."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if psp_only and not tf_psp.is_psp_layer(layer):
             continue
         name = getattr(layer, "_alpha_kernel_name", "kernel")
@@ -419,7 +405,7 @@ def balance_alphas(model):
     the weak structures first instead of shrinking every alpha alike. The model
     computes the same function. Layers without both decays are left alone.
     """
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if not tf_psp.is_psp_layer(layer) or layer.structure not in ("channel", "column"):
             continue
         kernel = getattr(layer, layer._alpha_kernel_name)
@@ -439,7 +425,7 @@ def balance_alphas(model):
 
 def _rescale_alphas(model, alpha_scale):
     """Sets every alpha to `alpha_scale` and divides the kernels by it: same function."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if not tf_psp.is_psp_layer(layer):
             continue
         layer.alpha.assign(np.full(layer.alpha.shape, alpha_scale, "float32"))
@@ -452,7 +438,7 @@ def _rescale_alphas(model, alpha_scale):
 def alpha_summary(model):
     """Per PSP layer: structures, how many are pruned, and |alpha| quantiles (0/50/90/100 %)."""
     summary = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in tf_psp.compat.flatten_layers(model):
         if tf_psp.is_psp_layer(layer):
             alpha = np.abs(np.asarray(keras.ops.convert_to_numpy(layer.alpha.value))).ravel()
             summary[layer.name] = {
@@ -508,53 +494,45 @@ def _prepare_batchnorm(model, batchnorm):
 # --- l1-norm magnitude pruning (Li et al. 2017) ---------------------------------
 
 
-def _consumers(model, layer):
-    """Layers reading `layer`'s output channels, through pass-through layers.
+def _independent_producers(model):
+    """Producer name -> names of its consumers, for producers whose filters go one by one.
 
-    Returns the list of consuming Conv2D/Dense layers, or None when any path
-    reaches something else (a merge, a model output), i.e. the filters are
-    coupled and Li et al.'s per-layer pruning does not apply.
+    From the public pruning plan: a producer qualifies when it alone writes
+    every one of its output channels (no residual Add ties it to another
+    producer, no channel is frozen by a model output), so removing a filter
+    only touches the layers reading it (Li et al.'s per-layer pruning).
     """
-    output_ids = {id(t) for t in model.outputs}
-    found, frontier = [], [layer]
-    while frontier:
-        current = frontier.pop()
-        if any(id(t) in output_ids for t in _outputs_of(current)):
-            return None
-        outbound = [node.operation for node in current._outbound_nodes
-                    if node.operation in model.layers]
-        if not outbound:
-            return None
-        for nxt in outbound:
-            if type(nxt) in _PRODUCERS:
-                found.append(nxt)
-            elif isinstance(nxt, _PASS_THROUGH):
-                frontier.append(nxt)
-            else:
-                return None
-    return found
-
-
-def _outputs_of(layer):
-    return [t for node in layer._inbound_nodes for t in node.output_tensors]
+    plan = tf_psp.pruning_plan(model)
+    order = {layer.name: k for k, layer in enumerate(model.layers)}
+    written, coupled = {}, set()
+    for u in plan.units:
+        writers = {name for name, _ in u.writes}
+        if len(writers) != 1:
+            coupled |= writers
+            continue
+        written.setdefault(writers.pop(), []).append(u)
+    out = {}
+    for name, units in written.items():
+        if name in coupled or len(units) != model.get_layer(name).filters:
+            continue
+        readers = {reader for u in units for reader, _ in u.reads}
+        out[name] = sorted(readers, key=order.get)
+    return dict(sorted(out.items(), key=lambda item: order[item[0]]))
 
 
 def independent_consumers(model):
     """Names of the layers reading channels that can be removed one by one.
 
-    The Conv2D/Dense layers fed (through BatchNorm, ReLU, pooling) by a
-    producer whose output channels reach nothing else, e.g. the second conv of
-    a residual block. Their `'channel'` alphas prune exactly the channels that
-    l1-norm pruning removes (`magnitude_pruning_plan`); pass
+    The layers fed by a producer whose output channels reach nothing else
+    (see `_independent_producers`), e.g. the second conv of a residual block.
+    Their `'channel'` alphas prune exactly the channels that l1-norm pruning
+    removes (`magnitude_pruning_plan`); pass
     `parameterize_kwargs={"layers": independent_consumers(model)}` to give
     PSP the same structures.
     """
     names = []
-    for layer in model.layers:
-        if type(layer) in _PRODUCERS:
-            for consumer in _consumers(model, layer) or ():
-                if consumer.name not in names:
-                    names.append(consumer.name)
+    for consumers in _independent_producers(model).values():
+        names += [c for c in consumers if c not in names]
     return names
 
 
@@ -567,10 +545,9 @@ def filter_l1_norms(layer):
 def magnitude_pruning_plan(model, sparsity):
     """Which filters l1-norm pruning removes: the smallest-l1 fraction per prunable layer.
 
-    A layer is prunable when its output channels reach only Conv2D/Dense
-    layers through pass-through layers (BatchNorm, ReLU, pooling), e.g. the
-    first conv of a residual block (as in Li et al.); filters feeding a
-    residual Add are coupled and kept.
+    A layer is prunable when it alone writes its output channels (see
+    `_independent_producers`), e.g. the first conv of a residual block (as in
+    Li et al.); filters feeding a residual Add are coupled and kept.
 
     Args:
         model: a dense functional model.
@@ -580,17 +557,11 @@ def magnitude_pruning_plan(model, sparsity):
         `{producer name: {"prune": sorted filter indices, "consumers": [names]}}`.
     """
     plan = {}
-    for layer in model.layers:
-        if type(layer) not in _PRODUCERS:
-            continue
-        consumers = _consumers(model, layer)
-        if not consumers:
-            continue
-        norms = filter_l1_norms(layer)
+    for name, consumers in _independent_producers(model).items():
+        norms = filter_l1_norms(model.get_layer(name))
         count = min(int(round(sparsity * len(norms))), len(norms) - 1)
         order = np.argsort(norms, kind="stable")
-        plan[layer.name] = {"prune": sorted(int(i) for i in order[:count]),
-                            "consumers": [c.name for c in consumers]}
+        plan[name] = {"prune": sorted(int(i) for i in order[:count]), "consumers": consumers}
     return plan
 
 

@@ -16,6 +16,7 @@ import pytest
 import tf_psp
 from tf_psp import cli
 from tf_psp import export as tf_psp_export
+from tf_psp.functional import relative_error
 
 from conftest import assert_weights_unchanged, randomize_weights, weights_snapshot
 
@@ -60,8 +61,7 @@ def _x(seed=0):
 
 
 def _rel_error(a, b):
-    a, b = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in (a, b))
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+    return relative_error(a, b)
 
 
 def test_unknown_structure_names_the_layer():

@@ -19,6 +19,7 @@ import pytest
 import tf_psp
 from tf_psp import bench, cli
 from tf_psp import export as tf_psp_export
+from tf_psp.functional import relative_error
 
 from conftest import randomize_weights
 
@@ -59,9 +60,7 @@ def _run(argv):
 
 
 def _rel_error(reference, output):
-    reference = np.asarray(reference, np.float64)
-    output = np.asarray(output, np.float64)
-    return float(np.abs(reference - output).max() / np.abs(reference).max())
+    return relative_error(reference, output)
 
 
 def _probe():

@@ -18,7 +18,7 @@ def _dead(n, dead):
     return [0 if i in dead else 1 for i in range(n)]
 
 
-def test_nested_model_is_frozen_and_stripped(check_shrink):
+def test_nested_model_is_inlined_and_stripped(check_shrink):
     inner_in = keras.Input((6, 6, 4))
     inner = keras.Model(inner_in, tf_psp.PSPConv2D(4, 1, structure="channel", name="ic")(inner_in),
                         name="inner")
@@ -33,8 +33,10 @@ def test_nested_model_is_frozen_and_stripped(check_shrink):
     set_alpha(inner.get_layer("ic"), _dead(4, {2}))
     set_alpha(model.get_layer("c2"), _dead(4, {0}))
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
-    shrunk, _ = check_shrink(model, x, {"c1": 4, "inner": 4, "c2": 3})
-    assert type(shrunk.get_layer("inner").get_layer("ic")) is L.Conv2D
+    # the nested model is inlined: c1 loses its dead filter 1 and the input 2 that
+    # 'ic' ignores, 'ic' the output 0 that c2 ignores; the shrunk model is flat
+    shrunk, _ = check_shrink(model, x, {"c1": 2, "ic": 3, "c2": 3})
+    assert type(shrunk.get_layer("ic")) is L.Conv2D
     assert type(strip(model).get_layer("inner").get_layer("ic")) is L.Conv2D
 
 
@@ -63,9 +65,10 @@ def test_two_inputs_two_outputs_shared_layer_and_ops():
         ref, out = keras.ops.convert_to_numpy(ref), keras.ops.convert_to_numpy(out)
         assert np.max(np.abs(out - ref)) <= 1e-5 * np.max(np.abs(ref))
     widths = {r["name"]: r["channels_after"] for r in report.to_dict()["layers"]}
-    # the shared conv is frozen; cb's output passes a keras.ops node: frozen;
-    # ca's output space (joined by the Add) is frozen with it.
-    assert widths["shared"] == 6 and widths["ca"] == 5
+    # the shared conv is frozen; cb's output passes an elementwise keras.ops node
+    # (relu), which passes channels through: seq_dense's ignored inputs {1, 4} go
+    # from both branches joined by the Add.
+    assert widths["shared"] == 6 and widths["ca"] == 3 and widths["cb"] == 3
     assert "is shared" in str(report)
     for w0, w1 in zip(before, model.get_weights()):
         np.testing.assert_array_equal(w0, w1)

@@ -28,6 +28,7 @@ from tf_psp.coupling import PSPGroupAlphas
 from tf_psp.layers import (
     PSPConv1D,
     PSPConv2D,
+    PSPConv2DTranspose,
     PSPConv3D,
     PSPDense,
     PSPDepthwiseConv2D,
@@ -52,6 +53,7 @@ __all__ = [
     "PSPConv1D",
     "PSPConv2D",
     "PSPConv3D",
+    "PSPConv2DTranspose",
     "PSPDense",
     "PSPGroupAlphas",
     "PSPDepthwiseConv2D",

@@ -164,7 +164,13 @@ def _cmd_profile(args, out):
 # --- shrink -------------------------------------------------------------------
 
 
-def _cmd_shrink(args, out):
+def _has_psp_layers(model):
+    from tf_psp.budget import has_alphas
+
+    return has_alphas(model)
+
+
+def _cmd_shrink(args, out, err=None):
     if args.round_to < 1:
         raise CLIError(f"--round-to must be a positive integer, got {args.round_to}", status=2)
     if not args.output.lower().endswith(".keras"):
@@ -176,6 +182,13 @@ def _cmd_shrink(args, out):
     from tf_psp.profiling import profile
 
     model = _load_keras(args.model)
+    if not _has_psp_layers(model):
+        print(
+            f"{PROG}: warning: {args.model} has no PSP layers (nothing was "
+            "parameterized); only channels that are already exact zeros or constants "
+            "can be removed. Did you mean the trained PSP model?",
+            file=sys.stderr if err is None else err,
+        )
     try:
         shrunk, report = strip_and_shrink(
             model, round_to=args.round_to, approximate=args.approximate, return_report=True
@@ -538,7 +551,7 @@ def main(argv=None, out=None, err=None):
         if args.command == "profile":
             return _cmd_profile(args, out)
         if args.command == "shrink":
-            return _cmd_shrink(args, out)
+            return _cmd_shrink(args, out, err)
         if args.command == "export":
             return _cmd_export(args, out, err)
         return _cmd_bench(args, out)

@@ -9,7 +9,18 @@ broke tensorflow-model-optimization on Keras 3).
 """
 
 import keras
+from keras.src.applications import convnext as _convnext
 from keras.src.models.functional import Functional
+from keras.src.ops import core as _core_ops
+from keras.src.ops import nn as _nn_ops
+from keras.src.ops import numpy as _numpy_ops
+
+# keras.ops classes (`h + 3.0` in a functional model is a node of
+# keras.src.ops.numpy.Add) and ConvNeXt's LayerScale have no public import path.
+convnext_application = _convnext
+core_ops = _core_ops
+nn_ops = _nn_ops
+numpy_ops = _numpy_ops
 
 KERAS_VERSION = "3.15.1"  # the version these accessors were checked against
 
@@ -89,3 +100,18 @@ def build_input_shape(layer):
 def flat_inputs(model):
     """The input tensors of a functional model, flattened, in order."""
     return list(graph_of(model)._inputs)
+
+
+def run_through_graph(model, inputs, operation_fn, call_fn):
+    """Re-runs a functional model's graph on `inputs`, mapping each operation.
+
+    `operation_fn(op) -> op'` picks the operation to call, `call_fn(op, *args,
+    **kwargs)` calls it (Keras's own `clone_model` machinery).
+    """
+    return graph_of(model)._run_through_graph(inputs, operation_fn=operation_fn,
+                                              call_fn=call_fn)
+
+
+def attention_projections(layer):
+    """The query, key, value and output EinsumDense layers of a MultiHeadAttention."""
+    return layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense

@@ -49,7 +49,7 @@ def parameterize(
 ):
     """Returns a copy of `model` whose prunable layers are PSP layers.
 
-    Conv1D/2D/3D, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,
+    Conv1D/2D/3D, Conv2DTranspose, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,
     not subclasses) become their PSP twins with the same weights and
     `alpha = 1` (by default), so the new model computes what `model` computes. `model`
     itself is never changed. Nested sub-models are converted recursively.
@@ -70,7 +70,9 @@ def parameterize(
             removed by `strip_and_shrink`. With `'group'`, `structure` must be
             `'channel'`, `layers` must be None, the layers stay plain Keras
             layers, one `PSPGroupAlphas` layer holds the alphas, and a
-            Sequential model comes back as a functional one.
+            Sequential model comes back as a functional one, with nested
+            models inlined into one flat graph (so their channels share groups
+            with the outer model's).
         cost: None, or `'macs'`: weight each alpha's regularizer by the MACs
             its structure costs, divided by the mean over all alphas (so the
             strength keeps its meaning); training then removes expensive
@@ -90,11 +92,13 @@ def parameterize(
     check_model(model)
     if not callable(structure):
         structures.validate_structure(structure)
-    if not float(epsilon) > 0 or float(epsilon) == float("inf"):
+    try:
+        psp_layers.validate_epsilon(epsilon, "(every converted layer)")
+    except ValueError:
         raise ValueError(
             f"parameterize(model '{model.name}'): epsilon must be a positive "
-            f"finite threshold, got {epsilon}."
-        )
+            f"finite threshold, got {epsilon!r}."
+        ) from None
     unknown = set(psp_kwargs) - set(psp_layers.PSP_CONFIG_KEYS)
     if unknown:
         raise TypeError(f"parameterize: unknown PSP arguments {sorted(unknown)}.")
@@ -188,7 +192,10 @@ def _layer_cost_weights(model, structure, select):
         if isinstance(layer, keras.layers.SeparableConv2D):
             depthwise = chosen in ("channel", "column")
             kernel = layer.depthwise_kernel if depthwise else layer.pointwise_kernel
-        count = int(np.prod(structures.alpha_shape(chosen, tuple(kernel.shape), depthwise)))
+        shape = tuple(kernel.shape)
+        if getattr(twin, "_alpha_transposed", False):  # [.., out, in]
+            shape = shape[:-2] + (shape[-1], shape[-2])
+        count = int(np.prod(structures.alpha_shape(chosen, shape, depthwise)))
         per_structure[layer.name] = (layer_cost / count, count)
     total = sum(c for _, c in per_structure.values())
     mean = sum(m * c for m, c in per_structure.values()) / total if total else 1.0

@@ -43,7 +43,6 @@ from tf_psp import compat
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
-from tf_psp.functional import functional_view
 from tf_psp.macs import mac_rule
 
 GROUP_KWARGS = (
@@ -260,24 +259,18 @@ def plan_groups(model):
 
     # Channel spaces: the units written by one producer, merged when producers share units.
     space_of = {}
-    parent = {}
-
-    def find(k):
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
+    spaces_uf = psp_graph._UnionFind()  # union keeps the smallest id: the first producer
     order, names = [], {}
     for node in producers:
         roots = [graph.group(s) for s in node.outputs[0].slots()]
-        spaces = {find(space_of[r]) for r in roots if r in space_of}
-        target = min(spaces) if spaces else len(parent)
-        if not spaces:
-            parent[target] = target
+        spaces = {spaces_uf.find(space_of[r]) for r in roots if r in space_of}
+        if spaces:
+            target = min(spaces)
+        else:
+            target = spaces_uf.add(1)
             names[target] = node.name
         for s in spaces:
-            parent[s] = target
+            spaces_uf.union(s, target)
         for r in roots:
             if r not in space_of:
                 space_of[r] = target
@@ -286,7 +279,7 @@ def plan_groups(model):
     units = {}  # root -> (space, position in order)
     for r in order:
         if r not in frozen_roots:
-            units[r] = find(space_of[r])
+            units[r] = spaces_uf.find(space_of[r])
     spaces = sorted({s for s in units.values()})
     members = {s: [r for r in order if units.get(r) == s] for s in spaces}
     offset, position = 0, {}
@@ -342,7 +335,8 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
         )
     if cost not in COSTS:
         raise ValueError(f"parameterize: cost must be one of {COSTS}, got {cost!r}.")
-    functional = functional_view(model)
+    psp_graph.check_channels_last(model, f"parameterize(model '{model.name}', coupling='group')")
+    functional = psp_graph.inline_nested(model)  # nested models: flat, with the same weights
     plan = plan_groups(functional)
     if not plan.group_sizes:
         raise ValueError(
@@ -366,8 +360,8 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
 
     def clone_function(layer):
         if id(layer) not in clones:
-            if isinstance(layer, keras.layers.Lambda):
-                new = layer  # a Python lambda cannot round-trip a config safely
+            if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
+                new = layer  # stateless: a keras.ops call, or a lambda that cannot round-trip
             else:
                 new = type(layer).from_config(layer.get_config())
             clones[id(layer)] = new
@@ -430,13 +424,19 @@ class ReaderView:
         return self.gate.scales(self.index) != 0
 
 
-def fold_input_scale(weights, scale):
+def fold_input_scale(weights, scale, transposed=False):
     """Reader `weights` with input channel `c` scaled by `scale[c]`.
 
     The first weight of every reader is indexed `[..., in, out]` (Conv, Dense,
     DepthwiseConv `[.., in, multiplier]`, SeparableConv's depthwise kernel),
-    so one broadcast covers them all.
+    so one broadcast covers them all; `transposed`: `[..., out, in]`
+    (Conv*DTranspose).
     """
     weights = [np.array(w) for w in weights]
-    weights[0] = weights[0] * scale.reshape(-1, 1).astype(weights[0].dtype)
+    shape = (-1,) if transposed else (-1, 1)
+    weights[0] = weights[0] * scale.reshape(shape).astype(weights[0].dtype)
     return weights
+
+
+TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+              keras.layers.Conv3DTranspose)

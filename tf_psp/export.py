@@ -48,6 +48,8 @@ class ExportResult:
             the probe batch, over all outputs.
         max_rel_error: Largest, over outputs, of max absolute difference
             divided by max absolute Keras output (scale-free).
+        quantization: for `"tflite"`, the quantization of the file (`None`
+            float32, `"float16"`, `"int8"`); `format` names the container.
     """
 
     path: str
@@ -55,6 +57,7 @@ class ExportResult:
     size_bytes: int
     max_abs_error: float
     max_rel_error: float
+    quantization: str = None
 
 
 def export(model, path, format, **kwargs):  # pylint: disable=redefined-builtin
@@ -172,7 +175,8 @@ def export_tflite(model, path, quantization=None, representative_data=None, prob
         )
     atomic.write_bytes(path, content)
     outputs = run_tflite(path, inputs)
-    return _result(model, path, "tflite", inputs, outputs)
+    return dataclasses.replace(
+        _result(model, path, "tflite", inputs, outputs), quantization=quantization)
 
 
 def export_onnx(model, path, opset=None, probe=None):

@@ -33,7 +33,8 @@ read from exact zeros in the folded weights, so every PSP structure
 import keras
 import numpy as np
 
-from tf_psp import compat, macs, registry
+from tf_psp import compat, registry
+from tf_psp import macs as mac_rules
 from tf_psp.functional import functional_view
 
 # --- small helpers ------------------------------------------------------------
@@ -144,6 +145,11 @@ class LayerHandler:
 
     kind = "frozen"
     approximate = False  # fold constants as if convolutions had no padding
+
+    @classmethod
+    def specialize(cls, layer):
+        """The handler class for this very layer (e.g. a grouped conv's); default `cls`."""
+        return cls
 
     def frozen_reason(self, layer, node):
         """None when this handler understands `layer`, else why not."""
@@ -287,6 +293,23 @@ class RescalingHandler(PassThroughHandler):
         return new, []
 
 
+class LayerScaleHandler(PassThroughHandler):
+    """ConvNeXt's `LayerScale`: `x * gamma`, one gamma per channel."""
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = _new_layer(node.layer, projection_dim=len(keep_out[0]))
+        return layer, [_np(node.layer.gamma)[keep_out[0]]]
+
+
+class LayerNormHandler(_FrozenHandler):
+    """LayerNormalization: every output channel depends on every input channel."""
+
+    def couple(self, graph, node):
+        reason = "normalizes across channels (removing one changes the others)"
+        for t in node.inputs + node.outputs:
+            graph.freeze(t, node, reason)
+
+
 class TrivialReshapeHandler(PassThroughHandler):
     """A Reshape that keeps the last axis and only adds or drops size-1 axes."""
 
@@ -311,16 +334,22 @@ class TrivialReshapeHandler(PassThroughHandler):
 class DepthwiseHandler(PassThroughHandler):
     """DepthwiseConv: input channel c owns outputs c*m .. c*m+m-1."""
 
-    def macs(self, layer, input_shapes, output_shapes):
-        return macs.depthwise_macs(layer, input_shapes, output_shapes)
+    macs = staticmethod(mac_rules.depthwise_macs)
 
     def frozen_reason(self, layer, node):
         if not _channels_last(layer):
             return "is not channels_last"
         return None
 
+    def _multiplier(self, layer):
+        return layer.depth_multiplier
+
+    def _dw_kernel(self, layer):
+        """The kernel as [*spatial, cin, m]."""
+        return _np(layer.kernel)
+
     def couple(self, graph, node):
-        m = node.layer.depth_multiplier
+        m = self._multiplier(node.layer)
         t_in, t_out = node.inputs[0], node.outputs[0]
         for c in range(t_in.channels):
             for j in range(m):
@@ -328,10 +357,10 @@ class DepthwiseHandler(PassThroughHandler):
 
     def constants(self, node, in_consts):
         layer = node.layer
-        kernel = _np(layer.kernel)
+        kernel = self._dw_kernel(layer)
         zero = ~np.any(kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) != 0, axis=0)
         bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
-        m = layer.depth_multiplier
+        m = self._multiplier(layer)
         value = np.repeat(np.where(np.isfinite(in_consts[0]), in_consts[0], 0.0), m)
         folds = np.repeat([np.isfinite(v) and _folds_exactly(self, layer, v) for v in in_consts[0]], m)
         zero |= folds
@@ -342,18 +371,66 @@ class DepthwiseHandler(PassThroughHandler):
         return [out.astype(np.float64)]
 
     def needed_inputs(self, node, out_needed):
-        kernel = _np(node.layer.kernel)
-        m = node.layer.depth_multiplier
+        kernel = self._dw_kernel(node.layer)
+        m = self._multiplier(node.layer)
         live = np.any(kernel.reshape(-1, kernel.shape[-2], m) != 0, axis=0)
         return [np.any(live & out_needed[0].reshape(-1, m), axis=1)]
+
+    def _bias(self, layer, keep):
+        m = self._multiplier(layer)
+        return _np(layer.bias).reshape(-1, m)[keep].reshape(-1)
 
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
         layer = node.layer
         weights = [_np(layer.kernel)[..., keep_in[0], :]]
         if layer.use_bias:
-            m = layer.depth_multiplier
-            weights.append(_np(layer.bias).reshape(-1, m)[keep_in[0]].reshape(-1))
+            weights.append(self._bias(layer, keep_in[0]))
         return _new_layer(layer), weights
+
+
+class GroupedDepthwiseHandler(DepthwiseHandler):
+    """Conv with `groups` == input channels (ConvNeXt's depthwise): a DepthwiseConv.
+
+    The kernel [*spatial, 1, cin * m]: output c*m + j reads input channel c only.
+    """
+
+    def _multiplier(self, layer):
+        return layer.filters // layer.groups
+
+    def _dw_kernel(self, layer):
+        kernel = _np(layer.kernel)
+        return kernel.reshape(kernel.shape[:-2] + (layer.groups, self._multiplier(layer)))
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer = node.layer
+        m = self._multiplier(layer)
+        rows = (keep_in[0][:, None] * m + np.arange(m)).reshape(-1)
+        weights = [_np(layer.kernel)[..., rows]]
+        if layer.use_bias:
+            weights.append(self._bias(layer, keep_in[0]))
+        n = len(keep_in[0])
+        return _new_layer(layer, groups=n, filters=n * m), weights
+
+
+class PReLUHandler(PassThroughHandler):
+    """PReLU: its alpha is sliced on the channel axis (unless shared across it)."""
+
+    def _alpha(self, node):
+        return _np(node.layer.alpha)
+
+    def constants(self, node, in_consts):
+        alpha = self._alpha(node)
+        c = in_consts[0]
+        if alpha.size != alpha.shape[-1]:  # alpha varies over positions
+            return [np.where(c >= 0, c, np.nan)]
+        slope = np.broadcast_to(alpha.reshape(-1), c.shape)
+        return [np.where(c >= 0, c, slope * c)]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        alpha = self._alpha(node)
+        if alpha.shape[-1] == node.outputs[0].channels:
+            alpha = alpha[..., keep_out[0]]
+        return _new_layer(node.layer), [alpha]
 
 
 class MergeHandler(LayerHandler):
@@ -528,8 +605,10 @@ class _KernelHandler(LayerHandler):
     def frozen_reason(self, layer, node):
         if not _channels_last(layer):
             return "is not channels_last"
-        if getattr(layer, "groups", 1) != 1:
-            return "is a grouped convolution"
+        groups = getattr(layer, "groups", 1)
+        if groups != 1:
+            return (f"is a grouped convolution (groups={groups}): removing a channel "
+                    "would unbalance its groups")
         if len(node.inputs) != 1:
             return "has several inputs"
         return None
@@ -602,22 +681,26 @@ def _folds_exactly(handler, layer, value):
 
 
 class ConvHandler(_KernelHandler):
-    def macs(self, layer, input_shapes, output_shapes):
-        return macs.conv_macs(layer, input_shapes, output_shapes)
+    macs = staticmethod(mac_rules.conv_macs)
+
+    @classmethod
+    def specialize(cls, layer):
+        kernel = getattr(layer, "kernel", None)
+        if getattr(layer, "groups", 1) > 1 and kernel is not None and kernel.shape[-2] == 1:
+            return GroupedDepthwiseHandler
+        return cls
 
 
 class DenseHandler(_KernelHandler):
     width_key = "units"
 
-    def macs(self, layer, input_shapes, output_shapes):
-        return macs.dense_macs(layer, input_shapes, output_shapes)
+    macs = staticmethod(mac_rules.dense_macs)
 
 
 class SeparableConvHandler(_KernelHandler):
     """SeparableConv: depthwise [.., cin, m] then pointwise [.., cin*m, out]."""
 
-    def macs(self, layer, input_shapes, output_shapes):
-        return macs.separable_macs(layer, input_shapes, output_shapes)
+    macs = staticmethod(mac_rules.separable_macs)
 
     def _kernel(self, layer):
         return _np(layer.pointwise_kernel)
@@ -647,11 +730,151 @@ class SeparableConvHandler(_KernelHandler):
         return _new_layer(layer, filters=len(keep_out[0])), weights
 
 
+class ConvTransposeHandler(_KernelHandler):
+    """Conv1D/2D/3DTranspose: kernel [*spatial, out, in] (the transpose of Conv's).
+
+    Only a constant 0 input folds: with strides, output positions sum
+    different numbers of kernel taps, so a constant input is not a constant
+    contribution.
+    """
+
+    macs = staticmethod(mac_rules.conv_transpose_macs)
+
+    def _kernel(self, layer):
+        return np.swapaxes(_np(layer.kernel), -1, -2)
+
+    def absorbs(self, node, value):
+        return value == 0
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        layer, weights = super().rebuild(node, keep_in, keep_out, in_consts, in_needed)
+        weights[0] = np.swapaxes(weights[0], -1, -2)
+        return layer, weights
+
+
+# --- keras.ops calls ------------------------------------------------------------
+
+
+def _is_scalar(value):
+    """A Python number or a one-element array: broadcasts onto every channel alike."""
+    if isinstance(value, (bool, int, float, np.number)):
+        return True
+    return isinstance(value, np.ndarray) and value.size == 1
+
+
+def _op_constant_reason(node):
+    """Why an op call's non-tensor arguments block pass-through (None: all scalars)."""
+    tensors = {id(t) for t in node.node.arguments.keras_tensors}
+    values = [v for v in keras.tree.flatten((node.node.arguments.args, node.node.arguments.kwargs))
+              if id(v) not in tensors and v is not None and not isinstance(v, str)]
+    if not all(_is_scalar(v) for v in values):
+        return "has a constant operand that is not a scalar"
+    return None
+
+
+def _call_op_on_constants(node, in_consts):
+    """The op applied to per-channel constants (NaN where an input is not constant)."""
+    ranks = [len(t.tensor.shape) for t in node.inputs]
+    values, finite = {}, np.ones(node.outputs[0].channels, bool)
+    for t, c, rank in zip(node.inputs, in_consts, ranks):
+        ok = np.isfinite(c)
+        finite &= np.broadcast_to(ok, finite.shape)
+        x = np.where(ok, c, 0.0).reshape((1,) * (rank - 1) + (-1,))
+        values[id(t.tensor)] = x.astype(t.tensor.dtype or "float32")
+    args, kwargs = node.node.arguments.fill_in(values)
+    y = _np(node.layer(*args, **kwargs)).reshape(-1).astype(np.float64)
+    y = np.broadcast_to(y, finite.shape)
+    return np.where(finite & np.isfinite(y), y, np.nan)
+
+
+class ElementwiseOpHandler(PassThroughHandler):
+    """A keras.ops call on one tensor and scalar constants (`h + 3.0`, `ops.relu(h)`).
+
+    Channel c in is channel c out; the op object is stateless and reused; a
+    constant channel maps to the op applied to the constant.
+    """
+
+    def frozen_reason(self, layer, node):
+        if len(node.inputs) != 1 or len(node.outputs) != 1:
+            return "is a keras.ops call on several tensors"
+        if node.inputs[0].channels != node.outputs[0].channels:
+            return "changes the channel count"
+        return _op_constant_reason(node)
+
+    def constants(self, node, in_consts):
+        if not np.any(np.isfinite(in_consts[0])):
+            return [in_consts[0].copy()]
+        return [_call_op_on_constants(node, in_consts)]
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return node.layer, None
+
+
+class BinaryOpHandler(MergeHandler):
+    """A keras.ops call on two tensors (`a + b`, `x * gate`): couples them like Add.
+
+    With one tensor and scalar constants it is an `ElementwiseOpHandler`.
+    """
+
+    def frozen_reason(self, layer, node):
+        if len(node.inputs) == 1:
+            return ElementwiseOpHandler().frozen_reason(layer, node)
+        return super().frozen_reason(layer, node) or _op_constant_reason(node)
+
+    def couple(self, graph, node):
+        if len(node.inputs) == 1:
+            return graph.union_tensors(node.inputs[0], node.outputs[0])
+        return super().couple(graph, node)
+
+    def constants(self, node, in_consts):
+        if not any(np.any(np.isfinite(c)) for c in in_consts):
+            return [np.full(node.outputs[0].channels, np.nan)]
+        out = _call_op_on_constants(node, in_consts)
+        if type(node.layer).__name__ == "Multiply" and len(in_consts) > 1:
+            zero = np.any([np.broadcast_to(c == 0, out.shape) for c in in_consts], axis=0)
+            out = np.where(zero, 0.0, out)
+        return [out]
+
+    def needed_inputs(self, node, out_needed):
+        if len(node.inputs) == 1:
+            return [out_needed[0].copy()]
+        return super().needed_inputs(node, out_needed)
+
+    def dropped_inputs(self, node, in_consts):
+        if len(node.inputs) == 1:
+            return []
+        return super().dropped_inputs(node, in_consts)
+
+    def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
+        return node.layer, None
+
+
+def _op_classes(module, names):
+    """The classes `names` of a keras.ops module that exist in this Keras version."""
+    return [getattr(module, n) for n in names if hasattr(module, n)]
+
+
+ELEMENTWISE_OPS = _op_classes(compat.nn_ops, (
+    "Relu", "Relu6", "Sigmoid", "HardSigmoid", "HardSilu", "Silu", "Gelu", "Elu", "Selu",
+    "Celu", "LeakyRelu", "Softplus", "Softsign", "SoftShrink", "HardShrink", "HardTanh",
+    "TanhShrink", "SparsePlus", "Squareplus", "LogSigmoid", "Mish",
+)) + _op_classes(compat.numpy_ops, (
+    "Tanh", "Absolute", "Abs", "Negative", "Square", "Sqrt", "Exp", "Expm1", "Log", "Log1p",
+    "Clip", "Reciprocal", "Sign", "Floor", "Ceil", "Round",
+)) + _op_classes(compat.core_ops, ("Cast",))
+BINARY_OPS = _op_classes(compat.numpy_ops, (
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
+))
+
+
 L = keras.layers
 _BUILT_INS = (
     (L.Conv1D, ConvHandler),
     (L.Conv2D, ConvHandler),
     (L.Conv3D, ConvHandler),
+    (L.Conv1DTranspose, ConvTransposeHandler),
+    (L.Conv2DTranspose, ConvTransposeHandler),
+    (L.Conv3DTranspose, ConvTransposeHandler),
     (L.Dense, DenseHandler),
     (L.SeparableConv1D, SeparableConvHandler),
     (L.SeparableConv2D, SeparableConvHandler),
@@ -661,6 +884,7 @@ _BUILT_INS = (
     (L.Activation, ActivationHandler),
     (L.ReLU, PassThroughHandler),
     (L.LeakyReLU, PassThroughHandler),
+    (L.PReLU, PReLUHandler),
     (L.ELU, PassThroughHandler),
     (L.Identity, PassThroughHandler),
     (L.Dropout, PassThroughHandler),
@@ -701,7 +925,11 @@ _BUILT_INS = (
     (L.Concatenate, ConcatenateHandler),
     (L.Flatten, FlattenHandler),
     (L.Reshape, TrivialReshapeHandler),
+    (L.LayerNormalization, LayerNormHandler),
+    (compat.convnext_application.LayerScale, LayerScaleHandler),
 )
+_BUILT_INS += tuple((cls, ElementwiseOpHandler) for cls in ELEMENTWISE_OPS)
+_BUILT_INS += tuple((cls, BinaryOpHandler) for cls in BINARY_OPS)
 for _cls, _handler in _BUILT_INS:
     registry.register_layer(_cls, _handler)
 del L, _cls, _handler
@@ -709,11 +937,99 @@ REGISTRY = registry.HANDLERS  # layer class -> handler; add entries with tf_psp.
 
 
 def handler_for(layer):
-    """`(handler instance, frozen reason or None)` for `layer` (see `tf_psp.registry`)."""
-    return registry.handler_for(layer, _FrozenHandler)
+    """`(handler instance, frozen reason or None)` for `layer` (see `tf_psp.registry`).
+
+    A handler class may `specialize` itself for a layer (a grouped conv that
+    is depthwise-like gets its own handler).
+    """
+    handler, reason = registry.handler_for(layer, _FrozenHandler)
+    specialized = type(handler).specialize(layer) if hasattr(type(handler), "specialize") else None
+    if specialized is not None and specialized is not type(handler):
+        handler = specialized()
+    return handler, reason
 
 
 # --- the graph ------------------------------------------------------------------
+
+
+def _inner_graph(layer):
+    """The functional graph of a nested functional or Sequential model, else None."""
+    if not isinstance(layer, keras.Model):
+        return None
+    return compat.graph_of(layer)
+
+
+def inline_nested(model):
+    """A flat functional model: nested functional and Sequential models inlined.
+
+    A backbone used as a layer (`bb(i)`) is one opaque node to the channel
+    graph, which would freeze every channel it touches. Inlined, its layers
+    are ordinary nodes of one graph, so channels are coupled and removed
+    across the nesting. When something is inlined, every layer is a copy with
+    the same weights (Lambda layers and keras.ops calls are reused), so
+    `model` is left untouched; a layer whose name another layer already has
+    gets a `_1`, `_2` ... suffix. Subclassed models stay opaque nodes.
+    Returns `model`'s functional view when nothing is nested.
+    """
+    model = functional_view(model)
+    if not any(_inner_graph(layer) is not None for layer in model.layers):
+        return model
+    taken = {layer.name for layer in compat.flatten_layers(model)}
+    used, cache, copies = set(), {}, []
+
+    def operation_fn(op):
+        if id(op) not in cache:
+            new = op
+            if (isinstance(op, keras.layers.Layer) and _inner_graph(op) is None
+                    and not isinstance(op, keras.layers.Lambda)):
+                name = op.name
+                if name in used:
+                    k = 1
+                    while f"{name}_{k}" in taken:
+                        k += 1
+                    name = f"{name}_{k}"
+                    taken.add(name)
+                try:
+                    new = _new_layer(op, name=name)
+                    copies.append((op, new))
+                except Exception:  # noqa: BLE001  a config that cannot round-trip
+                    if name != op.name:
+                        raise
+                    new = op  # reused as is (stateless or not, it is the same layer)
+            used.add(getattr(new, "name", None))
+            cache[id(op)] = new
+        return cache[id(op)]
+
+    def call_fn(op, *args, **kwargs):
+        inner = _inner_graph(op)
+        if inner is None:
+            return op(*args, **kwargs)
+        return compat.run_through_graph(inner, args[0], operation_fn, call_fn)
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in model.inputs]
+    outputs = compat.run_through_graph(model, inputs, operation_fn, call_fn)
+    flat = keras.Model(keras.tree.pack_sequence_as(compat.inputs_struct(model), inputs), outputs,
+                       name=model.name)
+    for old, new in copies:
+        new.set_weights(old.get_weights())
+    return flat
+
+
+def check_channels_last(model, caller):
+    """Raises a ValueError naming the first `channels_first` layer of `model` (nested too).
+
+    The channel graph reads channels on the last axis; on a channels_first
+    model it would see widths and spatial positions where channels are.
+    """
+    for layer in compat.flatten_layers(model):
+        if getattr(layer, "data_format", None) == "channels_first":
+            raise ValueError(
+                f"{caller}: layer '{layer.name}' ({type(layer).__name__}) uses "
+                "data_format='channels_first'; tf_psp finds channels on the last axis "
+                "only. Rebuild the model channels_last (the default, "
+                "keras.config.set_image_data_format('channels_last')) and copy the "
+                "weights: kernels have the same layout in both formats."
+            )
 
 
 class ChannelGraph:
@@ -734,7 +1050,7 @@ class ChannelGraph:
     """
 
     def __init__(self, model, approximate=False):
-        self.model = functional_view(model)
+        self.model = inline_nested(model)
         self.approximate = bool(approximate)
         self._uf = _UnionFind()
         self.tensors = {}
@@ -785,6 +1101,9 @@ class ChannelGraph:
                 reason = "has an unknown channel count"
             elif handler.kind != "frozen":
                 reason = handler.frozen_reason(node.operation, info)
+            elif not isinstance(node.operation, keras.layers.Layer):
+                reason = ("is a keras.ops call that may mix channels (only elementwise "
+                          "ops with scalar constants pass channels through)")
             if reason is not None:
                 info.handler = _FrozenHandler()
                 info.frozen_reason = reason

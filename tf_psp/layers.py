@@ -45,13 +45,16 @@ def threshold(alpha, epsilon, straight_through=True):
 
 def validate_epsilon(epsilon, name):
     """Returns `epsilon` as a float, or raises a ValueError naming the layer."""
-    epsilon = float(epsilon)
-    if not epsilon > 0 or not np.isfinite(epsilon):
+    try:
+        value = float(epsilon)
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(epsilon, bool) or value is None or not value > 0 or not np.isfinite(value):
         raise ValueError(
             f"layer '{name}': epsilon must be a positive finite "
-            f"threshold, got {epsilon}."
+            f"threshold, got {epsilon!r}."
         )
-    return epsilon
+    return value
 
 
 class PSPMixin:
@@ -63,6 +66,7 @@ class PSPMixin:
 
     _alpha_kernel_name = "kernel"
     _alpha_depthwise = False
+    _alpha_transposed = False  # kernel [*spatial, out, in] (Conv*DTranspose)
 
     def __init__(
         self,
@@ -88,9 +92,14 @@ class PSPMixin:
     # --- alpha --------------------------------------------------------------
     def _build_alpha(self):
         kernel_shape = tuple(getattr(self, self._alpha_kernel_name).shape)
+        if self._alpha_transposed:  # alphas as for the [.., in, out] kernel it transposes
+            kernel_shape = kernel_shape[:-2] + (kernel_shape[-1], kernel_shape[-2])
         self._alpha_broadcast = structures.broadcast_shape(
             self.structure, kernel_shape, self._alpha_depthwise
         )
+        if self._alpha_transposed and len(self._alpha_broadcast):
+            b = self._alpha_broadcast
+            self._alpha_broadcast = b[:-2] + (b[-1], b[-2])
         self.alpha = self.add_weight(
             name="alpha",
             shape=structures.alpha_shape(
@@ -220,6 +229,19 @@ class PSPConv1D(_PSPConvBase, keras.layers.Conv1D):
 
     plain_class = keras.layers.Conv1D
 
+    def convolution_op(self, inputs, kernel):
+        if self.padding != "causal":
+            return super().convolution_op(inputs, kernel)
+        # as keras.layers.Conv1D.call: pad dilation * (k - 1) steps on the left
+        return ops.conv(
+            ops.pad(inputs, self._compute_causal_padding()),
+            kernel,
+            strides=list(self.strides),
+            padding="valid",
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+
 
 @keras.saving.register_keras_serializable(package="tf_psp")
 class PSPConv2D(_PSPConvBase, keras.layers.Conv2D):
@@ -248,6 +270,42 @@ class PSPConv3D(_PSPConvBase, keras.layers.Conv3D):
     """`keras.layers.Conv3D` with PSP structure parameters `alpha` (see `PSPConv2D`)."""
 
     plain_class = keras.layers.Conv3D
+
+
+class _PSPConvTransposeBase(_PSPConvBase):
+    """Conv*DTranspose: kernel [*spatial, out, in]; alphas as for a Conv's [.., in, out]."""
+
+    _alpha_transposed = True
+
+    def call(self, inputs):
+        outputs = ops.conv_transpose(
+            inputs,
+            self._scaled(self.kernel),
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        if self.use_bias:
+            bias = self._scaled_bias(self.bias)
+            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, self.filters)))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="tf_psp")
+class PSPConv2DTranspose(_PSPConvTransposeBase, keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` with PSP structure parameters `alpha`.
+
+    The kernel is `[kh, kw, out, in]`; alpha shapes are those of a Conv2D
+    reading the same input: `'channel'` -> `(in,)`, `'filter'` -> `(out,)`
+    (scales the bias too), `'column'` -> `(kh, kw, in)`, `'layer'` -> `()`.
+    Other arguments as in `PSPConv2D`.
+    """
+
+    plain_class = keras.layers.Conv2DTranspose
 
 
 @keras.saving.register_keras_serializable(package="tf_psp")
@@ -386,6 +444,7 @@ PSP_LAYERS = (
     PSPConv1D,
     PSPConv2D,
     PSPConv3D,
+    PSPConv2DTranspose,
     PSPDense,
     PSPDepthwiseConv2D,
     PSPSeparableConv2D,

@@ -56,7 +56,50 @@ def separable_macs(layer, input_shapes, output_shapes):
     )
 
 
+def rnn_macs(layer, input_shapes, output_shapes):
+    # Each kernel and recurrent-kernel entry is used once per time step (LSTM: 4
+    # gates, GRU: 3); gate products, activations and biases are not counted.
+    cell = getattr(layer, "cell", None)
+    if getattr(cell, "kernel", None) is None or getattr(cell, "recurrent_kernel", None) is None:
+        return None
+    steps = _size(input_shapes[0][1:-1])
+    return steps * (_variable_size(cell.kernel) + _variable_size(cell.recurrent_kernel))
+
+
+def bidirectional_macs(layer, input_shapes, output_shapes):
+    parts = []
+    for sub in (layer.forward_layer, layer.backward_layer):
+        rule = mac_rule(sub)
+        parts.append(None if rule is None else rule(sub, input_shapes, output_shapes))
+    return None if None in parts else sum(parts)
+
+
+def attention_macs(layer, input_shapes, output_shapes):
+    # Projections: each kernel entry once per query (Q, output) or value (K, V)
+    # position; scores and weighted sum: heads * Tq * Tv * (key_dim + value_dim).
+    query, key, value, output = compat.attention_projections(layer)
+    query_kernel, value_kernel = query.kernel, value.kernel
+    value_dim = int(value_kernel.shape[0])
+    # `value` is the second argument; masks may follow: pick by its feature size
+    value = next((s for s in input_shapes[1:] if s[-1] == value_dim), input_shapes[0])
+    tq, tv = _size(output_shapes[0][1:-1]), _size(value[1:-1])
+    heads, key_dim = int(query_kernel.shape[-2]), int(query_kernel.shape[-1])
+    head_value_dim = int(value_kernel.shape[-1])
+    return (
+        tq * (_variable_size(query_kernel) + _variable_size(output.kernel))
+        + tv * (_variable_size(key.kernel) + _variable_size(value_kernel))
+        + heads * tq * tv * (key_dim + head_value_dim)
+    )
+
+
+def no_macs(layer, input_shapes, output_shapes):
+    # Lookups (Embedding) and per-channel scales and shifts (normalizations,
+    # PReLU): no multiply-accumulates by convention, like activations.
+    return 0
+
+
 # Checked in order with isinstance, so PSP layers use their Keras parent's rule.
+# A rule may return None: "not counted" (e.g. an RNN with an unusual cell).
 MAC_RULES = (
     ((keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D), conv_macs),
     (
@@ -70,7 +113,25 @@ MAC_RULES = (
     ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), depthwise_macs),
     ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), separable_macs),
     ((keras.layers.Dense,), dense_macs),
+    ((keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU), rnn_macs),
+    ((keras.layers.Bidirectional,), bidirectional_macs),
+    ((keras.layers.MultiHeadAttention,), attention_macs),
+    (
+        (
+            keras.layers.Embedding,
+            keras.layers.BatchNormalization,
+            keras.layers.LayerNormalization,
+            keras.layers.GroupNormalization,
+            keras.layers.Normalization,
+            keras.layers.PReLU,
+        ),
+        no_macs,
+    ),
 )
+
+
+# rules of layers whose kernels `zeroed_macs` reads (`_kernel_entries`)
+KERNEL_RULES = (conv_macs, conv_transpose_macs, depthwise_macs, separable_macs, dense_macs)
 
 
 def mac_rule(layer):

@@ -5,6 +5,15 @@ Sequential model's graph (batch dimension excluded), so nothing is run.
 MAC rules live in `tf_psp.macs`; `tf_psp.register_layer` adds one for a new
 layer type.
 
+Conventions: a MAC is one multiply-accumulate of a weight; biases,
+activations, gate products and per-channel scales (BatchNormalization,
+PReLU) count 0, an Embedding lookup counts 0. Convolutions count each kernel
+entry once per output position (transposed ones: per input position),
+SimpleRNN/LSTM/GRU each kernel and recurrent-kernel entry once per time step,
+MultiHeadAttention its four projections plus heads * Tq * Tv * (key_dim +
+value_dim) for the scores and the weighted sum. A layer with weights and no
+rule is *not counted*: `LayerProfile.counted` is False and the table says so.
+
 For PSP layers the profile also counts the structures whose `|alpha|` is below
 `epsilon` and the MACs and parameters they zero, i.e. what this layer would
 lose if those structures were physically removed. The count is local to the
@@ -27,6 +36,7 @@ import numpy as np
 
 from tf_psp import compat, coupling, structures
 from tf_psp import layers as psp_layers
+from tf_psp import macs as mac_rules
 from tf_psp.macs import _size, _variable_size, mac_rule, spatial
 from tf_psp.shrink import strip, strip_and_shrink
 
@@ -120,6 +130,8 @@ class LayerProfile:
         structures_alive: structures with `|alpha| >= epsilon`.
         pruned_macs: MACs of the dead structures.
         pruned_params: kernel (and owned bias) entries of the dead structures.
+        counted: False for a layer with weights and no MAC rule: its `macs`
+            (0) are unknown, not zero.
     """
 
     name: str
@@ -133,6 +145,7 @@ class LayerProfile:
     structures_alive: int = None
     pruned_macs: int = 0
     pruned_params: int = 0
+    counted: bool = True
 
     @property
     def is_psp(self):
@@ -181,6 +194,7 @@ class ModelProfile:
 
     def refresh(self):
         """Re-reads every PSP layer's alpha mask; returns `self`."""
+        _check_finite(self._psp_entries)
         for row, layer, positions in self._psp_entries:
             mask = np.asarray(layer.structure_mask(), dtype=bool)
             row.structures_total = int(mask.size)
@@ -202,6 +216,11 @@ class ModelProfile:
     def total_params(self):
         """Parameters of the model (equals `model.count_params()`)."""
         return sum(row.params for row in self.layers)
+
+    @property
+    def uncounted(self):
+        """Names of the layers with weights whose MACs no rule counts (not in `total_macs`)."""
+        return [row.name for row in self.layers if not row.counted]
 
     @property
     def pruned_macs(self):
@@ -250,6 +269,7 @@ class ModelProfile:
             "name": self.name,
             "layers": [row.to_dict() for row in self.layers],
             "total_macs": self.total_macs,
+            "uncounted": self.uncounted,
             "total_params": self.total_params,
             "pruned_macs": self.pruned_macs,
             "pruned_params": self.pruned_params,
@@ -281,7 +301,7 @@ class ModelProfile:
                     f"{row.name} ({row.class_name})",
                     _format_shape(row.output_shape),
                     f"{row.params:,}",
-                    f"{row.macs:,}",
+                    f"{row.macs:,}" if row.counted else "not counted",
                     f"{row.structures_alive}/{row.structures_total}" if row.is_psp else "",
                     _percent(row.pruned_macs, row.macs or self.total_macs) if row.is_psp else "",
                 )
@@ -299,6 +319,11 @@ class ModelProfile:
         out.append(rule)
         out.append(f"Total params: {self.total_params:,}")
         out.append(f"Total MACs: {self.total_macs:,}")
+        if self.uncounted:
+            out.append(
+                f"MACs not counted (weights but no rule in tf_psp.profile.MAC_RULES): "
+                f"{', '.join(self.uncounted)}"
+            )
         if self.structures_total:
             out.append(
                 f"PSP structures pruned: {self.structures_pruned:,}/"
@@ -327,6 +352,25 @@ class ModelProfile:
             f"<ModelProfile '{self.name}': {len(self.layers)} layers, "
             f"{self.total_macs:,} MACs, {self.total_params:,} params, "
             f"sparsity {self.sparsity:.3f}>"
+        )
+
+
+def _check_finite(psp_entries):
+    """Raises a ValueError naming the PSP layers with NaN or infinite alphas.
+
+    `|nan| < epsilon` is False, so a NaN alpha would count as pruned.
+    """
+    bad = []
+    for row, layer, _ in psp_entries:
+        values = layer.alphas() if coupling.is_group_alphas(layer) else np.asarray(
+            keras.ops.convert_to_numpy(layer.alpha.value))
+        if not np.all(np.isfinite(values)):
+            bad.append(row.name)
+    if bad:
+        raise ValueError(
+            f"profile: PSP layers {bad} have NaN or infinite alphas (training diverged), "
+            "so their pruned structures cannot be counted. Lower the learning rate or "
+            "the alpha decay and train again."
         )
 
 
@@ -441,12 +485,18 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             _walk(layer, f"{path}/", rows, psp_entries, index, inner, kernel_rows)
             continue
         rule = mac_rule(layer)
-        macs, positions = 0, 0
-        if rule is not None:
+        macs, positions, counted = 0, 0, not layer.weights
+        if rule is mac_rules.no_macs:
+            counted = True
+        elif rule is not None:
             _check_static(layer, path, in_shapes, "input")
             _check_static(layer, path, out_shapes, "output")
-            macs = int(rule(layer, in_shapes, out_shapes))
-            positions = _positions(layer, out_shapes)
+            macs = rule(layer, in_shapes, out_shapes)
+            counted = macs is not None
+            macs = int(macs or 0)
+            # a transposed conv uses each kernel entry once per *input* position
+            transposed = rule is mac_rules.conv_transpose_macs
+            positions = _positions(layer, in_shapes if transposed else out_shapes)
             gate, gate_index = _gate_of(node)
             if gate is not None:
                 size = sum(_variable_size(k) for k in _kernel_entries(layer))
@@ -456,6 +506,7 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
         if layer in index:
             row = index[layer]
             row.macs += macs
+            row.counted = row.counted and counted
             row.calls += 1
             for entry in psp_entries:
                 if entry[1] is layer and not coupling.is_group_alphas(layer):
@@ -476,7 +527,8 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
         elif coupling.is_group_alphas(layer):
             row.structure = layer.structure
             psp_entries.append([row, layer, []])
-        if rule is not None and kernel_rows is not None:
+        row.counted = counted
+        if rule in mac_rules.KERNEL_RULES and kernel_rows is not None:
             kernel_rows.append((row, layer))
         index[layer] = row
         rows.append(row)
@@ -512,7 +564,8 @@ def profile(model, input_shape=None, removable=False):
 
     Raises:
         ValueError: `model` is not a Keras model, is not built, has no graph
-            (subclassed models), or has unknown spatial dimensions.
+            (subclassed models), has unknown spatial dimensions, or a PSP
+            layer has NaN or infinite alphas (named).
     """
     if not isinstance(model, keras.Model):
         raise ValueError(

@@ -29,7 +29,7 @@ class WeightDecay(keras.regularizers.Regularizer):
     """
 
     def __init__(self, decay=DEFAULT_DECAY, weights=None):
-        self.decay = _non_negative(decay, "decay")
+        self.decay = _non_negative(decay, "WeightDecay: decay")
         self.weights = _weights(weights)
 
     def __call__(self, x):
@@ -49,7 +49,7 @@ class L1(keras.regularizers.Regularizer):
     """
 
     def __init__(self, l1=1e-4, weights=None):
-        self.l1 = _non_negative(l1, "l1")
+        self.l1 = _non_negative(l1, "L1: l1")
         self.weights = _weights(weights)
 
     def __call__(self, x):
@@ -99,7 +99,10 @@ def _weights(weights):
     """None, or a list of non-negative finite floats (JSON-serializable)."""
     if weights is None:
         return None
-    values = [float(w) for w in np.ravel(np.asarray(weights, dtype="float64"))]
+    try:
+        values = [float(w) for w in np.ravel(np.asarray(weights, dtype="float64"))]
+    except (TypeError, ValueError):
+        raise ValueError(f"regularizer weights must be numbers, got {weights!r}.") from None
     if not all(np.isfinite(w) and w >= 0 for w in values):
         raise ValueError("regularizer weights must be finite and >= 0.")
     return values
@@ -134,10 +137,14 @@ def with_weights(regularizer, weights):
 
 
 def _non_negative(value, name):
-    value = float(value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}.")
-    return value
+    """`value` as a float, or a ValueError naming the argument."""
+    try:
+        number = None if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not np.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be >= 0 and finite, got {value!r}.")
+    return number
 
 
 def default_alpha_regularizer():

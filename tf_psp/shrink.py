@@ -13,6 +13,11 @@ channels whose value no longer matters, using `tf_psp.graph.ChannelGraph`:
 - channels touched by layers the graph does not understand, model inputs and
   model outputs are kept, and the report says which layer kept them.
 
+Nested functional and Sequential models (a backbone used as a layer) are
+inlined first (`tf_psp.graph.inline_nested`), so channels are removed across
+the nesting; an opaque nested node would freeze every channel it touches. The
+shrunk model is therefore flat, its layers keeping their names.
+
 The result computes exactly what the PSP model computes in inference mode
 (up to float32 round-off), unless `approximate=True` trades exactness at the
 borders of padded convolutions for size and reports the measured deviation.
@@ -85,7 +90,8 @@ def strip(model):
     for old, new in pairs:
         weights = old.folded_weights() if is_psp_layer(old) else old.get_weights()
         if old.name in scales:
-            weights = coupling.fold_input_scale(weights, scales[old.name])
+            weights = coupling.fold_input_scale(
+                weights, scales[old.name], transposed=isinstance(old, coupling.TRANSPOSED))
         new.set_weights(weights)
     return clone
 
@@ -122,7 +128,9 @@ class ShrinkReport:
             channels that were prunable somewhere (a constant, or ignored by
             a reader) but had to be kept, which layer kept them and why;
             `space` names the channel space (its first producer).
-        round_to: the rounding used; `readmitted`: channels kept for rounding.
+        round_to: the rounding used; `readmitted`: pruned channels kept for
+            rounding, or (also with `round_to=1`) so that no channel space
+            is emptied.
         removed_branches: list of dicts `{merge, layers, offset}`: merge inputs
             that were constant and removed with the layers computing them;
             `offset` names the `Rescaling` adding the constant (None if 0).
@@ -174,8 +182,14 @@ class ShrinkReport:
                     f"  {who}{row['reason']}: keeps {row['channels']} channel(s) "
                     f"of {row['space']}"
                 )
-        if self.readmitted:
-            lines.append(f"kept {self.readmitted} pruned channel(s) to round widths to {self.round_to}")
+        if self.readmitted and self.round_to > 1:
+            lines.append(
+                f"kept {self.readmitted} pruned channel(s) to round widths to multiples of "
+                f"{self.round_to} (and keep at least one channel per space)")
+        elif self.readmitted:
+            lines.append(
+                f"kept {self.readmitted} pruned channel(s) so that every channel space "
+                "keeps at least one channel")
         for row in self.removed_branches:
             how = f"adds it with '{row['offset']}'" if row["offset"] else "it is 0"
             lines.append(
@@ -389,12 +403,22 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
             `ShrinkReport.approximation_error`). Default False: exact.
 
     Returns:
-        A functional `keras.Model`, or `(model, report)` with `return_report`.
+        A functional `keras.Model` (flat: nested models are inlined), or
+        `(model, report)` with `return_report`.
+
+    Raises:
+        ValueError: `model` is not a built functional/Sequential model, has
+            non-finite alphas, or a `channels_first` layer (refused, named),
+            or `round_to` is not a positive integer.
+        TypeError: `approximate` is not a bool.
     """
     check_model(model)
-    if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}.")
-    round_to = int(round_to)
+    round_to = _positive_int(round_to, "round_to")
+    if not isinstance(approximate, (bool, np.bool_)):
+        raise TypeError(
+            f"strip_and_shrink: approximate must be True or False, got {approximate!r}."
+        )
+    psp_graph.check_channels_last(model, f"strip_and_shrink(model '{model.name}')")
     _check_finite_alphas(model)
     scores = _psp_scores(model)
     g = psp_graph.ChannelGraph(strip(model), approximate=approximate)
@@ -414,6 +438,14 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
     if approximate:
         report.approximation_error, report.approximation_note = _deviation(model, shrunk)
     return shrunk, report
+
+
+def _positive_int(value, name):
+    """`value` as an int >= 1 (integral floats too), or a ValueError naming `name`."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or int(value) != value or value < 1:
+        raise ValueError(f"strip_and_shrink: {name} must be a positive integer, got {value!r}.")
+    return int(value)
 
 
 def _warn_fully_pruned(g, scores, keep):
@@ -460,6 +492,8 @@ def _column_sparsity(scores, shrunk):
         if layer.structure != "column" or name not in kept:
             continue
         kernel = np.asarray(keras.ops.convert_to_numpy(getattr(kept[name], layer._alpha_kernel_name)))
+        if getattr(layer, "_alpha_transposed", False):  # [.., out, in] -> [.., in, out]
+            kernel = np.swapaxes(kernel, -1, -2)
         columns = kernel.reshape(-1, kernel.shape[-1])
         zero = int(np.sum(~np.any(columns != 0, axis=1)))
         rows.append({"name": name, "columns": len(columns), "zero_columns": zero,
