@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from tf_psp import compat
-from tf_psp.functional import check_model
+from tf_psp.functional import check_model, reuses
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -149,8 +149,8 @@ class _Recorder:
         _check_model(model)
 
         def clone_function(layer):
-            if isinstance(layer, keras.layers.Lambda):
-                return layer  # stateless; a Python lambda cannot round-trip a config
+            if reuses(layer):
+                return layer  # a Lambda (cannot round-trip a config) or a keras.ops call
             if type(layer) is keras.layers.BatchNormalization:
                 config = layer.get_config()
                 config.pop("build_config", None)
@@ -363,8 +363,8 @@ def fold_batchnorm(model):
     originals = {}
 
     def clone_function(layer):
-        if isinstance(layer, keras.layers.Lambda):
-            return layer  # stateless; a Python lambda cannot round-trip a config
+        if reuses(layer):
+            return layer  # a Lambda (cannot round-trip a config) or a keras.ops call
         if layer.name in folded_names and isinstance(layer, keras.layers.BatchNormalization):
             new = keras.layers.Identity(name=layer.name)
         else:

@@ -43,6 +43,7 @@ from tf_psp import compat
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
+from tf_psp.functional import clone_layer
 from tf_psp.macs import mac_rule
 
 GROUP_KWARGS = (
@@ -360,10 +361,7 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
 
     def clone_function(layer):
         if id(layer) not in clones:
-            if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
-                new = layer  # stateless: a keras.ops call, or a lambda that cannot round-trip
-            else:
-                new = type(layer).from_config(layer.get_config())
+            new = clone_layer(layer)  # a Lambda or a keras.ops call is reused
             clones[id(layer)] = new
             originals[id(new)] = layer
         return clones[id(layer)]
