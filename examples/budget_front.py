@@ -76,7 +76,7 @@ DEFAULTS = {"lr": 0.01, "strength": 0.0}
 #    lowered its accuracy (97.0 % -> 96.75 % at decay_until 0.5), so PSP also runs as
 #    its callback intends: all epochs with PruneToBudget, whose last part already trains
 #    the pruned network (finetune 0); every other method got as many extra settings.
-# Settings per method in all: PSP 8, lr-only methods 7, sparse-training methods 8.
+# Settings per method in all: PSP 9, lr-only methods 7, sparse-training methods 8.
 ROUND1 = [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}]
 LRS = [{"lr": 0.003}, {"lr": 0.01}, {"lr": 0.02}, {"lr": 0.03}, {"lr": 0.05}, {"lr": 0.1},
        {"lr": 0.2}]
@@ -352,9 +352,35 @@ def _public(row):
     return out
 
 
+def collected_rows(model_name, search):
+    """Every cached run of `model_name` under this protocol (several processes may
+    write runs concurrently: the results are always rebuilt from the cache).
+
+    Final runs: only those with each method's chosen setting (`best_config`).
+    """
+    import glob
+
+    split = "val" if search else "test"
+    suffix = (f"_p{FLAGS.pretrain_epochs}_e{FLAGS.epochs}_f{FLAGS.finetune_epochs}"
+              f"_n{FLAGS.steps_per_epoch}.json")
+    rows = []
+    for path in sorted(glob.glob(os.path.join(FLAGS.out, "runs", f"{model_name}_*{suffix}"))):
+        with open(path) as f:
+            row = json.load(f)
+        if row["split"] != split or row["method"] not in SEARCH:
+            continue
+        if not search and row["config"] != best_config(model_name, row["method"], split):
+            continue
+        rows.append(row)
+    order = {m: k for k, m in enumerate(SEARCH)}
+    rows.sort(key=lambda r: (order[r["method"]], -r["keep_macs"], r["seed"]))
+    return rows
+
+
 def write_results(model_name, rows, search):
     import numpy as np
 
+    rows = collected_rows(model_name, search)
     name = f"search_{model_name}" if search else model_name
     _write_json(os.path.join(FLAGS.out, name + ".json"),
                 {"protocol": {"pretrain_epochs": FLAGS.pretrain_epochs, "epochs": FLAGS.epochs,
