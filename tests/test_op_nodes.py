@@ -6,10 +6,10 @@ Oracle: the PSP model itself (inference mode); widths counted by hand.
 import keras
 import numpy as np
 import pytest
-
-import tf_psp
 from model_helpers import randomize_weights
 from shrink_helpers import _check, _randomize, _set_alpha
+
+import tf_psp
 from tf_psp import coupling
 
 L = keras.layers

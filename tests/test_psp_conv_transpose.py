@@ -5,13 +5,13 @@ model itself after shrinking, and hand-counted MACs."""
 import keras
 import numpy as np
 import pytest
+from model_helpers import randomize_weights
 
 import tf_psp
-from model_helpers import randomize_weights
 from tf_psp import structures
 
 L = keras.layers
-CONFIG = dict(filters=4, kernel_size=3, strides=2, padding="same")
+CONFIG = {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "same"}
 SHAPES = {"channel": (3,), "filter": (4,), "column": (3, 3, 3), "layer": ()}
 
 

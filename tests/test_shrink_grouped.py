@@ -2,9 +2,9 @@
 
 import keras
 import numpy as np
+from shrink_helpers import _check, _randomize, _set_alpha
 
 import tf_psp
-from shrink_helpers import _check, _randomize, _set_alpha
 
 L = keras.layers
 

@@ -7,9 +7,9 @@ the same alphas (the shrunk MACs must agree within 5 %).
 import keras
 import numpy as np
 import pytest
+from model_helpers import assert_weights_unchanged, randomize_weights, weights_snapshot
 
 import tf_psp
-from model_helpers import randomize_weights, weights_snapshot, assert_weights_unchanged
 from tf_psp import graph as psp_graph
 
 L = keras.layers

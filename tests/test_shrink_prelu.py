@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from shrink_helpers import _check, _randomize, _set_alpha
 
 import tf_psp
-from shrink_helpers import _check, _randomize, _set_alpha
 
 L = keras.layers
 

@@ -6,10 +6,10 @@ import io
 import keras
 import numpy as np
 import pytest
-
-import tf_psp
 from model_helpers import randomize_weights
 from shrink_helpers import _set_alpha
+
+import tf_psp
 from tf_psp import cli, regularizers
 
 L = keras.layers
