@@ -305,7 +305,12 @@ class LayerNormHandler(_FrozenHandler):
     """LayerNormalization: every output channel depends on every input channel."""
 
     def couple(self, graph, node):
-        reason = "normalizes across channels (removing one changes the others)"
+        rank = len(node.inputs[0].tensor.shape)
+        axes = node.layer.axis if isinstance(node.layer.axis, (list, tuple)) else [node.layer.axis]
+        if any(a % rank == rank - 1 for a in axes):
+            reason = "normalizes across channels (removing one changes the others)"
+        else:
+            reason = f"normalizes over axes {list(axes)}, which is not understood"
         for t in node.inputs + node.outputs:
             graph.freeze(t, node, reason)
 
