@@ -44,6 +44,11 @@ def convnext_mini():
                     classifier_activation=None, layer_scale_init_value=0.5, name="convnext_mini")
 
 
+def convnext_tiny():
+    return keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3), classes=10,
+                                           classifier_activation=None)
+
+
 def nested_mobilenet_v2():
     bb = keras.applications.MobileNetV2(include_top=False, weights=None,
                                         input_shape=(32, 32, 3), alpha=0.35)
@@ -60,7 +65,8 @@ def causal_tcn():
     return keras.Model(i, L.Dense(4)(L.GlobalAveragePooling1D()(h)), name="tcn")
 
 
-MODELS = {f.__name__: f for f in (mobilenet_v3_small, convnext_mini, nested_mobilenet_v2, causal_tcn)}
+MODELS = {f.__name__: f for f in (mobilenet_v3_small, convnext_mini, convnext_tiny,
+                                   nested_mobilenet_v2, causal_tcn)}
 
 
 def _prune_half(model, seed=0):

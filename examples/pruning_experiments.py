@@ -667,5 +667,5 @@ def measure(model, dense, data, batch_size=256, shrink=True):
         "speedup_macs": macs_dense / macs_shrunk,
         "params_dense": int(dense_profile.total_params),
         "params_shrunk": int(shrunk_profile.total_params),
-        "max_deviation": float(np.max(np.abs(output - reference)) / (np.max(np.abs(reference)) or 1.0)),
+        "max_deviation": tf_psp.functional.relative_error(reference, output),
     }

@@ -20,8 +20,8 @@ L = keras.layers
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_causal_psp_conv1d_equals_keras_conv1d(dilation, data_format):
-    kwargs = dict(filters=5, kernel_size=3, padding="causal", dilation_rate=dilation,
-                  data_format=data_format)
+    kwargs = {"filters": 5, "kernel_size": 3, "padding": "causal", "dilation_rate": dilation,
+              "data_format": data_format}
     shape = (11, 4) if data_format == "channels_last" else (4, 11)
     x = np.random.default_rng(0).normal(size=(2,) + shape).astype("float32")
     plain, psp = L.Conv1D(**kwargs), tf_psp.PSPConv1D(**kwargs)

@@ -31,7 +31,8 @@ def _psp():
 
 
 def test_strip_and_shrink_refuses_naming_the_layer():
-    with pytest.raises(ValueError, match=r"layer 'c1' \(PSPConv2D\) uses data_format='channels_first'"):
+    with pytest.raises(ValueError,
+                       match=r"layer 'c1' \(PSPConv2D\) uses data_format='channels_first'"):
         tf_psp.strip_and_shrink(_psp())
 
 
@@ -55,4 +56,5 @@ def test_layer_coupling_and_strip_work():
     psp = _psp()
     x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype("float32")
     plain = tf_psp.strip(psp)
-    np.testing.assert_allclose(plain(x, training=False), psp(x, training=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain(x, training=False), psp(x, training=False),
+                               rtol=1e-5, atol=1e-6)

@@ -169,3 +169,19 @@ def test_registry_finds_keras_op_classes():
               keras.ops.tanh(h), keras.ops.silu(h), keras.ops.divide(h, 2.0)):
         op = t._keras_history.operation
         assert type(op) in graph.REGISTRY, type(op)
+
+
+@pytest.mark.parametrize("axis, reason", [
+    (-1, "normalizes across channels (removing one changes the others)"),
+    (1, "normalizes over axes [1], which is not understood"),
+])
+def test_layer_normalization_freezes_with_reason(axis, reason):
+    inputs = keras.Input((6, 6, 3))
+    h = tf_psp.PSPConv2D(4, 1, structure="filter", name="c1")(inputs)
+    h = L.LayerNormalization(axis=axis, name="ln")(h)
+    outputs = L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(h))
+    model = keras.Model(inputs, outputs)
+    _randomize(model)
+    _set_alpha(model.get_layer("c1"), [0, 1, 1, 1])
+    _, report = _check(model, _x((6, 6, 3)), {"c1": 4})
+    assert f"layer 'ln' (LayerNormalization) {reason}" in str(report)

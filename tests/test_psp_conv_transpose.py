@@ -12,7 +12,7 @@ from tf_psp import structures
 from conftest import randomize_weights
 
 L = keras.layers
-CONFIG = dict(filters=4, kernel_size=3, strides=2, padding="same")
+CONFIG = {"filters": 4, "kernel_size": 3, "strides": 2, "padding": "same"}
 SHAPES = {"channel": (3,), "filter": (4,), "column": (3, 3, 3), "layer": ()}
 
 
@@ -54,7 +54,8 @@ def test_forward_equals_hand_scaled_kernel(structure):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
     to_plain = layer.to_plain()
     assert type(to_plain) is L.Conv2DTranspose
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(to_plain(x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(to_plain(x)), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_one_equals_keras_layer():

@@ -26,7 +26,8 @@ def _nested_and_flat():
     i = keras.Input((32, 32, 3))
     nested = keras.Model(i, L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="gap")(bb(i))))
     bb2 = _backbone()
-    flat = keras.Model(bb2.input, L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="gap")(bb2.output)))
+    pooled = L.GlobalAveragePooling2D(name="gap")(bb2.output)
+    flat = keras.Model(bb2.input, L.Dense(3, name="head")(pooled))
     randomize_weights(nested)
     flat.set_weights(nested.get_weights())
     return nested, flat
@@ -79,3 +80,21 @@ def test_inline_nested_leaves_the_model_alone_and_renames_clashes():
     assert [len(layer._inbound_nodes) for layer in model._flatten_layers()] == nodes_before
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype("float32")
     np.testing.assert_allclose(flat(x), model(x), rtol=1e-6)
+
+
+def test_inlined_backbone_matches_nested_in_both_modes():
+    # transfer learning calls the backbone with training=False; Keras 3 lets the outer
+    # call's `training` win either way, so the flat model must simply behave the same
+    bb_in = keras.Input((4, 4, 3))
+    bb = keras.Model(bb_in, L.BatchNormalization(name="bn")(L.Conv2D(4, 1, name="conv")(bb_in)),
+                     name="bb")
+    i = keras.Input((4, 4, 3))
+    model = keras.Model(i, L.Dense(2, name="head")(bb(i, training=False)))
+    randomize_weights(model)
+    flat = psp_graph.inline_nested(model)
+    group = tf_psp.parameterize(model, coupling="group")
+    x = np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype("float32")
+    for training in (False, True):  # inference first: training calls move BN statistics
+        ref = model(x, training=training)
+        np.testing.assert_allclose(flat(x, training=training), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(group(x, training=training), ref, rtol=1e-5, atol=1e-6)

@@ -60,7 +60,8 @@ def test_group_coupling_reads_through_transpose_conv():
     gate = psp.get_layer("psp_group_alphas")
     rng = np.random.default_rng(0)
     for v in gate.group_alphas:
-        v.assign(np.where(rng.random(v.shape) < 0.5, 0.0, 1.0 + rng.random(v.shape)).astype("float32"))
+        values = np.where(rng.random(v.shape) < 0.5, 0.0, 1.0 + rng.random(v.shape))
+        v.assign(values.astype("float32"))
     x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
     shrunk = tf_psp.strip_and_shrink(psp)
     ref, out = (keras.ops.convert_to_numpy(m(x, training=False)) for m in (psp, shrunk))

@@ -109,7 +109,8 @@ class PSPGroupAlphas(keras.layers.Layer):
             if [len(c) for c in costs] != self.group_sizes:
                 raise ValueError(f"layer '{self.name}': costs must have one entry per alpha.")
             if self.alpha_regularizer is None:
-                raise ValueError(f"layer '{self.name}': cost-aware decay needs an alpha_regularizer.")
+                raise ValueError(
+                    f"layer '{self.name}': cost-aware decay needs an alpha_regularizer.")
         self.costs = costs
         self.group_alphas = []
         self._total = sum(self.group_sizes)

@@ -305,7 +305,12 @@ class LayerNormHandler(_FrozenHandler):
     """LayerNormalization: every output channel depends on every input channel."""
 
     def couple(self, graph, node):
-        reason = "normalizes across channels (removing one changes the others)"
+        rank = len(node.inputs[0].tensor.shape)
+        axes = node.layer.axis if isinstance(node.layer.axis, (list, tuple)) else [node.layer.axis]
+        if any(a % rank == rank - 1 for a in axes):
+            reason = "normalizes across channels (removing one changes the others)"
+        else:
+            reason = f"normalizes over axes {list(axes)}, which is not understood"
         for t in node.inputs + node.outputs:
             graph.freeze(t, node, reason)
 
@@ -362,12 +367,14 @@ class DepthwiseHandler(PassThroughHandler):
         bias = _np(layer.bias) if layer.use_bias else np.zeros(zero.shape)
         m = self._multiplier(layer)
         value = np.repeat(np.where(np.isfinite(in_consts[0]), in_consts[0], 0.0), m)
-        folds = np.repeat([np.isfinite(v) and _folds_exactly(self, layer, v) for v in in_consts[0]], m)
+        folds = [np.isfinite(v) and _folds_exactly(self, layer, v) for v in in_consts[0]]
+        folds = np.repeat(folds, m)
         zero |= folds
         bias = bias + value * kernel.reshape(-1, kernel.shape[-2] * m).sum(axis=0)
         out = np.where(zero, bias, np.nan)
         if layer.activation is not None and np.any(zero):
-            out = np.where(zero, _np(layer.activation(np.where(zero, bias, 0.0).astype("float32"))), np.nan)
+            activated = _np(layer.activation(np.where(zero, bias, 0.0).astype("float32")))
+            out = np.where(zero, activated, np.nan)
         return [out.astype(np.float64)]
 
     def needed_inputs(self, node, out_needed):
@@ -1202,7 +1209,8 @@ class ChannelGraph:
             self.needed[id(t)][:] = True
         for node in reversed(self.nodes):
             if self.is_live(node):
-                ins = node.handler.needed_inputs(node, [self.needed[id(t.tensor)] for t in node.outputs])
+                out_needed = [self.needed[id(t.tensor)] for t in node.outputs]
+                ins = node.handler.needed_inputs(node, out_needed)
             else:
                 ins = [np.zeros(t.channels or 0, bool) for t in node.inputs]
             for k in node.dropped:

@@ -140,6 +140,24 @@ class PSPMixin:
             alpha = ops.repeat(alpha, repeats)
         return alpha * bias
 
+    def _add_bias_and_activate(self, outputs, repeats=1):
+        """The tail of every PSP conv's call: (scaled) bias, then the activation."""
+        if self.use_bias:
+            bias = self._scaled_bias(self.bias, repeats=repeats)
+            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, bias.shape[0])))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+    def _folded_bias(self, alpha, repeats=1):
+        """`[bias]` with thresholded `alpha` folded in when the structure owns it (or `[]`)."""
+        if not self.use_bias:
+            return []
+        bias = _np(self.bias)
+        if structures.scales_bias(self.structure):
+            bias = bias * (np.repeat(alpha, repeats) if repeats > 1 and alpha.ndim else alpha)
+        return [bias]
+
     # --- plain-layer view ---------------------------------------------------
     def folded_weights(self):
         """Weights with thresholded alphas folded in, ordered like the plain twin's."""
@@ -200,22 +218,12 @@ class _PSPConvBase(PSPMixin):
 
     def call(self, inputs):
         outputs = self.convolution_op(inputs, self._scaled(self.kernel))
-        if self.use_bias:
-            bias = self._scaled_bias(self.bias)
-            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, self.filters)))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return self._add_bias_and_activate(outputs)
 
     def folded_weights(self):
         alpha = _np(self.thresholded_alpha())
         weights = [_np(self.kernel) * alpha.reshape(self._alpha_broadcast)]
-        if self.use_bias:
-            bias = _np(self.bias)
-            if structures.scales_bias(self.structure):
-                bias = bias * alpha
-            weights.append(bias)
-        return weights
+        return weights + self._folded_bias(alpha)
 
 
 @keras.saving.register_keras_serializable(package="tf_psp")
@@ -287,12 +295,7 @@ class _PSPConvTransposeBase(_PSPConvBase):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
-        if self.use_bias:
-            bias = self._scaled_bias(self.bias)
-            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, self.filters)))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return self._add_bias_and_activate(outputs)
 
 
 @keras.saving.register_keras_serializable(package="tf_psp")
@@ -361,22 +364,12 @@ class PSPDepthwiseConv2D(PSPMixin, keras.layers.DepthwiseConv2D):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
-        if self.use_bias:
-            bias = self._scaled_bias(self.bias, repeats=self.depth_multiplier)
-            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, bias.shape[0])))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return self._add_bias_and_activate(outputs, repeats=self.depth_multiplier)
 
     def folded_weights(self):
         alpha = _np(self.thresholded_alpha())
         weights = [_np(self.kernel) * alpha.reshape(self._alpha_broadcast)]
-        if self.use_bias:
-            bias = _np(self.bias)
-            if structures.scales_bias(self.structure):
-                bias = bias * (np.repeat(alpha, self.depth_multiplier) if alpha.ndim else alpha)
-            weights.append(bias)
-        return weights
+        return weights + self._folded_bias(alpha, repeats=self.depth_multiplier)
 
 
 @keras.saving.register_keras_serializable(package="tf_psp")
@@ -417,12 +410,7 @@ class PSPSeparableConv2D(PSPMixin, keras.layers.SeparableConv2D):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
-        if self.use_bias:
-            bias = self._scaled_bias(self.bias)
-            outputs = ops.add(outputs, ops.reshape(bias, _bias_shape(self, self.filters)))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return self._add_bias_and_activate(outputs)
 
     def folded_weights(self):
         alpha = _np(self.thresholded_alpha()).reshape(self._alpha_broadcast)
@@ -431,13 +419,7 @@ class PSPSeparableConv2D(PSPMixin, keras.layers.SeparableConv2D):
             depthwise = depthwise * alpha
         else:
             pointwise = pointwise * alpha
-        weights = [depthwise, pointwise]
-        if self.use_bias:
-            bias = _np(self.bias)
-            if structures.scales_bias(self.structure):
-                bias = bias * _np(self.thresholded_alpha())
-            weights.append(bias)
-        return weights
+        return [depthwise, pointwise] + self._folded_bias(_np(self.thresholded_alpha()))
 
 
 PSP_LAYERS = (

@@ -225,7 +225,8 @@ def _psp_scores(model):
     def visit(m):
         for layer in m.layers:
             if is_psp_layer(layer):
-                scores[layer.name] = (layer, np.abs(np.asarray(keras.ops.convert_to_numpy(layer.alpha))))
+                alpha = np.asarray(keras.ops.convert_to_numpy(layer.alpha))
+                scores[layer.name] = (layer, np.abs(alpha))
             elif hasattr(layer, "layers"):
                 visit(layer)
 
@@ -426,7 +427,8 @@ def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
     removed = {r for r, (ok, _, _) in plan.items() if ok}
     readmitted = _apply_rounding(g, removed, _group_score(g, scores), round_to)
     keep = {
-        key: np.array([c for c in range(t.channels or 0) if g.group(t.slot + c) not in removed], int)
+        key: np.array([c for c in range(t.channels or 0)
+                       if g.group(t.slot + c) not in removed], int)
         for key, t in g.tensors.items()
     }
     shrunk = _rebuild(g, keep)
@@ -461,7 +463,8 @@ def _warn_fully_pruned(g, scores, keep):
         if entry is None or not g.is_live(node) or np.any(entry[0].structure_mask()):
             continue
         t = node.outputs[0]
-        rows.append(f"'{node.name}' (keeps {len(keep[id(t.tensor)])} of {t.channels} output channels)")
+        kept = len(keep[id(t.tensor)])
+        rows.append(f"'{node.name}' (keeps {kept} of {t.channels} output channels)")
     if rows:
         warnings.warn(
             f"strip_and_shrink: every structure of layer {', '.join(rows)} is pruned "
@@ -491,7 +494,8 @@ def _column_sparsity(scores, shrunk):
     for name, (layer, _) in scores.items():
         if layer.structure != "column" or name not in kept:
             continue
-        kernel = np.asarray(keras.ops.convert_to_numpy(getattr(kept[name], layer._alpha_kernel_name)))
+        kernel = getattr(kept[name], layer._alpha_kernel_name)
+        kernel = np.asarray(keras.ops.convert_to_numpy(kernel))
         if getattr(layer, "_alpha_transposed", False):  # [.., out, in] -> [.., in, out]
             kernel = np.swapaxes(kernel, -1, -2)
         columns = kernel.reshape(-1, kernel.shape[-1])
