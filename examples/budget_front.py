@@ -65,6 +65,9 @@ flags.DEFINE_string("search_from", None,
                     "Take the searched settings from search_<this model>.json (e.g. resnet8) "
                     "instead of the model's own search.")
 flags.DEFINE_boolean("pretrain_only", False, "Only pre-train (and cache) the dense models.")
+flags.DEFINE_float("lr_override", 0.0,
+                   "With --search_from: use this learning rate for every method (the searched "
+                   "model's learning rates need not transfer; 0: keep them).")
 
 DEFAULTS = {"lr": 0.01, "strength": 0.0}
 # The settings searched per method on the validation split (keep 0.3, seed 0), in
@@ -313,7 +316,10 @@ def best_config(model_name, method, split):
         rows = [r for r in json.load(f)["runs"] if r["method"] == method]
     if not rows:
         return dict(DEFAULTS, **SEARCH[method][2])
-    return max(rows, key=lambda r: (r["accuracy"], -r["config"]["lr"]))["config"]
+    config = dict(max(rows, key=lambda r: (r["accuracy"], -r["config"]["lr"]))["config"])
+    if FLAGS.search_from and FLAGS.lr_override:
+        config["lr"] = FLAGS.lr_override
+    return config
 
 
 def do_run(model_name, method, keep, seed, split, config, data):

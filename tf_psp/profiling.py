@@ -250,10 +250,15 @@ class ModelProfile:
 
     @property
     def mac_reduction(self):
-        """Expected MAC reduction if the dead structures are removed, `>= 1`.
+        """MAC reduction counting only the MACs the pruned structures zero, `>= 1`.
 
         `total_macs / (total_macs - pruned_macs)`; 1.0 for a model without
-        MACs, `inf` when every MAC is pruned.
+        MACs, `inf` when every MAC is pruned. This is a per-layer count, not
+        what `strip_and_shrink` delivers: the shrink also spares the readers
+        of removed filters (more), and keeps zeroed channels it cannot remove
+        exactly (less). `profile(model, removable=True).removability`
+        measures the real figure; `tf_psp.pruning_plan(model).kept_fraction()`
+        predicts it without shrinking.
         """
         return _ratio(self.total_macs, self.pruned_macs)
 
@@ -332,7 +337,10 @@ class ModelProfile:
             out.append(
                 f"Pruned MACs: {self.pruned_macs:,} "
                 f"({_percent(self.pruned_macs, self.total_macs)}%), "
-                f"expected MAC reduction {self.mac_reduction:.2f}x"
+                f"expected MAC reduction {self.mac_reduction:.2f}x (zeroed MACs only, per "
+                f"layer: not what strip_and_shrink delivers, which can be more or less"
+                + (")" if self.removability is not None
+                   else "; profile(model, removable=True) measures that)")
             )
             out.append(
                 f"Pruned params: {self.pruned_params:,} "
