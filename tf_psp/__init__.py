@@ -24,7 +24,7 @@ from tf_psp.batchnorm import RecalibrateBatchNorm, fold_batchnorm, recalibrate_b
 from tf_psp.budget import BudgetReport, prune_to_budget
 from tf_psp.callbacks import PruneToBudget, PSPMonitor
 from tf_psp.convert import parameterize
-from tf_psp.coupling import PSPGroupAlphas
+from tf_psp.group_alphas import PSPGroupAlphas
 from tf_psp.layers import (
     PSPConv1D,
     PSPConv2D,

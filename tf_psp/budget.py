@@ -13,8 +13,8 @@ import dataclasses
 from tf_psp import compat
 from tf_psp import graph as psp_graph
 from tf_psp.convert import parameterize
-from tf_psp.coupling import is_group_alphas
 from tf_psp.functional import check_model
+from tf_psp.group_alphas import is_group_alphas
 from tf_psp.layers import is_psp_layer
 from tf_psp.plan import _check_fraction, pruning_plan
 from tf_psp.profiling import profile as profile_model

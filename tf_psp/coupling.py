@@ -37,164 +37,21 @@ import math
 
 import keras
 import numpy as np
-from keras import ops
 
 from tf_psp import compat
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
-from tf_psp import regularizers as psp_regularizers
 from tf_psp.functional import clone_layer
-from tf_psp.macs import mac_rule
 
-GROUP_KWARGS = (
-    "alpha_initializer",
-    "alpha_regularizer",
-    "alpha_constraint",
-    "straight_through",
+# The layer lives in tf_psp.group_alphas; re-exported for existing imports.
+from tf_psp.group_alphas import (  # noqa: F401
+    COSTS,
+    GROUP_KWARGS,
+    PSPGroupAlphas,
+    _np,
+    is_group_alphas,
 )
-COSTS = (None, "macs")
-
-
-@keras.saving.register_keras_serializable(package="tf_psp")
-class PSPGroupAlphas(keras.layers.Layer):
-    """Shared PSP alphas: one per channel of each dependency group.
-
-    One instance serves a whole model: it is called before every reading
-    layer, `outputs = inputs * threshold(alphas)[index]` on the last axis.
-
-    Args:
-        group_sizes: number of alphas of each group.
-        group_names: a readable name per group (its first producer).
-        epsilon: pruning threshold, as for the PSP layers.
-        alpha_initializer, alpha_regularizer, alpha_constraint,
-            straight_through: as for the PSP layers (the default regularizer
-            is `tf_psp.regularizers.WeightDecay()`).
-        costs: None, or per group a list of non-negative factors that weight
-            the regularizer of each alpha (cost-aware decay).
-    """
-
-    structure = "group"
-
-    def __init__(
-        self,
-        group_sizes,
-        group_names=None,
-        epsilon=psp_layers.DEFAULT_EPSILON,
-        alpha_initializer="ones",
-        alpha_regularizer=psp_layers._DEFAULT,
-        alpha_constraint=None,
-        straight_through=True,
-        costs=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.group_sizes = [int(n) for n in group_sizes]
-        if not self.group_sizes or min(self.group_sizes) < 1:
-            raise ValueError(
-                f"layer '{self.name}': group_sizes must be positive, got {self.group_sizes}."
-            )
-        names = group_names or [f"group_{g}" for g in range(len(self.group_sizes))]
-        self.group_names = [str(n) for n in names]
-        if len(self.group_names) != len(self.group_sizes):
-            raise ValueError(f"layer '{self.name}': one group name per group is needed.")
-        self.epsilon = psp_layers.validate_epsilon(epsilon, self.name)
-        self.alpha_initializer = keras.initializers.get(alpha_initializer)
-        if alpha_regularizer is psp_layers._DEFAULT:
-            alpha_regularizer = psp_regularizers.default_alpha_regularizer()
-        self.alpha_regularizer = keras.regularizers.get(alpha_regularizer)
-        self.alpha_constraint = keras.constraints.get(alpha_constraint)
-        self.straight_through = bool(straight_through)
-        if costs is not None:
-            costs = [[float(c) for c in group] for group in costs]
-            if [len(c) for c in costs] != self.group_sizes:
-                raise ValueError(f"layer '{self.name}': costs must have one entry per alpha.")
-            if self.alpha_regularizer is None:
-                raise ValueError(
-                    f"layer '{self.name}': cost-aware decay needs an alpha_regularizer.")
-        self.costs = costs
-        self.group_alphas = []
-        self._total = sum(self.group_sizes)
-
-    def build(self, input_shape=None):
-        if self.group_alphas:
-            return
-        for g, (size, name) in enumerate(zip(self.group_sizes, self.group_names)):
-            regularizer = self.alpha_regularizer
-            if self.costs is not None:
-                regularizer = psp_regularizers.with_weights(regularizer, self.costs[g])
-            self.group_alphas.append(
-                self.add_weight(
-                    name=f"alpha_{name}",
-                    shape=(size,),
-                    initializer=self.alpha_initializer,
-                    regularizer=regularizer,
-                    constraint=self.alpha_constraint,
-                    trainable=True,
-                    dtype="float32",
-                )
-            )
-
-    def _table(self):
-        """Thresholded alphas of all groups, then a constant 1 for index -1."""
-        parts = [psp_layers.threshold(a, self.epsilon, self.straight_through)
-                 for a in self.group_alphas]
-        return ops.concatenate(parts + [ops.ones((1,), "float32")], axis=0)
-
-    def _positions(self, index):
-        index = np.asarray(index, dtype="int32").reshape(-1)
-        if index.size and (index.max() >= self._total or index.min() < -1):
-            raise ValueError(
-                f"layer '{self.name}': index entries must be in [-1, {self._total}), "
-                f"got {index.min()}..{index.max()}."
-            )
-        return np.where(index < 0, self._total, index)
-
-    def call(self, inputs, index):
-        scale = ops.take(self._table(), self._positions(index), axis=0)
-        return inputs * ops.cast(scale, inputs.dtype)
-
-    def compute_output_spec(self, inputs, index=None):
-        return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-
-    # --- numpy views ------------------------------------------------------------
-    def alphas(self):
-        """All alphas, groups concatenated (numpy)."""
-        return np.concatenate([_np(a.value) for a in self.group_alphas])
-
-    def structure_mask(self):
-        """Numpy bool per alpha (groups concatenated): True where alive."""
-        return np.abs(self.alphas()) >= self.epsilon
-
-    def scales(self, index):
-        """The thresholded scale the call with `index` applies (numpy)."""
-        table = np.concatenate([np.where(self.structure_mask(), self.alphas(), 0.0), [1.0]])
-        return table[self._positions(index)].astype("float32")
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "group_sizes": self.group_sizes,
-                "group_names": self.group_names,
-                "epsilon": self.epsilon,
-                "alpha_initializer": keras.initializers.serialize(self.alpha_initializer),
-                "alpha_regularizer": keras.regularizers.serialize(self.alpha_regularizer),
-                "alpha_constraint": keras.constraints.serialize(self.alpha_constraint),
-                "straight_through": self.straight_through,
-                "costs": self.costs,
-            }
-        )
-        return config
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def is_group_alphas(layer):
-    """True for the shared-alpha layer of a `coupling='group'` model."""
-    return isinstance(layer, PSPGroupAlphas)
-
+from tf_psp.macs import mac_rule
 
 # --- planning: which channels get an alpha, and who reads them -----------------
 
