@@ -59,6 +59,14 @@ def _cspnet_dark():
         stage_type="dark", image_shape=SHAPE)
 
 
+def _cspnet(stage_type):
+    return K.CSPNetBackbone(
+        stem_filters=8, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1],
+        stackwise_strides=[1, 2], stackwise_num_filters=[16, 32], block_type="bottleneck_block",
+        stage_type=stage_type, bottle_ratio=[0.5, 0.5], block_ratio=[1.0, 1.0],
+        expand_ratio=[2.0, 2.0], image_shape=SHAPE)
+
+
 def _efficientnet_v1():
     return K.EfficientNetBackbone(
         stackwise_width_coefficients=[1.0, 1.0], stackwise_depth_coefficients=[1.0, 1.0],
@@ -66,6 +74,17 @@ def _efficientnet_v1():
         stackwise_input_filters=[8, 8], stackwise_output_filters=[8, 16],
         stackwise_expansion_ratios=[1, 4], stackwise_squeeze_and_excite_ratios=[0.25, 0.25],
         stackwise_strides=[1, 2], stackwise_block_types=["v1", "v1"],
+        stackwise_force_input_filters=[0, 0], stackwise_nores_option=[False, False],
+        num_features=32, input_shape=SHAPE)
+
+
+def _efficientnet_v2():
+    return K.EfficientNetBackbone(
+        stackwise_width_coefficients=[1.0, 1.0], stackwise_depth_coefficients=[1.0, 1.0],
+        stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1],
+        stackwise_input_filters=[8, 8], stackwise_output_filters=[8, 16],
+        stackwise_expansion_ratios=[1, 4], stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
+        stackwise_strides=[1, 2], stackwise_block_types=["fused", "unfused"],
         stackwise_force_input_filters=[0, 0], stackwise_nores_option=[False, False],
         num_features=32, input_shape=SHAPE)
 
@@ -94,10 +113,12 @@ FLAT = {
     "vgg": _vgg,
     "densenet": _densenet,
     "cspnet_dark": _cspnet_dark,
+    "cspnet_csp": lambda: _cspnet("csp"),
+    "cspnet_cs3": lambda: _cspnet("cs3"),
     "efficientnet_v1": _efficientnet_v1,
 }
 MAC_KEPT = {}
-SLOW = {"resnet_basic", "resnet_v2_bottleneck", "cspnet_dark"}
+SLOW = {"resnet_basic", "resnet_v2_bottleneck", "cspnet_dark", "cspnet_csp", "cspnet_cs3"}
 
 
 def _probe(model, seed=0):
@@ -152,12 +173,21 @@ def test_image_classifier_comes_back_flat_with_the_backbone_shrunk(tmp_path):
 # --- composite layers -------------------------------------------------------------------
 
 
-def test_mobilenet_blocks_are_composite_layers_and_the_errors_say_so():
-    model = _mobilenet_v3()
-    with pytest.raises(ValueError, match="composite layer whose call runs its own sublayers"):
-        tf_psp.prune_to_budget(model, 0.6, importance="random")
-    with pytest.raises(ValueError, match=r"block_1_0' \(InvertedResidualBlock\) is a composite"):
-        tf_psp.parameterize(model, coupling="group")
+@pytest.mark.parametrize("make, block", [
+    (_mobilenet_v3, r"block_1_0' \(InvertedResidualBlock\)"),
+    (_efficientnet_v2, r"block2a_' \(MBConvBlock\)"),
+])
+def test_composite_blocks_cannot_be_pruned_and_the_errors_say_so(make, block):
+    """MobileNetV3's and EfficientNetV2's blocks are layers whose call runs Conv2D
+    sublayers: every channel space touches one (or the output), so nothing is prunable."""
+    model = make()
+    with pytest.raises(ValueError, match="at most 0.0% of the MACs can go.*composite layer "
+                                         "whose call runs its own sublayers"):
+        tf_psp.prune_to_budget(tf_psp.parameterize(model), 0.6, importance="random")
+    with pytest.raises(ValueError, match="has no channel that PSP can prune.*" + block
+                                         + " is a composite layer"):
+        tf_psp.prune_to_budget(model, 0.6, importance="random")  # group alphas
+    assert tf_psp.profile(model).uncounted == []  # their MACs are counted from the sublayers
 
 
 def test_mobilenet_random_alpha_mask_shrinks_exactly_and_reports_the_composite_block(tmp_path):
