@@ -288,3 +288,27 @@ def test_vit_is_refused_with_the_reason():
         tf_psp.parameterize(model)
     with pytest.raises(ValueError, match="ViTEncoder.*composite layer"):
         tf_psp.parameterize(model, coupling="group")
+
+
+
+@pytest.mark.slow
+def test_print_the_readme_table():
+    """The README's keras-hub table: `pytest -s tests/test_keras_hub.py -k readme_table`."""
+    lines = ["| backbone | dense MACs | kept MACs, layer | kept MACs, group | max rel. error |",
+             "|---|---|---|---|---|"]
+    for name, make in FLAT.items():
+        model = make()
+        randomize_biases_and_batchnorm(model)
+        x = _probe(model)
+        kept, errors = [], []
+        for coupling in ("layer", "group"):
+            psp = tf_psp.parameterize(model, coupling=coupling)
+            pruned = tf_psp.prune_to_budget(psp, 0.6, importance="random")
+            shrunk = tf_psp.strip_and_shrink(pruned)
+            kept.append(tf_psp.profile(shrunk).total_macs / tf_psp.profile(psp).total_macs)
+            errors.append(relative_error(pruned(x), shrunk(x)))
+        assert max(errors) <= 1e-5
+        dense = tf_psp.profile(model).total_macs
+        lines.append(f"| {name} | {dense:,} | {kept[0]:.3f} | {kept[1]:.3f} | "
+                     f"{max(errors):.1e} |")
+    print("\n".join(lines))
