@@ -127,7 +127,8 @@ def composite_macs(layer, input_shapes, output_shapes):
         return call_and_record
 
     subs = counted_sublayers(layer)
-    for sub in subs:
+    own = {id(sub): sub.__dict__["call"] for sub in subs if "call" in sub.__dict__}
+    for sub in subs:  # an instance attribute: Layer.__call__ looks up self.call
         sub.__dict__["call"] = recording(sub, sub.call)
     try:
         zeros = keras.ops.zeros((1,) + tuple(input_shapes[0][1:]), dtype=layer.compute_dtype)
@@ -136,7 +137,10 @@ def composite_macs(layer, input_shapes, output_shapes):
         return None
     finally:
         for sub in subs:
-            sub.__dict__.pop("call", None)
+            if id(sub) in own:
+                sub.__dict__["call"] = own[id(sub)]
+            else:
+                sub.__dict__.pop("call", None)
     total = 0
     for sub, shapes_in, shapes_out in seen:
         macs = _own_rule(sub)(sub, shapes_in, shapes_out)
@@ -185,9 +189,10 @@ KERNEL_RULES = (conv_macs, conv_transpose_macs, depthwise_macs, separable_macs, 
 def mac_rule(layer):
     """The MAC rule for `layer`, or None: its registered handler's `macs` method
     (`tf_psp.register_layer`; inherited by subclasses), else a built-in rule, else
-    `composite_macs` when sublayers of `layer` have rules."""
+    `composite_macs` when `layer` is not registered and sublayers of it have rules."""
     rule = _own_rule(layer)
-    if rule is None and not compat.is_graph_model(layer) and counted_sublayers(layer):
+    if (rule is None and registry.registered_class(layer) is None
+            and not compat.is_graph_model(layer) and counted_sublayers(layer)):
         return composite_macs
     return rule
 
