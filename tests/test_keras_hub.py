@@ -244,6 +244,14 @@ def test_profile_counts_a_hand_written_composite_layer_per_sublayer_call():
     assert row.counted
 
 
+def test_a_wrapper_that_folds_time_into_the_batch_counts_every_step():
+    inputs = keras.Input((7, 3))
+    wrapped = keras.layers.TimeDistributed(keras.layers.Dense(5), name="td")
+    model = keras.Model(inputs, wrapped(inputs))
+    row = {r.name: r for r in tf_psp.profile(model).layers}["td"]
+    assert row.counted and row.macs == 7 * 3 * 5
+
+
 def test_a_composite_layer_that_cannot_run_is_listed_as_not_counted():
     class Fails(_TwoConvs):
         def call(self, x):

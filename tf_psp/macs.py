@@ -109,7 +109,8 @@ def composite_macs(layer, input_shapes, output_shapes):
     """MACs of a composite layer: the sum of its sublayers' MACs over one call.
 
     Runs `layer` once on zeros of `input_shapes` (batch 1, `training=False`) and
-    counts every call of a sublayer that has a rule, with the shapes it saw.
+    counts every call of a sublayer that has a rule, with the shapes it saw (times
+    the batch it saw, when the layer folds positions into the batch).
     None (not counted) when the layer is not built, has several inputs, or
     fails to run.
     """
@@ -146,7 +147,8 @@ def composite_macs(layer, input_shapes, output_shapes):
         macs = _own_rule(sub)(sub, shapes_in, shapes_out)
         if macs is None:
             return None
-        total += macs
+        # a sublayer may see positions folded into its batch (TimeDistributed): count them
+        total += macs * int(shapes_out[0][0] or 1)
     return total
 
 
