@@ -27,6 +27,19 @@ EXTRAS = {
         "mlxtend==0.25.0",
     ],
     "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
+    # keras-hub's requirements other than TensorFlow. keras-hub itself is installed apart with
+    # `pip install --no-deps keras-hub==0.32.0`: it requires tensorflow-text, which pulls the full
+    # `tensorflow` wheel over `tensorflow-cpu`, and pip cannot leave out one dependency of an
+    # extra. Its image backbones import and run without tensorflow-text.
+    "hub": [
+        "kagglehub==1.0.2",
+        "kagglesdk==0.1.28",
+        "regex==2026.11.19",
+        "rich==15.0.0",
+        "packaging==26.4",
+        "tokenizers==0.23.3",
+        "sentencepiece==0.2.3",
+    ],
 }
 
 setup(

@@ -62,3 +62,21 @@ def test_subclassed_model_has_no_graph():
     assert compat.graph_of(Sub()) is None
     with pytest.raises(AttributeError):
         compat.nodes_by_depth(Sub())
+
+
+def test_sublayers_of_a_composite_layer():
+    class Block(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = L.Conv2D(2, 1, name="conv")
+            self.inner = keras.Sequential([L.Dense(2, name="deep")], name="seq")
+
+        def call(self, x):
+            return self.inner(self.conv(x))
+
+    block = Block()
+    block(keras.ops.zeros((1, 2, 2, 3)))
+    names = {layer.name for layer in compat.sublayers(block)}
+    assert {"conv", "seq", "deep"} <= names and block.name not in names
+    assert compat.sublayers(L.Dense(1)) == []
+    assert compat.sublayers(keras.Operation()) == []  # an op node, not a layer

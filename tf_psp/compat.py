@@ -82,6 +82,14 @@ def flatten_layers(model):
     return list(model._flatten_layers(include_self=False))
 
 
+def sublayers(layer):
+    """Every layer tracked inside `layer` (recursively), `layer` itself excluded; [] for an
+    operation that is not a layer (an op node such as `keras.ops.pad`)."""
+    if not isinstance(layer, keras.layers.Layer):
+        return []
+    return list(layer._flatten_layers(include_self=False))
+
+
 def inputs_struct(model):
     """The nested structure (list, dict ...) of a functional model's inputs."""
     return graph_of(model)._inputs_struct

@@ -157,7 +157,7 @@ class LayerHandler:
 
     def couple(self, graph, node):
         """Ties slots (graph.union / graph.freeze)."""
-        reason = "is not understood"
+        reason = _unknown_reason(node.layer)
         for t in node.inputs + node.outputs:
             graph.freeze(t, node, reason)
 
@@ -180,6 +180,16 @@ class LayerHandler:
 
 class _FrozenHandler(LayerHandler):
     pass
+
+
+def _unknown_reason(layer):
+    """Why an unregistered layer freezes its channels; names a composite layer's sublayers."""
+    inner = sorted({type(sub).__name__ for sub in compat.sublayers(layer)})
+    if not inner:
+        return "is not understood"
+    return (f"is a composite layer whose call runs its own sublayers ({', '.join(inner)}), "
+            "which tf_psp cannot see, so the channels through it are kept (register it "
+            "with tf_psp.register_layer)")
 
 
 def _new_layer(layer, **changes):

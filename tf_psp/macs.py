@@ -4,7 +4,9 @@ A rule is a function `(layer, input_shapes, output_shapes) -> MACs` (batched
 shapes, batch dimension excluded from the count). The built-in rules cover
 Conv1D/2D/3D, their transposes, DepthwiseConv, SeparableConv and Dense;
 `tf_psp.register_layer` adds rules for other layer types (a handler's
-`macs` method).
+`macs` method). A composite layer (no rule of its own, but Conv/Dense... sublayers
+that its `call` runs) counts the sum of its sublayers' MACs, measured by running
+it once on zeros (`composite_macs`).
 """
 
 import math
@@ -98,6 +100,58 @@ def no_macs(layer, input_shapes, output_shapes):
     return 0
 
 
+def counted_sublayers(layer):
+    """The sublayers of `layer` that have a MAC rule of their own (not composites)."""
+    return [sub for sub in compat.sublayers(layer) if _own_rule(sub) is not None]
+
+
+def composite_macs(layer, input_shapes, output_shapes):
+    """MACs of a composite layer: the sum of its sublayers' MACs over one call.
+
+    Runs `layer` once on zeros of `input_shapes` (batch 1, `training=False`) and
+    counts every call of a sublayer that has a rule, with the shapes it saw (times
+    the batch it saw, when the layer folds positions into the batch).
+    None (not counted) when the layer is not built, has several inputs, or
+    fails to run.
+    """
+    if not layer.built or len(input_shapes) != 1:
+        return None
+    seen = []
+
+    def recording(sub, call):
+        def call_and_record(*args, **kwargs):
+            outputs = call(*args, **kwargs)
+            shapes_in = [tuple(x.shape) for x in keras.tree.flatten(args) if hasattr(x, "shape")]
+            shapes_out = [tuple(x.shape) for x in keras.tree.flatten(outputs)]
+            seen.append((sub, shapes_in, shapes_out))
+            return outputs
+        return call_and_record
+
+    subs = counted_sublayers(layer)
+    own = {id(sub): sub.__dict__["call"] for sub in subs if "call" in sub.__dict__}
+    for sub in subs:  # an instance attribute: Layer.__call__ looks up self.call
+        sub.__dict__["call"] = recording(sub, sub.call)
+    try:
+        zeros = keras.ops.zeros((1,) + tuple(input_shapes[0][1:]), dtype=layer.compute_dtype)
+        layer(zeros, training=False)
+    except Exception:  # noqa: BLE001 - a layer that cannot run on zeros is not counted
+        return None
+    finally:
+        for sub in subs:
+            if id(sub) in own:
+                sub.__dict__["call"] = own[id(sub)]
+            else:
+                sub.__dict__.pop("call", None)
+    total = 0
+    for sub, shapes_in, shapes_out in seen:
+        macs = _own_rule(sub)(sub, shapes_in, shapes_out)
+        if macs is None:
+            return None
+        # a sublayer may see positions folded into its batch (TimeDistributed): count them
+        total += macs * int(shapes_out[0][0] or 1)
+    return total
+
+
 # Checked in order with isinstance, so PSP layers use their Keras parent's rule.
 # A rule may return None: "not counted" (e.g. an RNN with an unusual cell).
 MAC_RULES = (
@@ -136,7 +190,16 @@ KERNEL_RULES = (conv_macs, conv_transpose_macs, depthwise_macs, separable_macs, 
 
 def mac_rule(layer):
     """The MAC rule for `layer`, or None: its registered handler's `macs` method
-    (`tf_psp.register_layer`; inherited by subclasses), else a built-in rule."""
+    (`tf_psp.register_layer`; inherited by subclasses), else a built-in rule, else
+    `composite_macs` when `layer` is not registered and sublayers of it have rules."""
+    rule = _own_rule(layer)
+    if (rule is None and registry.registered_class(layer) is None
+            and not compat.is_graph_model(layer) and counted_sublayers(layer)):
+        return composite_macs
+    return rule
+
+
+def _own_rule(layer):
     handler = registry.mac_handler(layer)
     if handler is not None:
         return handler.macs

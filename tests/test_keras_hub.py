@@ -1,0 +1,319 @@
+"""keras-hub image backbones through parameterize -> prune_to_budget -> strip_and_shrink.
+
+Tiny random configurations built from the constructors (no presets, no downloads). Each
+flat backbone is pruned to 60 % of its MACs with random importance, shrunk, and compared
+with the pruned PSP model; the shrunk model is saved to .keras and loaded back. Backbones
+built from composite layers (MobileNet's blocks: a layer whose `call` runs its own Conv
+sublayers) cannot be pruned through those blocks: the errors and the shrink report say so,
+and `tf_psp.profile` counts their MACs from their sublayers. The slow
+`test_print_the_readme_table` prints the README's keras-hub table (run it with `pytest -s`).
+
+keras-hub is installed without its dependencies (see setup.py's `hub` extra).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_psp
+from tf_psp.functional import relative_error
+
+from conftest import randomize_biases_and_batchnorm
+
+keras_hub = pytest.importorskip(
+    "keras_hub",
+    reason="keras-hub is not installed: pip install -e '.[hub]' && "
+    "pip install --no-deps keras-hub==0.32.0",
+)
+K = keras_hub.models
+SHAPE = (32, 32, 3)
+
+
+def _resnet_basic():
+    return K.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
+        image_shape=SHAPE)
+
+
+def _resnet_v2_bottleneck():
+    return K.ResNetBackbone(
+        input_conv_filters=[8], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2],
+        block_type="bottleneck_block", use_pre_activation=True, image_shape=SHAPE)
+
+
+def _vgg():
+    return K.VGGBackbone(stackwise_num_repeats=[1, 1], stackwise_num_filters=[8, 16],
+                         image_shape=SHAPE)
+
+
+def _densenet():
+    return K.DenseNetBackbone(stackwise_num_repeats=[1, 1], growth_rate=8, image_shape=SHAPE)
+
+
+def _cspnet_dark():
+    return K.CSPNetBackbone(
+        stem_filters=8, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1],
+        stackwise_strides=[1, 2], stackwise_num_filters=[16, 32], block_type="dark_block",
+        stage_type="dark", image_shape=SHAPE)
+
+
+def _cspnet(stage_type):
+    return K.CSPNetBackbone(
+        stem_filters=8, stem_kernel_size=3, stem_strides=2, stackwise_depth=[1, 1],
+        stackwise_strides=[1, 2], stackwise_num_filters=[16, 32], block_type="bottleneck_block",
+        stage_type=stage_type, bottle_ratio=[0.5, 0.5], block_ratio=[1.0, 1.0],
+        expand_ratio=[2.0, 2.0], image_shape=SHAPE)
+
+
+def _efficientnet_v1():
+    return K.EfficientNetBackbone(
+        stackwise_width_coefficients=[1.0, 1.0], stackwise_depth_coefficients=[1.0, 1.0],
+        stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1],
+        stackwise_input_filters=[8, 8], stackwise_output_filters=[8, 16],
+        stackwise_expansion_ratios=[1, 4], stackwise_squeeze_and_excite_ratios=[0.25, 0.25],
+        stackwise_strides=[1, 2], stackwise_block_types=["v1", "v1"],
+        stackwise_force_input_filters=[0, 0], stackwise_nores_option=[False, False],
+        num_features=32, input_shape=SHAPE)
+
+
+def _efficientnet_v2():
+    return K.EfficientNetBackbone(
+        stackwise_width_coefficients=[1.0, 1.0], stackwise_depth_coefficients=[1.0, 1.0],
+        stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1],
+        stackwise_input_filters=[8, 8], stackwise_output_filters=[8, 16],
+        stackwise_expansion_ratios=[1, 4], stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
+        stackwise_strides=[1, 2], stackwise_block_types=["fused", "unfused"],
+        stackwise_force_input_filters=[0, 0], stackwise_nores_option=[False, False],
+        num_features=32, input_shape=SHAPE)
+
+
+def _mobilenet_v3():
+    return K.MobileNetBackbone(
+        stackwise_expansion=[[4], [6]], stackwise_num_blocks=[1, 1],
+        stackwise_num_filters=[[16], [24]], stackwise_kernel_size=[[3], [5]],
+        stackwise_num_strides=[[2], [1]], stackwise_se_ratio=[[None], [0.25]],
+        stackwise_activation=[["relu"], ["hard_swish"]], stackwise_padding=[[1], [2]],
+        output_num_filters=32, depthwise_filters=8, depthwise_stride=2,
+        depthwise_residual=False, last_layer_filter=32, image_shape=SHAPE)
+
+
+def _vit():
+    return K.ViTBackbone(image_shape=SHAPE, patch_size=8, num_layers=1, num_heads=2,
+                         hidden_dim=16, mlp_dim=32)
+
+
+# name -> builder, for the backbones that prune and shrink exactly (flat graphs of Keras
+# layers).
+FLAT = {
+    "resnet_basic": _resnet_basic,
+    "resnet_v2_bottleneck": _resnet_v2_bottleneck,
+    "vgg": _vgg,
+    "densenet": _densenet,
+    "cspnet_dark": _cspnet_dark,
+    "cspnet_csp": lambda: _cspnet("csp"),
+    "cspnet_cs3": lambda: _cspnet("cs3"),
+    "efficientnet_v1": _efficientnet_v1,
+}
+SLOW = {"resnet_basic", "resnet_v2_bottleneck", "cspnet_dark", "cspnet_csp", "cspnet_cs3"}
+
+
+def _probe(model, seed=0):
+    return np.random.default_rng(seed).normal(size=(2,) + SHAPE).astype("float32")
+
+
+def _assert_saves_and_loads(model, x, tmp_path):
+    path = str(tmp_path / "shrunk.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)),
+                                  keras.ops.convert_to_numpy(loaded(x)))
+
+
+@pytest.mark.parametrize("coupling", ["layer", "group"])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FLAT])
+def test_flat_backbone_prunes_to_budget_and_shrinks_exactly(name, coupling, tmp_path):
+    model = FLAT[name]()
+    randomize_biases_and_batchnorm(model)
+    psp = tf_psp.parameterize(model, coupling=coupling)
+    dense = tf_psp.profile(psp).total_macs
+    pruned = tf_psp.prune_to_budget(psp, 0.6, importance="random")
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    x = _probe(model)
+    assert relative_error(pruned(x), shrunk(x)) <= 1e-5
+    assert relative_error(model(x), psp(x)) <= 1e-5
+    kept = tf_psp.profile(shrunk).total_macs / dense
+    assert 0.5 <= kept <= 0.6 + 1e-9, kept
+    _assert_saves_and_loads(shrunk, x, tmp_path)
+
+
+def test_image_classifier_comes_back_flat_with_the_backbone_shrunk(tmp_path):
+    """An ImageClassifier (a functional Task nesting the backbone) is inlined: tf_psp
+    returns one flat functional model (backbone layers, pooler, predictions), shrunk."""
+    classifier = K.ImageClassifier(backbone=_efficientnet_v1(), num_classes=3)
+    randomize_biases_and_batchnorm(classifier.backbone)
+    pruned = tf_psp.prune_to_budget(classifier, 0.6, importance="random")
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    assert type(shrunk) is keras.Model or type(shrunk).__name__ == "Functional"
+    assert not any(isinstance(layer, keras.Model) for layer in shrunk.layers)
+    assert shrunk.get_layer("predictions").units == 3
+    x = _probe(classifier)
+    assert relative_error(classifier(x), shrunk(x)) > 0  # pruned: not the dense function
+    assert relative_error(pruned(x), shrunk(x)) <= 1e-5
+    kept = tf_psp.profile(shrunk).total_macs / tf_psp.profile(classifier).total_macs
+    assert 0.5 <= kept <= 0.6 + 1e-9
+    _assert_saves_and_loads(shrunk, x, tmp_path)
+
+
+# --- composite layers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, block", [
+    (_mobilenet_v3, r"block_1_0' \(InvertedResidualBlock\)"),
+    (_efficientnet_v2, r"block2a_' \(MBConvBlock\)"),
+])
+def test_composite_blocks_cannot_be_pruned_and_the_errors_say_so(make, block):
+    """MobileNetV3's and EfficientNetV2's blocks are layers whose call runs Conv2D
+    sublayers: every channel space touches one (or the output), so nothing is prunable."""
+    model = make()
+    with pytest.raises(ValueError, match="at most 0.0% of the MACs can go.*composite layer "
+                                         "whose call runs its own sublayers"):
+        tf_psp.prune_to_budget(tf_psp.parameterize(model), 0.6, importance="random")
+    with pytest.raises(ValueError, match="has no channel that PSP can prune.*" + block
+                                         + " is a composite layer"):
+        tf_psp.prune_to_budget(model, 0.6, importance="random")  # group alphas
+    assert tf_psp.profile(model).uncounted == []  # their MACs are counted from the sublayers
+
+
+def test_mobilenet_random_alpha_mask_shrinks_exactly_and_reports_the_composite_block(tmp_path):
+    """With per-layer alphas only the stem conv is a PSP layer; a random 50 % mask of its
+    filters cannot be removed (the next block is composite) but stays exact."""
+    model = _mobilenet_v3()
+    randomize_biases_and_batchnorm(model)
+    psp = tf_psp.parameterize(model, structure="filter")
+    stem = psp.get_layer("input_conv")
+    alive = np.random.default_rng(0).permutation(stem.alpha.shape[0]) % 2 == 0
+    stem.alpha.assign(alive.astype("float32"))
+    shrunk, report = tf_psp.strip_and_shrink(psp, return_report=True)
+    x = _probe(model)
+    assert relative_error(psp(x), shrunk(x)) <= 1e-5
+    assert tf_psp.profile(shrunk).total_macs == tf_psp.profile(psp).total_macs
+    reasons = " ".join(row["reason"] for row in report.blocked)
+    assert "composite layer" in reasons and "Conv2D" in reasons, str(report)
+    assert "composite layer" in str(report)
+    _assert_saves_and_loads(shrunk, x, tmp_path)
+
+
+def test_profile_counts_a_keras_hub_block_as_the_sum_of_its_sublayers():
+    model = _mobilenet_v3()
+    rows = {row.name: row for row in tf_psp.profile(model).layers}
+    block = rows["block_0_0"]  # DepthwiseConvBlock: 3x3 depthwise on 16 channels, 16 -> 8
+    assert block.counted
+    assert block.macs == 8 * 8 * (3 * 3 * 16 + 16 * 8)
+    assert all(row.counted for row in rows.values())
+    assert tf_psp.profile(model).uncounted == []
+
+
+class _TwoConvs(keras.layers.Layer):
+    """A composite layer: call runs conv_a twice, then conv_b and a Dense."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv_a = keras.layers.Conv2D(6, 3, padding="same")
+        self.conv_b = keras.layers.Conv2D(4, 1)
+        self.dense = keras.layers.Dense(4)
+
+    def call(self, x):
+        y = self.conv_b(keras.ops.relu(self.conv_a(x)) + self.conv_a(x))
+        return y + self.dense(y)
+
+
+def test_profile_counts_a_hand_written_composite_layer_per_sublayer_call():
+    inputs = keras.Input((8, 8, 3))
+    outputs = _TwoConvs(name="two")(inputs)
+    model = keras.Model(inputs, outputs)
+    row = {r.name: r for r in tf_psp.profile(model).layers}["two"]
+    positions = 8 * 8
+    conv_a, conv_b, dense = 3 * 3 * 3 * 6, 6 * 4, 4 * 4
+    assert row.macs == positions * (2 * conv_a + conv_b + dense)  # conv_a runs twice
+    assert row.counted
+
+
+def test_a_wrapper_that_folds_time_into_the_batch_counts_every_step():
+    inputs = keras.Input((7, 3))
+    wrapped = keras.layers.TimeDistributed(keras.layers.Dense(5), name="td")
+    model = keras.Model(inputs, wrapped(inputs))
+    row = {r.name: r for r in tf_psp.profile(model).layers}["td"]
+    assert row.counted and row.macs == 7 * 3 * 5
+
+
+def test_a_composite_layer_that_cannot_run_is_listed_as_not_counted():
+    class Fails(_TwoConvs):
+        def call(self, x):
+            if x.shape[0] == 1:  # the concrete run of profile, not the symbolic build
+                raise RuntimeError("cannot run on a batch of one")
+            return super().call(x)
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, Fails(name="fails")(inputs))
+    profile = tf_psp.profile(model)
+    assert profile.uncounted == ["fails"]
+    assert "fails" in str(profile)
+
+
+def test_a_composite_layer_keeps_the_channels_it_reads_and_the_report_says_why():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, name="c1")(inputs)
+    x = keras.layers.Conv2D(3, 1, name="c2")(x)
+    outputs = _TwoConvs(name="two")(x)
+    psp = tf_psp.parameterize(keras.Model(inputs, outputs), structure="filter")
+    psp.get_layer("c1").alpha.assign(np.array([1, 0, 1, 0, 1, 1], "float32"))
+    psp.get_layer("c2").alpha.assign(np.array([1, 0, 1], "float32"))
+    shrunk, report = tf_psp.strip_and_shrink(psp, return_report=True)
+    widths = {row["name"]: row["channels_after"] for row in report.layers}
+    assert widths["c1"] == 4 and widths["c2"] == 3
+    text = str(report)
+    assert "layer 'two' (_TwoConvs) is a composite layer" in text
+    assert "(Conv2D, Dense)" in text
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    assert relative_error(psp(x), shrunk(x)) <= 1e-5
+
+
+# --- what does not work ---------------------------------------------------------------
+
+
+def test_vit_is_refused_with_the_reason():
+    """ViT: per-layer coupling cannot clone ViTPatchingAndEmbedding (keras-hub 0.32's
+    get_config returns keys its __init__ rejects); with group coupling its two layers
+    are composite layers, so nothing is prunable."""
+    model = _vit()
+    with pytest.raises(TypeError, match="num_patches"):
+        tf_psp.parameterize(model)
+    with pytest.raises(ValueError, match="ViTEncoder.*composite layer"):
+        tf_psp.parameterize(model, coupling="group")
+
+
+
+@pytest.mark.slow
+def test_print_the_readme_table():
+    """The README's keras-hub table: `pytest -s tests/test_keras_hub.py -k readme_table`."""
+    lines = ["| backbone | dense MACs | kept MACs, layer | kept MACs, group | max rel. error |",
+             "|---|---|---|---|---|"]
+    for name, make in FLAT.items():
+        model = make()
+        randomize_biases_and_batchnorm(model)
+        x = _probe(model)
+        kept, errors = [], []
+        for coupling in ("layer", "group"):
+            psp = tf_psp.parameterize(model, coupling=coupling)
+            pruned = tf_psp.prune_to_budget(psp, 0.6, importance="random")
+            shrunk = tf_psp.strip_and_shrink(pruned)
+            kept.append(tf_psp.profile(shrunk).total_macs / tf_psp.profile(psp).total_macs)
+            errors.append(relative_error(pruned(x), shrunk(x)))
+        assert max(errors) <= 1e-5
+        dense = tf_psp.profile(model).total_macs
+        lines.append(f"| {name} | {dense:,} | {kept[0]:.3f} | {kept[1]:.3f} | "
+                     f"{max(errors):.1e} |")
+    print("\n".join(lines))
