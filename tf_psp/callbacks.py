@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 
+from tf_psp import compat
 from tf_psp import plan as psp_plan
 from tf_psp.profiling import profile as profile_model
 
@@ -213,6 +214,8 @@ class PruneToBudget(keras.callbacks.Callback):
                   f"target {self.keep_macs:.3f})")
 
     def _scale(self, factor):
+        if self._masks:
+            compat.sync_training_state(self.model)
         for variable, mask in self._masks:
             scale = np.where(mask, factor, 1.0).astype("float32")
             variable.assign(variable.value * scale)

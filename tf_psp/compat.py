@@ -123,3 +123,16 @@ def run_through_graph(model, inputs, operation_fn, call_fn):
 def attention_projections(layer):
     """The query, key, value and output EinsumDense layers of a MultiHeadAttention."""
     return layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense
+
+
+def sync_training_state(model):
+    """Makes the variables of a model being fit hold their current values.
+
+    The JAX trainer keeps the training state outside the variables between
+    steps; a callback that reads or assigns variables in `on_train_batch_end`
+    must sync it first (the next step then starts from the variables). No-op
+    on the other backends.
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()

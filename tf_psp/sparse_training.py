@@ -48,6 +48,7 @@ class BatchNormL1(keras.callbacks.Callback):
         self.strength = _check_strength(strength, "BatchNormL1")
 
     def on_train_batch_end(self, batch, logs=None):
+        compat.sync_training_state(self.model)
         t = self.strength * _learning_rate(self.model)
         for layer in compat.flatten_layers(self.model):
             if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
@@ -95,6 +96,7 @@ class GroupLasso(keras.callbacks.Callback):
         self._units = len(plan.units)
 
     def on_train_batch_end(self, batch, logs=None):
+        compat.sync_training_state(self.model)
         t = self.strength * _learning_rate(self.model)
         if t == 0 or not self._units:
             return
