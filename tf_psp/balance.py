@@ -48,7 +48,8 @@ def _copy(model):
     return copy
 
 
-def balance_alphas(model, kernel_decay, momentum=0.0, min_alpha=1e-6):
+def balance_alphas(model: keras.Model, kernel_decay: float, momentum: float = 0.0,
+                   min_alpha: float = 1e-6) -> keras.Model:
     """A copy of a PSP model with alphas and kernels at the decays' equilibrium.
 
     Per-layer alphas of the `channel` and `column` structures (which scale

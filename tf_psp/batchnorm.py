@@ -237,7 +237,8 @@ def assign_batchnorm_statistics(model, statistics):
             layer.moving_stddev.assign(np.sqrt(variance).astype(layer.moving_stddev.dtype))
 
 
-def recalibrate_batchnorm(model, data, steps=None, batch_size=DEFAULT_BATCH_SIZE):
+def recalibrate_batchnorm(model: keras.Model, data, steps: int | None = None,
+                          batch_size: int = DEFAULT_BATCH_SIZE) -> keras.Model:
     """A copy of `model` with BatchNormalization statistics recomputed from `data`.
 
     Every BatchNormalization's `moving_mean` and `moving_variance` become the
@@ -337,7 +338,7 @@ def _foldable_pairs(model):
     return pairs
 
 
-def fold_batchnorm(model):
+def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, list[str]]:
     """A copy of `model` with BatchNormalizations folded into the layers before them.
 
     A BatchNormalization (on the last axis) whose only input is the output of

@@ -9,6 +9,9 @@ one `strip_and_shrink` really removes.
 """
 
 import dataclasses
+from collections.abc import Callable
+
+import keras
 
 from tf_psp import compat
 from tf_psp import graph as psp_graph
@@ -71,8 +74,10 @@ def has_alphas(model):
                for layer in compat.flatten_layers(model))
 
 
-def prune_to_budget(model, keep_macs=0.5, importance="alpha", round_to=1, min_keep=0.1,
-                    seed=0, return_report=False, measure=False):
+def prune_to_budget(model: keras.Model, keep_macs: float = 0.5,
+                    importance: str | Callable = "alpha", round_to: int = 1,
+                    min_keep: float = 0.1, seed: int = 0, return_report: bool = False,
+                    measure: bool = False) -> keras.Model | tuple[keras.Model, "BudgetReport"]:
     """A copy of `model` whose lowest-scoring channel groups have alpha 0, within a MAC budget.
 
     `strip_and_shrink(result, round_to=round_to)` keeps at most `keep_macs` of

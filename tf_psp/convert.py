@@ -1,6 +1,7 @@
 """parameterize(): turn an existing Keras model into a PSP model."""
 
 import dataclasses
+from collections.abc import Callable, Iterable
 
 import keras
 import numpy as np
@@ -38,15 +39,15 @@ class ConversionReport:
 
 
 def parameterize(
-    model,
-    structure="channel",
-    layers=None,
-    epsilon=psp_layers.DEFAULT_EPSILON,
-    return_report=False,
-    coupling="layer",
-    cost=None,
+    model: keras.Model,
+    structure: str | Callable = "channel",
+    layers: Iterable[str] | Callable | None = None,
+    epsilon: float = psp_layers.DEFAULT_EPSILON,
+    return_report: bool = False,
+    coupling: str = "layer",
+    cost: str | None = None,
     **psp_kwargs,
-):
+) -> keras.Model | tuple[keras.Model, "ConversionReport"]:
     """Returns a copy of `model` whose prunable layers are PSP layers.
 
     Conv1D/2D/3D, Conv2DTranspose, Dense, DepthwiseConv2D and SeparableConv2D (exact classes,

@@ -13,6 +13,7 @@
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import keras
 
@@ -127,10 +128,12 @@ def _evaluate(model, validation_data, batch_size):
     return {k: float(v) for k, v in values.items()}
 
 
-def prune(model, train_data, keep_macs=0.5, epochs=10, fine_tune_epochs=5,
-          validation_data=None, importance="alpha", optimizer=None, fine_tune_optimizer=None,
-          loss=None, metrics=None, batch_size=32, round_to=1, min_keep=0.1,
-          recalibrate=True, callbacks=(), verbose=1, jit_compile="auto"):
+def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 10,
+          fine_tune_epochs: int = 5, validation_data=None,
+          importance: str | Callable = "alpha", optimizer=None, fine_tune_optimizer=None,
+          loss=None, metrics=None, batch_size: int = 32, round_to: int = 1,
+          min_keep: float = 0.1, recalibrate: bool = True, callbacks=(), verbose: int = 1,
+          jit_compile="auto") -> tuple[keras.Model, PruneReport]:
     """Prunes a trained model to a MAC budget with PSP; returns the small plain model.
 
     `model` is not modified. See the module docstring for the steps.

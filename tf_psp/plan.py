@@ -45,6 +45,7 @@ weights (alphas folded in, as `tf_psp.strip` computes them):
 """
 
 import math
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -376,7 +377,8 @@ def _alpha_pruned(layers, handles):
     return bool(handles)
 
 
-def pruning_plan(model, importance="alpha", seed=0):
+def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
+                 seed: int = 0) -> PruningPlan:
     """The `PruningPlan` of `model` (per-layer PSP, group PSP or plain).
 
     Args:

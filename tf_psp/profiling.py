@@ -552,7 +552,7 @@ def _input_shapes(input_shape):
     return [tuple(shape) for shape in input_shape]
 
 
-def profile(model, input_shape=None, removable=False):
+def profile(model: keras.Model, input_shape=None, removable: bool = False) -> "ModelProfile":
     """Counts MACs, parameters and PSP sparsity of every layer of `model`.
 
     Args:
@@ -606,7 +606,7 @@ def profile(model, input_shape=None, removable=False):
     )
 
 
-def zeroed_macs(model, input_shape=None):
+def zeroed_macs(model: keras.Model, input_shape=None) -> int:
     """MACs of a *plain* model that multiply by an exact zero weight.
 
     Each kernel entry is used the same number of times per sample, so a
@@ -662,7 +662,7 @@ class Removability:
         return data
 
 
-def removability(model, input_shape=None, round_to=1):
+def removability(model: keras.Model, input_shape=None, round_to: int = 1) -> "Removability":
     """Measures `Removability` of a PSP model by stripping and shrinking it.
 
     Args:

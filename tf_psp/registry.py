@@ -26,7 +26,7 @@ import copy
 HANDLERS = {}  # layer class -> handler class or instance
 
 
-def register_layer(layer_class, handler):
+def register_layer(layer_class: type, handler) -> type:
     """Registers how tf_psp treats `layer_class` (and subclasses that keep its `call`).
 
     Args:
@@ -55,7 +55,7 @@ def register_layer(layer_class, handler):
     return layer_class
 
 
-def unregister_layer(layer_class):
+def unregister_layer(layer_class: type) -> None:
     """Removes a registration (a built-in layer then falls back to its parent's, if any)."""
     HANDLERS.pop(layer_class, None)
 

@@ -49,7 +49,7 @@ def _clone_layer(layer):
     return clone_layer(layer)
 
 
-def strip(model):
+def strip(model: keras.Model) -> keras.Model:
     """A new plain Keras model with every PSP layer replaced by its plain twin.
 
     Widths are unchanged; pruned structures stay as exact zeros in the folded
@@ -382,7 +382,8 @@ def _rebuild(g, keep):
     return keras.Model(inputs, outputs, name=model.name)
 
 
-def strip_and_shrink(model, round_to=1, return_report=False, approximate=False):
+def strip_and_shrink(model: keras.Model, round_to: int = 1, return_report: bool = False,
+                     approximate: bool = False) -> keras.Model | tuple[keras.Model, "ShrinkReport"]:
     """A new, smaller plain Keras model computing what the PSP `model` computes.
 
     PSP layers become their plain twins with thresholded alphas folded in;
