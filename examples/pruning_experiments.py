@@ -82,35 +82,12 @@ def build_resnet(input_shape=(28, 28, 1), num_classes=10, widths=(16, 32, 64),
     Returns:
         An uncompiled functional `keras.Model` producing logits.
     """
-    regularizer = keras.regularizers.L2(kernel_decay) if kernel_decay else None
+    import models  # the examples' model zoo (examples/models.py)
 
-    def conv(x, filters, kernel_size, strides, layer_name):
-        return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same",
-                                   use_bias=False, kernel_initializer="he_normal",
-                                   kernel_regularizer=regularizer, name=layer_name)(x)
-
-    def bn(x, layer_name):
-        return keras.layers.BatchNormalization(name=layer_name)(x)
-
-    inputs = keras.Input(input_shape)
-    x = conv(inputs, widths[0], 3, 1, "stem_conv")
-    x = keras.layers.ReLU(name="stem_relu")(bn(x, "stem_bn"))
-    for s, width in enumerate(widths):
-        for b in range(blocks_per_stage):
-            prefix = f"s{s + 1}b{b + 1}"
-            strides = 2 if (s > 0 and b == 0) else 1
-            y = conv(x, width, 3, strides, f"{prefix}_conv1")
-            y = keras.layers.ReLU(name=f"{prefix}_relu1")(bn(y, f"{prefix}_bn1"))
-            y = bn(conv(y, width, 3, 1, f"{prefix}_conv2"), f"{prefix}_bn2")
-            shortcut = x
-            if strides != 1 or x.shape[-1] != width:
-                shortcut = bn(conv(x, width, 1, strides, f"{prefix}_proj"), f"{prefix}_proj_bn")
-            x = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
-            x = keras.layers.ReLU(name=f"{prefix}_out")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = keras.layers.Dense(num_classes, kernel_regularizer=regularizer, name="logits")(x)
     depth = 6 * blocks_per_stage + 2
-    return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
+    return models.resnet_cifar(depth, num_classes, input_shape=input_shape, widths=widths,
+                               kernel_initializer="he_normal", kernel_decay=kernel_decay,
+                               name=name or f"resnet{depth}")
 
 
 def resnet_small(input_shape=(28, 28, 1), num_classes=10, widths=(16, 32, 64), **kwargs):
