@@ -136,7 +136,9 @@ class PruneToBudget(keras.callbacks.Callback):
 
     The schedule is defined by the fraction of training, not by step counts
     or a decay strength, so the defaults carry over between models and
-    schedule lengths. The callback logs `psp_budget_kept_macs` (the fraction
+    schedule lengths. `decay_until=0.5` (half the run decays, half trains
+    the pruned network) was chosen on a validation split against 0.8 and 0.3
+    (examples/README.md, budget experiment). The callback logs `psp_budget_kept_macs` (the fraction
     of the dense MACs `strip_and_shrink` keeps at the epoch end; the
     selected groups count once their alphas fall below epsilon) and
     `psp_budget_target`.
@@ -159,7 +161,7 @@ class PruneToBudget(keras.callbacks.Callback):
     """
 
     def __init__(self, keep_macs, importance="alpha", min_keep=0.1, round_to=1,
-                 reselect_until=0.5, decay_until=0.8, final_shrink=1e-3, power=3.0,
+                 reselect_until=0.5, decay_until=0.5, final_shrink=1e-3, power=3.0,
                  verbose=0):
         super().__init__()
         psp_plan._check_fraction(keep_macs, "keep_macs")

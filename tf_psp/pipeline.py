@@ -129,7 +129,7 @@ def _evaluate(model, validation_data, batch_size):
 
 
 def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 10,
-          fine_tune_epochs: int = 5, validation_data=None,
+          fine_tune_epochs: int = 0, validation_data=None,
           importance: str | Callable = "alpha", optimizer=None, fine_tune_optimizer=None,
           loss=None, metrics=None, batch_size: int = 32, round_to: int = 1,
           min_keep: float = 0.1, recalibrate: bool = True, callbacks=(), verbose: int = 1,
@@ -144,9 +144,13 @@ def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 
         train_data: `(x, y)` arrays, or a `tf.data.Dataset` / `keras.utils.PyDataset`
             of `(x, y)` batches.
         keep_macs: fraction of the dense MACs the result keeps, in (0, 1].
-        epochs: budget-training epochs (the selected alphas reach 0 at 80 %
-            of them; the rest already trains the pruned network).
-        fine_tune_epochs: epochs of training the shrunk model.
+        epochs: budget-training epochs (the selected alphas reach 0 at half
+            of them; the second half already trains the pruned network).
+        fine_tune_epochs: epochs of training the shrunk model afterwards
+            (default 0: the second half of `epochs` already trains the pruned
+            network; in the budget experiment a separate phase with a fresh
+            schedule at the full learning rate lowered accuracy; pass a
+            `fine_tune_optimizer` with a lower rate when you add one).
         validation_data: like `train_data`; when given, the dense, pruned and
             fine-tuned models are evaluated on it (the report's `evaluation`).
         importance: the ranking score (see `tf_psp.plan`).
