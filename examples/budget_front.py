@@ -245,7 +245,6 @@ def run_method(model_name, method, keep, seed, config, data, split):
         budget = tf_psp.PruneToBudget(keep, decay_until=config.get("decay_until", 0.8))
         _fit(psp, data, sparse_epochs, [budget])
         psp = _recalibrated(psp, data)
-        pruned_accuracy = None
         small = tf_psp.strip_and_shrink(psp)
         pruned_accuracy = _accuracy(small, data)
         if finetune:
@@ -369,21 +368,25 @@ def collected_rows(model_name, search):
     split = "val" if search else "test"
     suffix = (f"_p{FLAGS.pretrain_epochs}_e{FLAGS.epochs}_f{FLAGS.finetune_epochs}"
               f"_n{FLAGS.steps_per_epoch}.json")
+    chosen = {}  # method -> its chosen setting (read once, not once per row)
     rows = []
     for path in sorted(glob.glob(os.path.join(FLAGS.out, "runs", f"{model_name}_*{suffix}"))):
         with open(path) as f:
             row = json.load(f)
         if row["split"] != split or row["method"] not in SEARCH:
             continue
-        if not search and row["config"] != best_config(model_name, row["method"], split):
-            continue
+        if not search:
+            if row["method"] not in chosen:
+                chosen[row["method"]] = best_config(model_name, row["method"], split)
+            if row["config"] != chosen[row["method"]]:
+                continue
         rows.append(row)
     order = {m: k for k, m in enumerate(SEARCH)}
     rows.sort(key=lambda r: (order[r["method"]], -r["keep_macs"], r["seed"]))
     return rows
 
 
-def write_results(model_name, rows, search):
+def write_results(model_name, search):
     import numpy as np
 
     rows = collected_rows(model_name, search)
@@ -454,7 +457,6 @@ def main(argv):
     for model_name in FLAGS.models:
         split = "val" if FLAGS.search else "test"
         data = load_data(model_name, split)
-        rows = []
         seeds = [0] if FLAGS.search else [int(s) for s in FLAGS.seeds]
         if FLAGS.pretrain_only:
             for seed in seeds:
@@ -470,8 +472,8 @@ def main(argv):
             configs = ([dict(DEFAULTS, **c) for c in SEARCH[method]] if FLAGS.search
                        else [best_config(model_name, method, split)])
             for config in configs:
-                rows.append(do_run(model_name, method, keep, seed, split, config, data))
-                write_results(model_name, rows, FLAGS.search)
+                do_run(model_name, method, keep, seed, split, config, data)
+                write_results(model_name, FLAGS.search)
 
 
 if __name__ == "__main__":

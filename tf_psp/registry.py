@@ -92,8 +92,13 @@ def handler_for(layer, default):
 
 
 def mac_handler(layer):
-    """The registered handler (instance) whose `macs` counts `layer`, or None."""
+    """The registered handler whose `macs` counts `layer`, or None.
+
+    Read-only use, so a registered instance is returned as it is (no copy per
+    call: `profile` asks for every layer of every model it counts).
+    """
     cls = registered_class(layer)
     if cls is None or not hasattr(HANDLERS[cls], "macs"):
         return None
-    return _instance(HANDLERS[cls])
+    handler = HANDLERS[cls]
+    return handler() if isinstance(handler, type) else handler
