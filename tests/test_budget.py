@@ -163,10 +163,17 @@ def test_unreachable_budget_says_why():
         tf_psp.prune_to_budget(psp, 0.01)
 
 
-@pytest.mark.parametrize("bad", [0, 1.5, -0.1, "half", None, True])
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, "half", True])
 def test_bad_keep_macs(bad):
     with pytest.raises(ValueError, match="keep_macs"):
         tf_psp.prune_to_budget(_se(), bad)
+
+
+def test_keep_macs_defaults_to_half_and_excludes_keep_latency():
+    _, report = tf_psp.prune_to_budget(_se(), return_report=True)
+    assert report.keep_macs == 0.5 and 0.47 <= report.kept_macs <= 0.5
+    with pytest.raises(ValueError, match="not both"):
+        tf_psp.prune_to_budget(_se(), keep_macs=0.5, keep_latency=0.5)
 
 
 def test_bad_importance_and_round_to():

@@ -13,6 +13,7 @@ from tf_psp import (
     coupling,
     export,
     handlers,
+    latency,
     pipeline,
     plan,
     regularizers,
@@ -25,6 +26,7 @@ from tf_psp.budget import BudgetReport, prune_to_budget
 from tf_psp.callbacks import PruneToBudget, PSPMonitor
 from tf_psp.convert import parameterize
 from tf_psp.group_alphas import PSPGroupAlphas
+from tf_psp.latency import LatencyTable, latency_table
 from tf_psp.layers import (
     PSPConv1D,
     PSPConv2D,
@@ -64,6 +66,9 @@ __all__ = [
     "PruningPlan",
     "BudgetReport",
     "Unit",
+    "LatencyTable",
+    "latency",
+    "latency_table",
     "budget",
     "pipeline",
     "plan",

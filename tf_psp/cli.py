@@ -165,7 +165,7 @@ def _cmd_profile(args, out):
 
 
 def _has_psp_layers(model):
-    from tf_psp.budget import has_alphas
+    from tf_psp.convert import has_alphas
 
     return has_alphas(model)
 

@@ -136,3 +136,18 @@ def sync_training_state(model):
     sync = getattr(model, "jax_state_sync", None)
     if sync is not None:
         sync()
+
+
+def litert_invoker(runner):
+    """A callable that runs one signature of a LiteRT interpreter on the inputs it holds.
+
+    `SignatureRunner.__call__` copies the inputs in and the outputs out on
+    every call, which costs more than a small layer takes; the interpreter's
+    wrapper runs the signature's subgraph alone. Falls back to the runner's
+    call without inputs when the private wrapper is gone.
+    """
+    wrapper = getattr(runner, "_interpreter_wrapper", None)
+    index = getattr(runner, "_subgraph_index", None)
+    if wrapper is None or index is None:
+        return runner
+    return lambda: wrapper.Invoke(index)

@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterable
 import keras
 import numpy as np
 
-from tf_psp import coupling, regularizers, structures
+from tf_psp import compat, coupling, regularizers, structures
 from tf_psp import layers as psp_layers
 from tf_psp.functional import check_model, clone_layer, reuses, walk_layers
+from tf_psp.group_alphas import is_group_alphas
 from tf_psp.macs import layer_macs
 
 
@@ -238,3 +239,9 @@ def _copy_weights(new_model, originals):
                 variable.assign(value)
         else:
             new.set_weights(old.get_weights())
+
+
+def has_alphas(model):
+    """Whether `model` has PSP alphas (per-layer PSP layers or group alphas)."""
+    return any(psp_layers.is_psp_layer(layer) or is_group_alphas(layer)
+               for layer in compat.flatten_layers(model))

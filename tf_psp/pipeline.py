@@ -18,9 +18,8 @@ from collections.abc import Callable
 import keras
 
 from tf_psp.batchnorm import recalibrate_batchnorm
-from tf_psp.budget import has_alphas
 from tf_psp.callbacks import PruneToBudget
-from tf_psp.convert import parameterize
+from tf_psp.convert import has_alphas, parameterize
 from tf_psp.functional import check_model
 from tf_psp.plan import _check_fraction
 from tf_psp.profiling import profile as profile_model

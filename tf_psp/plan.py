@@ -122,6 +122,14 @@ class _MacTerm:
             self.split = positions * math.prod(layer.depthwise_kernel.shape)
             self.kind = "separable"
 
+    def kept_channels(self, removed_mask):
+        """(kept input channels, kept output channels) of this call."""
+        kin = (int(np.count_nonzero(~removed_mask[self.roots_in])) if len(self.roots_in)
+               else 0)
+        kout = (int(np.count_nonzero(~removed_mask[self.roots_out])) if len(self.roots_out)
+                else 0)
+        return kin, kout
+
     def kept(self, removed_mask):
         cin, cout = max(len(self.roots_in), 1), max(len(self.roots_out), 1)
         fin = np.count_nonzero(~removed_mask[self.roots_in]) / cin if len(self.roots_in) else 1.0
@@ -188,11 +196,56 @@ class PruningPlan:
         """`kept_macs(...) / dense_macs`."""
         return self.kept_macs(units, round_to) / self.dense_macs if self.dense_macs else 1.0
 
+    def widths(self, units=(), round_to=1):
+        """Layer name -> (kept input, kept output channels) of every kernel layer call
+        when `units` (indices) go (shrink's keep-one and `round_to` rules applied)."""
+        mask = self._mask(self._removed_roots(units, round_to))
+        return {t.name: t.kept_channels(mask) for t in self._terms}
+
+    def kept_latency(self, units=(), table=None, round_to=1):
+        """Predicted latency (seconds) of the shrunk model when `units` go.
+
+        Args:
+            units: unit indices.
+            table: a `tf_psp.LatencyTable` of this model.
+            round_to: as in `kept_macs`.
+        """
+        if table is None:
+            raise ValueError("kept_latency needs a latency table (tf_psp.latency_table).")
+        return table.predict_widths(self.widths(units, round_to))
+
+    def _cost(self, table, round_to):
+        """fraction(units) -> kept fraction of the dense cost (MACs, or latency of `table`)."""
+        if table is None:
+            return lambda units: self.kept_fraction(units, round_to)
+        dense = table.predict_widths({})
+        return lambda units: self.kept_latency(units, table, round_to) / dense
+
+    def latency_savings(self, table, round_to=1):
+        """Unit index -> predicted seconds saved per channel of its space.
+
+        The average over removing half of the space's prunable units (the
+        table is a staircase: one channel alone often saves nothing).
+        """
+        dense = table.predict_widths({})
+        by_space = {}
+        for u in self.units:
+            if not u.pruned:
+                by_space.setdefault(u.space, []).append(u.index)
+        saving = {}
+        for members in by_space.values():
+            half = members[:max(1, len(members) // 2)]
+            saved = dense - self.kept_latency(half, table, round_to)
+            for i in members:
+                saving[i] = max(saved, 0.0) / len(half)
+        return saving
+
     # --- policy -------------------------------------------------------------------
-    def order(self, min_keep=0.1, exclude=()):
-        """Unit indices in pruning order: lowest score first, already pruned
-        units excluded, never more than `1 - min_keep` of a channel space."""
+    def order(self, min_keep=0.1, exclude=(), key=None):
+        """Unit indices in pruning order: lowest score first (or lowest `key(unit)`),
+        already pruned units excluded, never more than `1 - min_keep` of a channel space."""
         exclude = set(exclude)
+        key = key or (lambda u: u.score)
         taken, order = {}, []
         alive = {}
         for u in self.units:
@@ -200,7 +253,7 @@ class PruningPlan:
         for u in self.units:
             if u.pruned:
                 alive[u.space] -= 1
-        for u in sorted(self.units, key=lambda u: (u.score, u.index)):
+        for u in sorted(self.units, key=lambda u: (key(u), u.index)):
             if u.pruned or u.index in exclude or not np.isfinite(u.score):
                 continue
             floor = max(1, math.ceil(min_keep * u.width))
@@ -210,8 +263,9 @@ class PruningPlan:
             order.append(u.index)
         return order
 
-    def select(self, keep_macs, min_keep=0.1, round_to=1, exclude=()):
-        """The fewest lowest-scoring units whose removal keeps <= `keep_macs` of `dense_macs`.
+    def select(self, keep_macs=None, min_keep=0.1, round_to=1, exclude=(),
+               keep_latency=None, table=None):
+        """The fewest lowest-scoring units whose removal keeps <= the budget.
 
         Args:
             keep_macs: the MAC budget, a fraction of `dense_macs` in (0, 1].
@@ -221,6 +275,11 @@ class PruningPlan:
             round_to: the `round_to` `strip_and_shrink` will be called with; the
                 selection is rounded here, so it is exactly what shrink removes.
             exclude: unit indices never to select.
+            keep_latency: instead of `keep_macs`, a latency budget: a fraction
+                of the dense model's latency predicted by `table`. Units are
+                then taken by importance lost per latency saved (score divided
+                by `latency_savings`), as HALP does.
+            table: the `tf_psp.LatencyTable` of the model (with `keep_latency`).
 
         Returns:
             A sorted list of unit indices (after rounding: re-admitted units are
@@ -230,45 +289,59 @@ class PruningPlan:
             ValueError: the budget cannot be met; the message gives the smallest
                 reachable fraction and what limits it.
         """
-        _check_fraction(keep_macs, "keep_macs")
-        order = self.order(min_keep, exclude)
-        target = keep_macs * self.dense_macs
+        if keep_latency is not None:
+            if keep_macs is not None:
+                raise ValueError("pass keep_macs or keep_latency, not both.")
+            if table is None:
+                raise ValueError("keep_latency needs a latency table (tf_psp.latency_table).")
+            _check_fraction(keep_latency, "keep_latency")
+            keep, what = keep_latency, "keep_latency"
+            saving = self.latency_savings(table, round_to)
+            order = self.order(min_keep, exclude,
+                               key=lambda u: u.score / max(saving.get(u.index, 0.0), 1e-12))
+        else:
+            keep = 0.5 if keep_macs is None else keep_macs
+            what = "keep_macs"
+            _check_fraction(keep, what)
+            table = None
+            order = self.order(min_keep, exclude)
+        fraction = self._cost(table, round_to)
 
         def kept(n):
-            return self.kept_macs(order[:n], round_to)
+            return fraction(order[:n])
 
-        if kept(0) <= target:
+        if kept(0) <= keep:
             return self._final(order[:0], round_to)
-        if kept(len(order)) > target:
-            reachable = kept(len(order)) / self.dense_macs
+        if kept(len(order)) > keep:
+            reachable = kept(len(order))
             raise ValueError(
-                f"model '{self.model.name}': cannot prune to keep_macs={keep_macs:.3g}; "
-                f"at most {1 - reachable:.1%} of the MACs can go (keeps {reachable:.3f}) "
+                f"model '{self.model.name}': cannot prune to {what}={keep:.3g}; "
+                f"it keeps at least {reachable:.3f} "
                 f"with min_keep={min_keep} and round_to={round_to}: {len(self.units)} "
                 f"prunable channel groups, the rest frozen"
                 + (f" ({'; '.join(self.frozen[:3])})" if self.frozen else "")
-                + ". Lower min_keep, or raise keep_macs."
+                + f". Lower min_keep, or raise {what}."
             )
-        lo, hi = 0, len(order)  # kept(lo) > target >= kept(hi)
+        lo, hi = 0, len(order)  # kept(lo) > keep >= kept(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if kept(mid) <= target:
+            if kept(mid) <= keep:
                 hi = mid
             else:
                 lo = mid
-        if kept(hi) >= target - FILL_TOLERANCE * self.dense_macs:
+        if kept(hi) >= keep - FILL_TOLERANCE:
             return self._final(order[:hi], round_to)
-        return self._final(self._fill(order, lo, target, round_to) or order[:hi], round_to)
+        return self._final(self._fill(order, lo, keep, fraction) or order[:hi], round_to)
 
-    def _fill(self, order, lo, target, round_to):
+    def _fill(self, order, lo, keep, fraction):
         """Coarse units overshoot the budget: from the last prefix above it, walk down
         the order and take the first unit that lands within FILL_TOLERANCE below the
         budget, adding the units that keep it above (a greedy knapsack fill)."""
         chosen = list(order[:lo])
-        floor = target - FILL_TOLERANCE * self.dense_macs
+        floor = keep - FILL_TOLERANCE
         for i in order[lo:]:
-            k = self.kept_macs(chosen + [i], round_to)
-            if k > target:
+            k = fraction(chosen + [i])
+            if k > keep:
                 chosen.append(i)
             elif k >= floor:
                 return chosen + [i]

@@ -1,0 +1,179 @@
+"""Does the latency cost model predict what a shrunk model really costs?
+
+    .venv/bin/python benchmarks/latency_model.py                      # 3 models, ~15 min
+    .venv/bin/python benchmarks/latency_model.py --models=mobilenetv2 --variants=5
+
+For each model (random weights, BatchNorm statistics randomized as in
+benchmarks/latency.py): build its latency table (`tf_psp.latency_table`,
+TFLite/XNNPACK, `--threads`), then make `--variants` random shrunk variants:
+variant `i` is `prune_to_budget(model, keep_macs=U(0.25, 0.95),
+importance='random', seed=i, round_to=r)` with `r` drawn from {1, 8, 16},
+then `strip_and_shrink`. Every variant and the dense model are exported to
+TFLite and timed in one interleaved run (medians of `--runs`); the table's
+prediction is compared with the measurement. For reference, the MAC proxy
+(dense latency x kept MAC fraction) is scored the same way.
+
+Errors are |predicted - measured| / measured, for the absolute latency and
+for the speed-up (the prediction relative to the table's dense prediction,
+times the dense latency measured in the same run: what budgets use).
+Writes latency_model.json and latency_model.md (and a predicted-vs-measured
+plot, latency_model.png) to --output_dir.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import latency as latency_bench  # noqa: E402
+
+FLAGS = flags.FLAGS
+# --models, --runs and --output_dir are benchmarks/latency.py's flags, with other defaults.
+FLAGS.set_default("models", ["mobilenetv2", "resnet56", "efficientnetb0"])
+FLAGS.set_default("runs", 30)
+flags.DEFINE_integer("variants", 20, "Random shrunk variants per model.")
+flags.DEFINE_integer("threads", 1, "LiteRT threads.")
+flags.DEFINE_string("cache_dir", None, "Latency point cache (default: tf_psp's).")
+
+
+def build(name):
+    import keras
+
+    if name == "mobilenetv2":
+        model = latency_bench.mobilenetv2()
+    elif name == "resnet56":
+        model = latency_bench.MODELS["resnet56"]()
+    elif name == "efficientnetb0":
+        model = keras.applications.EfficientNetB0(weights=None, input_shape=(224, 224, 3),
+                                                  classifier_activation=None)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    latency_bench.randomize_batchnorm(model, 0)
+    return model
+
+
+def measure_model(name, work_dir):
+    import numpy as np
+
+    import tf_psp
+    from tf_psp import bench, export
+
+    model = build(name)
+    log = latency_bench.log
+    log(f"{name}: latency table")
+    table = tf_psp.latency_table(model, threads=FLAGS.threads, cache_dir=FLAGS.cache_dir)
+    log(f"{name}: table in {table.build_seconds:.0f} s, quantum {table.quantum}, "
+        f"dense {table.dense_seconds * 1e3:.2f} ms, fixed {table.fixed_seconds * 1e3:.2f} ms")
+    dense_macs = tf_psp.profile(model).total_macs
+    rng = np.random.default_rng(0)
+    variants = []
+    dense_path = os.path.join(work_dir, f"{name}_dense.tflite")
+    export.export_tflite(model, dense_path)
+    for i in range(FLAGS.variants):
+        keep = float(rng.uniform(0.25, 0.95))
+        round_to = int(rng.choice([1, 8, 16]))
+        pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance="random", seed=i,
+                                        round_to=round_to)
+        shrunk = tf_psp.strip_and_shrink(pruned, round_to=round_to)
+        path = os.path.join(work_dir, f"{name}_v{i}.tflite")
+        export.export_tflite(shrunk, path)
+        variants.append({"variant": i, "keep_macs_target": keep, "round_to": round_to,
+                         "kept_macs": tf_psp.profile(shrunk).total_macs / dense_macs,
+                         "predicted_s": table.predict(shrunk), "path": path})
+        log(f"{name}: variant {i} keep {keep:.2f} round_to {round_to}")
+    timers = {"dense": bench.tflite_timer(dense_path, num_threads=FLAGS.threads)}
+    for v in variants:
+        timers[v["variant"]] = bench.tflite_timer(v["path"], num_threads=FLAGS.threads)
+    medians = bench.interleaved(timers, rounds=FLAGS.runs)
+    dense = medians["dense"]
+    predicted_dense = table.predict(model)
+    for v in variants:
+        v["measured_s"] = medians[v["variant"]]
+        v["error"] = abs(v["predicted_s"] - v["measured_s"]) / v["measured_s"]
+        # the speed-up predicted against the one measured (both relative to dense)
+        v["ratio_error"] = abs(v["predicted_s"] / predicted_dense * dense
+                               - v["measured_s"]) / v["measured_s"]
+        v["mac_proxy_error"] = abs(dense * v["kept_macs"] - v["measured_s"]) / v["measured_s"]
+        del v["path"]
+    errors = [v["error"] for v in variants]
+    proxy = [v["mac_proxy_error"] for v in variants]
+    ratios = [v["ratio_error"] for v in variants]
+    return {
+        "model": name, "table_seconds": table.build_seconds, "quantum": table.quantum,
+        "layers": len(table.layers), "dense_measured_s": dense,
+        "dense_table_s": table.dense_seconds,
+        "median_error": float(np.median(errors)), "worst_error": float(np.max(errors)),
+        "ratio_median_error": float(np.median(ratios)), "ratio_worst_error": float(np.max(ratios)),
+        "mac_proxy_median_error": float(np.median(proxy)),
+        "mac_proxy_worst_error": float(np.max(proxy)), "variants": variants,
+    }
+
+
+def markdown(results):
+    lines = ["| model | table build (s) | quantum | variants | median error | worst error | "
+             "speed-up median error | speed-up worst error | MAC proxy median | MAC proxy worst |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['table_seconds']:.0f} | {r['quantum']} | {len(r['variants'])} "
+            f"| {r['median_error']:.1%} | {r['worst_error']:.1%} | "
+            f"{r['ratio_median_error']:.1%} | {r['ratio_worst_error']:.1%} | "
+            f"{r['mac_proxy_median_error']:.1%} | {r['mac_proxy_worst_error']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tf_psp import atomic
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    top = 0.0
+    for r in results:
+        xs = [v["measured_s"] * 1e3 for v in r["variants"]]
+        ys = [v["predicted_s"] * 1e3 for v in r["variants"]]
+        ax.scatter(xs, ys, label=r["model"], s=14)
+        top = max(top, *xs, *ys)
+    ax.plot([0, top], [0, top], "k--", lw=0.8)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title("latency cost model, TFLite 1 thread")
+    ax.legend()
+    with atomic.temp_file_beside(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    from tf_psp import atomic
+
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    out_json = os.path.join(FLAGS.output_dir, "latency_model.json")
+    results = []
+    if os.path.exists(out_json):  # keep models measured by an earlier run
+        with open(out_json, encoding="utf-8") as f:
+            results = [r for r in json.load(f)["results"] if r["model"] not in FLAGS.models]
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="latency_model_") as work_dir:
+        for name in FLAGS.models:
+            results.append(measure_model(name, work_dir))
+            atomic.write_bytes(out_json, json.dumps(
+                {"threads": FLAGS.threads, "runs": FLAGS.runs, "results": results},
+                indent=1).encode())
+    atomic.write_bytes(os.path.join(FLAGS.output_dir, "latency_model.md"),
+                       markdown(results).encode())
+    plot(results, os.path.join(FLAGS.output_dir, "latency_model.png"))
+    print(markdown(results))
+    print(f"total {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,652 @@
+"""Latency tables and the latency cost model: what a shrunk model costs on a real runtime.
+
+MACs are a proxy that fails where speed matters most: depthwise and early
+high-resolution layers are memory bound (few MACs, much time), and widths
+that are not a multiple of the kernel's vector width waste lanes. A
+*latency table* holds, for every kernel layer of a model (Conv, Dense,
+Depthwise, Separable, transposed convs and registered layers) and a grid of
+its input and output widths, the latency that layer alone takes on a target
+runtime, measured on this machine:
+
+- each grid point is the layer rebuilt at those widths by its own
+  `strip_and_shrink` handler, with the layer's own input shape and
+  activation; the points of many layers are converted together into one
+  multi-signature `.tflite` file and timed signature by signature,
+  interleaved (A, B, C, A, B, C, ...), medians of `runs` rounds;
+- output widths are measured at multiples of the runtime's *quantum* `q`
+  (the width step at which XNNPACK's kernels change speed, measured once per
+  machine: 16 on AVX-512 CPUs) and between them, because a width of
+  `k*q + 1` costs about as much as `(k+1)*q` (a pointwise conv) or more (a
+  depthwise conv): the table is a staircase, not a line;
+- every point is cached on disk, keyed by the layer's config, input shape,
+  widths, runtime, threads and machine (`cache_dir`, default
+  `$TF_PSP_CACHE` or `~/.cache/tf_psp`), so a table is measured once.
+
+The cost model predicts a shrunk model's latency as
+
+    latency(shrunk) = fixed + scale * sum over kernel layers of table(layer, c_in, c_out)
+
+A layer alone is not a layer in a model (the interpreter's per-call overhead,
+the ops around it), so `fixed` and `scale` are a least-squares line through
+whole models measured interleaved with the dense one: all channel spaces
+shrunk uniformly to 0.5 and 0.25 of the MACs, and six random selections.
+It is validated against measured latencies of random shrunk variants by
+`benchmarks/latency_model.py`. Use it
+for ratios (`predict(shrunk) / predict(dense)`): the machine's speed drifts
+by 10-20 % between runs here, and a ratio measured in one run does not.
+
+Runtimes: `'tflite'` (LiteRT with its default XNNPACK delegate, `threads`
+CPU threads). ONNX Runtime and JAX on a GPU are not tabulated yet.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from tf_psp import atomic
+from tf_psp import graph as psp_graph
+from tf_psp.functional import check_model
+from tf_psp.macs import mac_rule
+
+RUNTIMES = ("tflite",)
+TABLE_VERSION = 1
+QUANTA = (32, 16, 8, 4, 2)  # widths tried as the runtime's quantum, largest first
+_BATCH_SIGNATURES = 60  # grid points converted into one .tflite file
+_REFERENCE = "__reference__"  # cache key of the drift reference's latency
+
+
+def cache_directory(cache_dir=None):
+    """The directory latency points are cached in."""
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    root = os.environ.get("TF_PSP_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tf_psp")
+    return os.path.join(root, "latency")
+
+
+def machine_id():
+    """A short description of this CPU: the cache key of measured latencies."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def _runtime_version(runtime):
+    import importlib.metadata
+
+    if runtime == "tflite":
+        return "ai-edge-litert " + importlib.metadata.version("ai-edge-litert")
+    raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
+
+
+def _check_runtime(runtime, threads):
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"runtime must be one of {RUNTIMES}, got {runtime!r} (ONNX Runtime and JAX "
+            "tables are not built yet).")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+
+
+# --- the kernel layers of a model ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class KernelCall:
+    """One call of a kernel layer: what a latency table has a grid for.
+
+    Attributes:
+        name: the layer's name (a shrunk model keeps it).
+        input_shape: the call's input shape at full width (batch 1).
+        cin, cout: its input and output channels at full width.
+        tied: the output width follows the input (depthwise: `cout = m * cin`).
+        node: the `ChannelGraph` node (not serialized).
+    """
+
+    name: str
+    input_shape: tuple
+    cin: int
+    cout: int
+    tied: bool
+    node: object = None
+
+
+def kernel_calls(plain_model, graph=None):
+    """The `KernelCall`s of a plain model, in graph order (shared layers: first call)."""
+    g = graph if graph is not None else psp_graph.ChannelGraph(plain_model)
+    calls, seen = [], set()
+    for node in g.nodes:
+        if not g.is_live(node) or node.name in seen:
+            continue
+        if mac_rule(node.layer) is None or len(node.inputs) != 1 or len(node.outputs) != 1:
+            continue
+        tied = isinstance(node.handler, psp_graph.DepthwiseHandler)
+        if node.handler.kind != "producer" and not tied:
+            continue
+        shape = tuple(node.inputs[0].tensor.shape)
+        if any(d is None for d in shape[1:]) or not shape:
+            continue
+        seen.add(node.name)
+        calls.append(KernelCall(node.name, (1,) + tuple(int(d) for d in shape[1:]),
+                                int(node.inputs[0].channels), int(node.outputs[0].channels),
+                                tied, node))
+    return calls
+
+
+def _layer_at(call, cin, cout):
+    """The call's layer rebuilt at (cin, cout) by its own shrink handler."""
+    node = call.node
+    keep_in = [np.arange(cin)]
+    keep_out = [np.arange(cout)]
+    consts = [np.full(call.cin, np.nan)]
+    needed = [np.ones(call.cin, bool)]
+    layer, weights = node.handler.rebuild(node, keep_in, keep_out, consts, needed)
+    return layer, weights
+
+
+def _point_key(call, cin, cout, runtime, threads, machine):
+    config = dict(call.node.layer.get_config())
+    config.pop("name", None)
+    text = json.dumps([type(call.node.layer).__name__, config, call.input_shape[:-1],
+                       cin, cout, runtime, threads, machine, TABLE_VERSION],
+                      sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+# --- grids ------------------------------------------------------------------------
+
+
+def _round_up(n, q):
+    return int(math.ceil(n / q) * q)
+
+
+def width_grid(full, quantum, points):
+    """On-quantum widths (multiples of `quantum`, up to `full`) spread over [0.1, 1] * full.
+
+    `full` itself is included when it is a multiple of the quantum; widths
+    above the last multiple are read from the off-quantum table.
+    """
+    top = (full // quantum) * quantum
+    if top == 0:
+        return np.array([], int)
+    grid = {top}
+    for f in np.linspace(0.1, 1.0, points):
+        grid.add(min(top, max(quantum, _round_up(f * full, quantum))))
+    return np.array(sorted(grid), int)
+
+
+def _off_width(p, quantum, full):
+    """The off-quantum width measured for step `p` (a multiple of the quantum): p - 1,
+    an odd width, the worst case of a kernel's remainder path."""
+    if full < p:
+        return full
+    return p - 1 if quantum > 1 else p
+
+
+@dataclasses.dataclass
+class LayerLatency:
+    """Measured latency of one kernel layer over a grid of widths (seconds).
+
+    `on[i, j]`: input width `cins[i]`, output width `steps[j]` (a multiple of
+    the quantum). `off[i, j]`: the output width just below the step
+    (`steps[j] - 1`, standing for every width between two steps). For a tied (depthwise)
+    layer the grids are 1 x n with the input width following the output.
+    """
+
+    name: str
+    cin: int
+    cout: int
+    tied: bool
+    quantum: int
+    cins: list
+    steps: list
+    on: list
+    off: list
+
+    def seconds(self, cin, cout):
+        """Predicted latency at `cin` input and `cout` output channels."""
+        if self.tied:
+            cout = cin
+        q = self.quantum
+        step = _round_up(max(cout, 1), q)
+        steps = np.asarray(self.steps, float)
+        table = self.on if (q == 1 or cout % q == 0) and step <= self.cout else self.off
+        table = np.asarray(table, float)
+        if self.tied or len(self.cins) == 1:
+            row = table[0]
+        else:
+            cins = np.asarray(self.cins, float)
+            row = np.array([np.interp(cin, cins, table[:, j]) for j in range(table.shape[1])])
+        if step > steps[-1] and len(steps) > 1:  # a width the grid does not reach
+            slope = (row[-1] - row[-2]) / (steps[-1] - steps[-2])
+            return float(row[-1] + slope * (step - steps[-1]))
+        return float(np.interp(step, steps, row))
+
+
+@dataclasses.dataclass
+class LatencyTable:
+    """Latency tables of a model's kernel layers on one runtime, and the cost model.
+
+    Build it with `latency_table(model, ...)`; `predict(shrunk_model)` gives
+    the predicted latency of any `strip_and_shrink` result of the model.
+
+    Attributes:
+        model: the model's name.
+        runtime, threads: where the latencies were measured.
+        machine: `machine_id()` of the machine that measured them.
+        quantum: the width step of the runtime's kernels (`round_to='auto'`).
+        layers: layer name -> `LayerLatency`.
+        dense_seconds: the measured latency of the whole model at full width.
+        fixed_seconds, scale: the fitted cost model (see the module docstring).
+        calibration: the whole models it was fitted on: `model` (which
+            one), `measured` and `predicted` seconds.
+        build_seconds: wall time of building the table.
+    """
+
+    model: str
+    runtime: str
+    threads: int
+    machine: str
+    quantum: int
+    layers: dict
+    dense_seconds: float
+    fixed_seconds: float
+    scale: float = 1.0
+    calibration: list = dataclasses.field(default_factory=list)
+    build_seconds: float = 0.0
+
+    def layer_seconds(self, name, cin, cout):
+        """Predicted latency of layer `name` at (cin, cout); 0 for an untabled layer."""
+        entry = self.layers.get(name)
+        return entry.seconds(cin, cout) if entry is not None else 0.0
+
+    def predict_widths(self, widths):
+        """Predicted latency when every layer `name` in `widths` runs at `(cin, cout)`;
+        a tabled layer missing from `widths` counts at full width."""
+        return max(self.fixed_seconds + self.scale * self.table_sum(widths), 0.0)
+
+    def table_sum(self, widths=None):
+        """Sum of the layer tables at `widths` (default: full widths)."""
+        widths = widths or {}
+        return sum(e.seconds(*widths.get(n, (e.cin, e.cout))) for n, e in self.layers.items())
+
+    def predict(self, model):
+        """Predicted latency (seconds) of `model`: the table's model or a shrunk version.
+
+        Raises:
+            ValueError: `model` has a kernel layer the table does not know.
+        """
+        from tf_psp.shrink import strip
+
+        calls = kernel_calls(strip(model))
+        unknown = [c.name for c in calls if c.name not in self.layers]
+        if unknown:
+            raise ValueError(
+                f"model '{model.name}' has kernel layers the latency table of "
+                f"'{self.model}' does not hold: {unknown[:5]}; build a table for it.")
+        return self.predict_widths({c.name: (c.cin, c.cout) for c in calls})
+
+    def to_dict(self):
+        out = dataclasses.asdict(self)
+        out["version"] = TABLE_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        version = data.pop("version", None)
+        if version != TABLE_VERSION:
+            raise ValueError(f"latency table version {version}, expected {TABLE_VERSION}.")
+        data["layers"] = {k: LayerLatency(**v) for k, v in data["layers"].items()}
+        return cls(**data)
+
+    def save(self, path):
+        """Writes the table as JSON (atomically)."""
+        atomic.write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
+
+    @classmethod
+    def load(cls, path):
+        """Reads a table written by `save`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+# --- measuring ----------------------------------------------------------------------
+
+
+class _Cache:
+    """Measured points on disk: one JSON file per runtime, threads and machine."""
+
+    def __init__(self, directory, runtime, threads, machine):
+        digest = hashlib.sha1(f"{runtime}|{threads}|{machine}".encode()).hexdigest()[:12]
+        self.path = os.path.join(directory, f"{runtime}-{threads}t-{digest}.json")
+        self.values = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    self.values = json.load(f)
+            except (OSError, ValueError):
+                self.values = {}
+
+    def save(self):
+        atomic.write_bytes(self.path, json.dumps(self.values).encode())
+
+
+def _progress(total, enabled):
+    if not enabled or total == 0:
+        return None
+    import keras
+
+    return keras.utils.Progbar(total, unit_name="point", stateful_metrics=())
+
+
+def _time_signatures(content, keys, threads, runs, warmup=3):
+    """Median seconds of each signature of a multi-signature `.tflite`, interleaved."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tf_psp import compat
+
+    interpreter = Interpreter(model_content=content, num_threads=threads)
+    rng = np.random.default_rng(0)
+    invokes = []
+    for key in keys:
+        runner = interpreter.get_signature_runner(key)
+        (name, detail), = runner.get_input_details().items()
+        runner(**{name: rng.standard_normal(detail["shape"]).astype(np.float32)})
+        invokes.append(compat.litert_invoker(runner))
+    for _ in range(warmup):
+        for invoke in invokes:
+            invoke()
+    # One invoke per sample, signatures interleaved: between two calls of a
+    # layer the others evict its weights from the caches, as the other layers
+    # of a model do (repeating a layer back to back would time it hot).
+    samples = [[] for _ in keys]
+    for _ in range(runs):
+        for k, invoke in enumerate(invokes):
+            start = time.perf_counter()
+            invoke()
+            samples[k].append(time.perf_counter() - start)
+    return [float(np.median(s)) for s in samples]
+
+
+def _convert_points(points):
+    """One multi-signature `.tflite` (bytes) with a signature per (call, cin, cout)."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    keys = []
+    for k, (call, cin, cout) in enumerate(points):
+        layer, weights = _layer_at(call, cin, cout)
+        shape = call.input_shape[:-1] + (cin,)
+        x = keras.Input(batch_shape=shape)
+        model = keras.Model(x, layer(x))
+        if weights is not None:
+            layer.set_weights(weights)
+        archive.track(model)
+        key = f"p{k}"
+        archive.add_endpoint(key, _endpoint(model), input_signature=[
+            tf.TensorSpec(shape, tf.float32)])
+        keys.append(key)
+    with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as saved:
+        archive.write_out(saved, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return converter.convert(), keys
+
+
+def _endpoint(model):
+    def call(x):
+        return model(x, training=False)
+
+    return call
+
+
+def _reference_call():
+    """A fixed 1x1 convolution timed in every batch: the machine's drift between batches."""
+    import keras
+
+    x = keras.Input(batch_shape=(1, 28, 28, 64))
+    model = keras.Model(x, keras.layers.Conv2D(64, 1, name="latency_reference")(x))
+    (call,) = kernel_calls(model)
+    return call
+
+
+def measure_points(points, runtime="tflite", threads=1, runs=25, cache_dir=None,
+                   progress=True):
+    """Measured seconds of each `(KernelCall, cin, cout)` in `points` (cached on disk).
+
+    Points are converted and timed in batches; every batch also times a fixed
+    reference layer, and its points are scaled by (the reference's latency in
+    the cache's first batch / in this batch), so batches measured minutes
+    apart (the machine's speed drifts) stay comparable.
+    """
+    _check_runtime(runtime, threads)
+    machine = machine_id() + " | " + _runtime_version(runtime)
+    cache = _Cache(cache_directory(cache_dir), runtime, threads, machine)
+    keys = [_point_key(c, i, o, runtime, threads, machine) for c, i, o in points]
+    todo = {}
+    for key, point in zip(keys, points):
+        if key not in cache.values:
+            todo.setdefault(key, point)
+    bar = _progress(len(todo), progress)
+    items = list(todo.items())
+    reference = _reference_call() if items else None
+    done = 0
+    for start in range(0, len(items), _BATCH_SIGNATURES):
+        batch = items[start:start + _BATCH_SIGNATURES]
+        content, signature_keys = _convert_points(
+            [p for _, p in batch] + [(reference, 64, 64)])
+        *seconds, ref = _time_signatures(content, signature_keys, threads, runs)
+        factor = cache.values.setdefault(_REFERENCE, ref) / ref
+        for (key, _), s in zip(batch, seconds):
+            cache.values[key] = s * factor
+        cache.save()  # a long build loses nothing when stopped
+        done += len(batch)
+        if bar is not None:
+            bar.update(done)
+    return [cache.values[k] for k in keys]
+
+
+def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False):
+    """The width step of the runtime's kernels on this machine (cached).
+
+    Times a 1x1 convolution (56x56x128 input) at output widths 41..96. The
+    quantum is the largest `q` in `QUANTA` for which rounding a width up to
+    a multiple of `q` costs nothing:
+    `latency(ceil(w / q) * q) / latency(w) - 1` is at most 5 % for 90 % of the
+    widths; else 1.
+    """
+    import keras
+
+    top = 96
+    x = keras.Input(batch_shape=(1, 56, 56, 128))
+    probe = keras.Model(x, keras.layers.Conv2D(top, 1, name="quantum_probe")(x))
+    (call,) = kernel_calls(probe)
+    widths = list(range(41, top + 1))
+    seconds = dict(zip(widths, measure_points([(call, 128, w) for w in widths], runtime,
+                                              threads, runs, cache_dir, progress)))
+    for q in QUANTA:
+        costs = [seconds[_round_up(w, q)] / seconds[w] - 1 for w in widths
+                 if _round_up(w, q) <= top]
+        if costs and float(np.percentile(costs, 90)) <= 0.05:
+            return q
+    return 1
+
+
+def measure_latency(model, runtime="tflite", threads=1, runs=30):
+    """Median latency (seconds) of a whole model (stripped of PSP layers) on `runtime`."""
+    from tf_psp import bench, export
+    from tf_psp.shrink import strip
+
+    _check_runtime(runtime, threads)
+    with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        export.export_tflite(strip(model), path)
+        return float(np.median(bench.time_tflite(path, num_threads=threads, runs=runs)))
+
+
+def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int = 5,
+                  runs: int = 15, cache_dir=None, progress: bool = True,
+                  quantum: int | None = None, refresh: bool = False) -> LatencyTable:
+    """Measures the latency table of `model`'s kernel layers on `runtime`.
+
+    Args:
+        model: a built functional or Sequential model (PSP or plain); not
+            modified. Its input shape must be static (batch 1 is measured).
+        runtime: `'tflite'` (LiteRT, XNNPACK).
+        threads: CPU threads of the runtime.
+        points: grid points per width axis (in [0.1, 1] of the full width).
+        runs: interleaved timing rounds per point (medians).
+        cache_dir: where measured points are cached (see `cache_directory`).
+        progress: show a progress bar while measuring.
+        quantum: the width step to tabulate at; None measures it
+            (`measure_quantum`).
+        refresh: measure again even when the cache holds a table of a model
+            with this very architecture (weights do not matter to a float
+            runtime's latency).
+
+    Returns:
+        A `LatencyTable`.
+    """
+    from tf_psp.shrink import strip
+
+    check_model(model)
+    _check_runtime(runtime, threads)
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be an integer >= 2, got {points!r}.")
+    started = time.perf_counter()
+    plain = strip(model)
+    machine = machine_id() + " | " + _runtime_version(runtime)
+    architecture = json.dumps([plain.to_json(), runtime, threads, points, runs, quantum,
+                               machine, TABLE_VERSION])
+    path = os.path.join(cache_directory(cache_dir), "tables",
+                        hashlib.sha1(architecture.encode()).hexdigest() + ".json")
+    if not refresh and os.path.exists(path):
+        try:
+            return LatencyTable.load(path)
+        except (OSError, ValueError, TypeError):
+            pass  # measure it again
+    calls = kernel_calls(plain)
+    if not calls:
+        raise ValueError(f"model '{model.name}' has no kernel layer with a static input "
+                         "shape to tabulate.")
+    q = quantum or measure_quantum(runtime, threads, cache_dir)
+    requests, layout = [], {}
+    for call in calls:
+        cins = [call.cin] if call.tied else list(width_grid(call.cin, 1, points - 1))
+        if call.cin not in cins:
+            cins.append(call.cin)
+        steps = list(width_grid(call.cout if not call.tied else call.cin, q, points))
+        top = call.cin if call.tied else call.cout
+        if top % q:
+            steps.append(_round_up(top, q))
+        on, off = [], []
+        for i in cins:
+            for p in steps:
+                for table, width in ((on, p), (off, _off_width(p, q, top))):
+                    width = min(width, top)
+                    cin = width if call.tied else i
+                    cout = width * (call.cout // call.cin) if call.tied else width
+                    table.append(len(requests))
+                    requests.append((call, cin, cout))
+        layout[call.name] = (call, cins, steps, on, off)
+    if progress:
+        print(f"latency_table: model '{model.name}', {len(calls)} kernel layers, "
+              f"{runtime} {threads} thread(s), quantum {q}", file=sys.stderr)
+    seconds = measure_points(requests, runtime, threads, runs, cache_dir, progress)
+    layers = {}
+    for name, (call, cins, steps, on, off) in layout.items():
+        shape = (len(cins), len(steps))
+        layers[name] = LayerLatency(
+            name=name, cin=call.cin, cout=call.cout, tied=call.tied, quantum=q,
+            cins=[int(c) for c in cins], steps=[int(s) for s in steps],
+            on=np.reshape([seconds[k] for k in on], shape).tolist(),
+            off=np.reshape([seconds[k] for k in off], shape).tolist())
+    table = LatencyTable(model=model.name, runtime=runtime, threads=threads,
+                         machine=machine_id(), quantum=q, layers=layers,
+                         dense_seconds=0.0, fixed_seconds=0.0)
+    if progress:
+        print("latency_table: calibrating on whole shrunk models", file=sys.stderr)
+    _calibrate(table, model, runtime, threads, progress=progress)
+    table.build_seconds = time.perf_counter() - started
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table.save(path)
+    return table
+
+
+def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, runs=20,
+               progress=True):
+    """Fits `fixed_seconds` and `scale` on whole models measured interleaved.
+
+    The models: dense; all channel spaces shrunk uniformly (l1-norm) to the
+    MAC budgets `keeps`, widths on the quantum; `randoms` random selections
+    (random channels, MAC budgets spread over [0.2, 0.9], widths on the
+    quantum or not). The fit is a least-squares line through
+    (sum of the tables, measured latency).
+    """
+    from tf_psp import bench, export
+    from tf_psp.convert import has_alphas, parameterize
+    from tf_psp.plan import pruning_plan
+    from tf_psp.shrink import strip, strip_and_shrink
+
+    q = table.quantum
+    psp = model if has_alphas(model) else parameterize(model, coupling="group",
+                                                       alpha_regularizer=None)
+    plan = pruning_plan(psp, importance="l1")
+    selections = [("dense", plan, [])]  # (label, plan, selected units)
+    for keep in keeps:
+        try:
+            selections.append((f"uniform {keep}", plan, plan.select(keep, round_to=q)))
+        except ValueError:
+            pass  # cannot shrink that far: fit on fewer points
+    for k in range(randoms):
+        keep = 0.2 + 0.7 * k / max(randoms - 1, 1)
+        plan_k = pruning_plan(psp, importance="random", seed=1000 + k)
+        try:
+            selections.append((f"random {keep:.2f}", plan_k,
+                               plan_k.select(keep, round_to=q if k % 2 else 1)))
+        except ValueError:
+            continue
+    bar = _progress(len(selections), progress)
+    with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as tmp:
+        timers, sums = {}, []
+        for k, (_, source, units) in enumerate(selections):
+            shrunk = strip(psp) if not units else strip_and_shrink(source.apply(units))
+            path = os.path.join(tmp, f"m{k}.tflite")
+            export.export_tflite(shrunk, path)
+            timers[k] = bench.tflite_timer(path, num_threads=threads)
+            sums.append(table.table_sum({c.name: (c.cin, c.cout)
+                                         for c in kernel_calls(shrunk)}))
+            if bar is not None:
+                bar.update(k + 1)
+        medians = bench.interleaved(timers, rounds=runs)
+    measured = np.array([medians[k] for k in range(len(selections))])
+    sums = np.array(sums)
+    if len(selections) >= 2:
+        scale, fixed = np.polyfit(sums, measured, 1)
+    else:
+        scale, fixed = 1.0, measured[0] - sums[0]
+    table.scale, table.fixed_seconds = float(scale), float(fixed)
+    table.dense_seconds = float(measured[0])
+    table.calibration = [
+        {"model": label, "table_sum": float(t), "measured": float(m),
+         "predicted": float(fixed + scale * t)}
+        for (label, _, _), t, m in zip(selections, sums, measured)]
