@@ -143,35 +143,56 @@ class PruneToBudget(keras.callbacks.Callback):
     selected groups count once their alphas fall below epsilon) and
     `psp_budget_target`.
 
+    With `keep_latency` instead of `keep_macs`, the budget is a fraction of
+    the dense model's latency predicted by `latency_table` (see
+    `tf_psp.latency_table`; built at the start of training when None), the
+    groups are taken by importance lost per latency saved, and the callback
+    also logs `psp_budget_kept_latency`.
+
     Args:
         keep_macs: fraction of the dense MACs the shrunk model keeps, in (0, 1].
         importance: ranking score (see `tf_psp.plan`), default `'alpha'`.
         min_keep: never select more than `1 - min_keep` of a channel space.
-        round_to: the `round_to` you will pass to `strip_and_shrink`.
+        round_to: the `round_to` you will pass to `strip_and_shrink`; `'auto'`:
+            the latency table's quantum.
         reselect_until: re-rank at epoch starts while progress is below this.
         decay_until: progress at which the selected alphas reach
             `final_shrink` and are then held at 0.
         final_shrink: total shrink factor reached at `decay_until`.
         power: shape of the ramp (larger: gentler start).
         verbose: 1 prints one line per selection and per epoch.
+        keep_latency: a latency budget instead of `keep_macs`, in (0, 1].
+        latency_table: the model's `tf_psp.LatencyTable`.
+        runtime, threads: of the table built when `latency_table` is None.
 
     Attributes:
         selected: unit indices of the current selection (in `plan.units`).
         plan: the `PruningPlan` of the last selection.
     """
 
-    def __init__(self, keep_macs, importance="alpha", min_keep=0.1, round_to=1,
+    def __init__(self, keep_macs=None, importance="alpha", min_keep=0.1, round_to=1,
                  reselect_until=0.5, decay_until=0.5, final_shrink=1e-3, power=3.0,
-                 verbose=0):
+                 verbose=0, keep_latency=None, latency_table=None, runtime="tflite",
+                 threads=1):
         super().__init__()
-        psp_plan._check_fraction(keep_macs, "keep_macs")
+        if (keep_macs is None) == (keep_latency is None):
+            raise ValueError("PruneToBudget: pass exactly one of keep_macs and keep_latency.")
+        if keep_macs is not None:
+            psp_plan._check_fraction(keep_macs, "keep_macs")
+        else:
+            psp_plan._check_fraction(keep_latency, "keep_latency")
+        if round_to == "auto" and keep_latency is None and latency_table is None:
+            raise ValueError("PruneToBudget: round_to='auto' needs a latency budget or table.")
         for name, value in (("reselect_until", reselect_until), ("decay_until", decay_until),
                             ("final_shrink", final_shrink)):
             if not 0 < float(value) <= 1:
                 raise ValueError(f"PruneToBudget: {name} must be in (0, 1], got {value!r}.")
         if not float(power) > 0:
             raise ValueError(f"PruneToBudget: power must be positive, got {power!r}.")
-        self.keep_macs = float(keep_macs)
+        self.keep_macs = None if keep_macs is None else float(keep_macs)
+        self.keep_latency = None if keep_latency is None else float(keep_latency)
+        self.latency_table = latency_table
+        self.runtime, self.threads = runtime, threads
         self.importance = importance
         self.min_keep = min_keep
         self.round_to = round_to
@@ -196,10 +217,18 @@ class PruneToBudget(keras.callbacks.Callback):
         return step / self._total if self._total else 0.0
 
     # --- selection --------------------------------------------------------------
+    @property
+    def _target(self):
+        return self.keep_macs if self.keep_macs is not None else self.keep_latency
+
+    def _select_from(self, plan):
+        return plan.select(self.keep_macs, min_keep=self.min_keep, round_to=self.round_to,
+                           keep_latency=self.keep_latency,
+                           table=self.latency_table if self.keep_latency is not None else None)
+
     def _select(self):
         self.plan = psp_plan.pruning_plan(self.model, importance=self.importance)
-        self.selected = self.plan.select(self.keep_macs, min_keep=self.min_keep,
-                                         round_to=self.round_to)
+        self.selected = self._select_from(self.plan)
         layers = psp_plan.layers_by_name(self.model)
         masks = {}
         for i in self.selected:
@@ -213,7 +242,7 @@ class PruneToBudget(keras.callbacks.Callback):
             kept = self.plan.kept_fraction(self.selected, self.round_to)
             print(f"PruneToBudget: selected {len(self.selected)} of {len(self.plan.units)} "
                   f"channel groups (shrunk model keeps {kept:.3f} of the MACs, "
-                  f"target {self.keep_macs:.3f})")
+                  f"target {self._target:.3f})")
 
     def _scale(self, factor):
         if self._masks:
@@ -227,6 +256,14 @@ class PruneToBudget(keras.callbacks.Callback):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         self._total = epochs * steps if epochs and steps else None
         self._step = 0
+        if self.latency_table is None and (self.keep_latency is not None
+                                           or self.round_to == "auto"):
+            from tf_psp.latency import latency_table
+
+            self.latency_table = latency_table(self.model, runtime=self.runtime,
+                                               threads=self.threads)
+        if self.round_to == "auto":
+            self.round_to = int(self.latency_table.quantum)
         self._select()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -249,17 +286,26 @@ class PruneToBudget(keras.callbacks.Callback):
             self._scale(math.exp(self.log_shrink(after) - self.log_shrink(before)))
 
     def on_epoch_end(self, epoch, logs=None):
-        kept = psp_plan.pruning_plan(self.model).kept_fraction(round_to=self.round_to)
+        plan = psp_plan.pruning_plan(self.model)
+        kept = plan.kept_fraction(round_to=self.round_to)
+        latency = None
+        if self.keep_latency is not None:
+            latency = (plan.kept_latency((), self.latency_table, self.round_to)
+                       / self.latency_table.predict_widths({}))
         if logs is not None:
             logs["psp_budget_kept_macs"] = float(kept)
-            logs["psp_budget_target"] = self.keep_macs
+            if latency is not None:
+                logs["psp_budget_kept_latency"] = float(latency)
+            logs["psp_budget_target"] = self._target
         if self.verbose:
-            print(f"Epoch {epoch + 1}: budget: shrunk model keeps {kept:.3f} of the MACs "
-                  f"(target {self.keep_macs:.3f})")
+            what = (f"{kept:.3f} of the MACs" if latency is None
+                    else f"{latency:.3f} of the latency ({kept:.3f} of the MACs)")
+            print(f"Epoch {epoch + 1}: budget: shrunk model keeps {what} "
+                  f"(target {self._target:.3f})")
 
     def on_train_end(self, logs=None):
         self._scale(0.0)
         final = psp_plan.pruning_plan(self.model, importance=self.importance)
-        extra = final.select(self.keep_macs, min_keep=self.min_keep, round_to=self.round_to)
+        extra = self._select_from(final)
         if extra:
             psp_plan.zero_alphas(self.model, [h for i in extra for h in final.units[i].handles])

@@ -9,7 +9,7 @@ import numpy as np
 from tf_psp import compat, coupling, regularizers, structures
 from tf_psp import layers as psp_layers
 from tf_psp.functional import check_model, clone_layer, reuses, walk_layers
-from tf_psp.group_alphas import is_group_alphas
+from tf_psp.group_alphas import has_alphas, is_group_alphas  # noqa: F401 (re-export)
 from tf_psp.macs import layer_macs
 
 
@@ -47,6 +47,7 @@ def parameterize(
     return_report: bool = False,
     coupling: str = "layer",
     cost: str | None = None,
+    latency_table=None,
     **psp_kwargs,
 ) -> keras.Model | tuple[keras.Model, "ConversionReport"]:
     """Returns a copy of `model` whose prunable layers are PSP layers.
@@ -79,6 +80,11 @@ def parameterize(
             its structure costs, divided by the mean over all alphas (so the
             strength keeps its meaning); training then removes expensive
             structures first. Needs a `WeightDecay` or `L1` regularizer.
+            `'latency'` (with `coupling='group'`): weight by the latency a
+            channel saves on a runtime instead (`PruningPlan.latency_savings`
+            of `latency_table`, which is built for TFLite with 1 thread when
+            None).
+        latency_table: the `tf_psp.LatencyTable` of `model` for `cost='latency'`.
         **psp_kwargs: further PSP layer arguments (`alpha_regularizer`,
             `alpha_constraint`, `straight_through`, `alpha_initializer`; alphas
             start at the initializer's value, so a non-default one changes
@@ -108,8 +114,16 @@ def parameterize(
         raise ValueError(
             f"parameterize: coupling must be one of {COUPLINGS}, got {coupling!r}."
         )
-    if cost not in (None, "macs"):
-        raise ValueError(f"parameterize: cost must be None or 'macs', got {cost!r}.")
+    if cost not in (None, "macs", "latency"):
+        raise ValueError(
+            f"parameterize: cost must be None, 'macs' or 'latency', got {cost!r}.")
+    if cost == "latency" and coupling != "group":
+        raise ValueError(
+            "parameterize: cost='latency' weights the alphas of coupled channel groups; "
+            "use it with coupling='group'.")
+    if cost == "latency":
+        return _parameterize_latency(model, structure, layers, epsilon, return_report,
+                                     latency_table, psp_kwargs)
     if coupling == "group":
         return _parameterize_groups(
             model, structure, layers, epsilon, return_report, cost, psp_kwargs
@@ -179,6 +193,36 @@ def _parameterize_groups(model, structure, layers, epsilon, return_report, cost,
     return new_model, report
 
 
+def _parameterize_latency(model, structure, layers, epsilon, return_report, table,
+                          psp_kwargs):
+    """Group PSP whose alpha regularizer weights are the latency each channel saves."""
+    from tf_psp.latency import latency_table
+    from tf_psp.plan import pruning_plan
+
+    first = _parameterize_groups(model, structure, layers, epsilon, False, None, psp_kwargs)
+    if table is None:
+        table = latency_table(model)
+    plan = pruning_plan(first)
+    savings = plan.latency_savings(table)
+    gate = next(layer for layer in compat.flatten_layers(first) if is_group_alphas(layer))
+    weights = [np.full(size, np.nan) for size in gate.group_sizes]
+    for u in plan.units:
+        for name, key, idx in u.handles:
+            if name == gate.name:
+                weights[key][np.asarray(idx, int)] = savings.get(u.index, np.nan)
+    known = np.concatenate([w[np.isfinite(w)] for w in weights])
+    mean = float(known.mean()) if known.size and known.mean() > 0 else 1.0
+    weights = [[float(v / mean) if np.isfinite(v) else 1.0 for v in w] for w in weights]
+    psp_kwargs = dict(psp_kwargs)
+    if "alpha_regularizer" not in psp_kwargs:
+        psp_kwargs["alpha_regularizer"] = regularizers.default_alpha_regularizer()
+    new_model, group_plan = coupling.parameterize_groups(model, epsilon, cost="macs",
+                                                         cost_weights=weights, **psp_kwargs)
+    if not return_report:
+        return new_model
+    return new_model, ConversionReport(converted=sorted(group_plan.readers), coupling="group")
+
+
 def _layer_cost_weights(model, structure, select):
     """Per convertible layer name: its MACs per structure / the mean over all structures."""
     per_structure = {}
@@ -239,9 +283,3 @@ def _copy_weights(new_model, originals):
                 variable.assign(value)
         else:
             new.set_weights(old.get_weights())
-
-
-def has_alphas(model):
-    """Whether `model` has PSP alphas (per-layer PSP layers or group alphas)."""
-    return any(psp_layers.is_psp_layer(layer) or is_group_alphas(layer)
-               for layer in compat.flatten_layers(model))

@@ -183,8 +183,11 @@ def plan_groups(model):
 # --- parameterize(coupling='group') -------------------------------------------
 
 
-def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
-    """Returns `(group PSP model, GroupPlan)`; see `tf_psp.parameterize`."""
+def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwargs):
+    """Returns `(group PSP model, GroupPlan)`; see `tf_psp.parameterize`.
+
+    `cost_weights` (per group, per alpha) replaces the weights `cost` gives.
+    """
     psp = [layer.name for layer in compat.flatten_layers(model)
            if psp_layers.is_psp_layer(layer) or is_group_alphas(layer)]
     if psp:
@@ -211,7 +214,8 @@ def parameterize_groups(model, epsilon, cost=None, **psp_kwargs):
         plan.group_sizes,
         plan.group_names,
         epsilon=epsilon,
-        costs=plan.cost_weights() if cost == "macs" else None,
+        costs=(cost_weights if cost_weights is not None
+               else plan.cost_weights() if cost == "macs" else None),
         name=name,
         **psp_kwargs,
     )

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_psp import compat
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
 
@@ -159,3 +160,9 @@ def _np(x):
 def is_group_alphas(layer):
     """True for the shared-alpha layer of a `coupling='group'` model."""
     return isinstance(layer, PSPGroupAlphas)
+
+
+def has_alphas(model):
+    """Whether `model` has PSP alphas (per-layer PSP layers or group alphas)."""
+    return any(psp_layers.is_psp_layer(layer) or is_group_alphas(layer)
+               for layer in compat.flatten_layers(model))

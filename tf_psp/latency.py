@@ -603,13 +603,15 @@ def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, run
     (sum of the tables, measured latency).
     """
     from tf_psp import bench, export
-    from tf_psp.convert import has_alphas, parameterize
+    from tf_psp.coupling import parameterize_groups
+    from tf_psp.group_alphas import has_alphas
+    from tf_psp.layers import DEFAULT_EPSILON
     from tf_psp.plan import pruning_plan
     from tf_psp.shrink import strip, strip_and_shrink
 
     q = table.quantum
-    psp = model if has_alphas(model) else parameterize(model, coupling="group",
-                                                       alpha_regularizer=None)
+    psp = model if has_alphas(model) else parameterize_groups(
+        model, DEFAULT_EPSILON, alpha_regularizer=None)[0]
     plan = pruning_plan(psp, importance="l1")
     selections = [("dense", plan, [])]  # (label, plan, selected units)
     for keep in keeps:

@@ -21,6 +21,7 @@ from tf_psp.batchnorm import recalibrate_batchnorm
 from tf_psp.callbacks import PruneToBudget
 from tf_psp.convert import has_alphas, parameterize
 from tf_psp.functional import check_model
+from tf_psp.latency import latency_table as build_latency_table
 from tf_psp.plan import _check_fraction
 from tf_psp.profiling import profile as profile_model
 from tf_psp.shrink import strip, strip_and_shrink
@@ -31,7 +32,10 @@ class PruneReport:
     """What `prune` did.
 
     Attributes:
-        keep_macs: the MAC budget (fraction of the dense MACs).
+        keep_macs: the MAC budget (fraction of the dense MACs), or None.
+        keep_latency: the latency budget (fraction of the dense latency), or None.
+        kept_latency: the latency table's prediction for the result, as a
+            fraction of the dense model's (None without a latency budget).
         dense_macs / shrunk_macs: MACs before and after; `kept_macs` their ratio.
         dense_params / shrunk_params: parameters before and after.
         epochs / fine_tune_epochs: as run.
@@ -42,7 +46,7 @@ class PruneReport:
         seconds: wall time.
     """
 
-    keep_macs: float
+    keep_macs: float | None
     dense_macs: int
     shrunk_macs: int
     dense_params: int
@@ -54,6 +58,8 @@ class PruneReport:
     evaluation: dict
     shrink_report: object
     seconds: float
+    keep_latency: float | None = None
+    kept_latency: float | None = None
 
     @property
     def kept_macs(self):
@@ -66,8 +72,11 @@ class PruneReport:
         return data
 
     def __str__(self):
+        budget = (f"budget {self.keep_macs:.3f}" if self.keep_latency is None else
+                  f"latency budget {self.keep_latency:.3f}, predicted latency "
+                  f"{self.kept_latency:.3f}")
         lines = [f"prune: MACs {self.dense_macs:,} -> {self.shrunk_macs:,} (keeps "
-                 f"{self.kept_macs:.3f}, budget {self.keep_macs:.3f}); parameters "
+                 f"{self.kept_macs:.3f}, {budget}); parameters "
                  f"{self.dense_params:,} -> {self.shrunk_params:,}; {self.epochs} budget "
                  f"epochs + {self.fine_tune_epochs} fine-tuning epochs, {self.seconds:.0f} s"]
         for stage, metrics in self.evaluation.items():
@@ -127,13 +136,14 @@ def _evaluate(model, validation_data, batch_size):
     return {k: float(v) for k, v in values.items()}
 
 
-def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 10,
+def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs: int = 10,
           fine_tune_epochs: int = 0, validation_data=None,
           importance: str | Callable = "alpha", optimizer=None, fine_tune_optimizer=None,
           loss=None, metrics=None, batch_size: int = 32, round_to: int = 1,
           min_keep: float = 0.1, recalibrate: bool = True, callbacks=(), verbose: int = 1,
-          jit_compile="auto") -> tuple[keras.Model, PruneReport]:
-    """Prunes a trained model to a MAC budget with PSP; returns the small plain model.
+          jit_compile="auto", keep_latency: float | None = None, latency_table=None,
+          runtime: str = "tflite", threads: int = 1) -> tuple[keras.Model, PruneReport]:
+    """Prunes a trained model to a MAC or latency budget with PSP; returns the small plain model.
 
     `model` is not modified. See the module docstring for the steps.
 
@@ -142,7 +152,8 @@ def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 
             model is stripped first: its alphas are folded into the kernels).
         train_data: `(x, y)` arrays, or a `tf.data.Dataset` / `keras.utils.PyDataset`
             of `(x, y)` batches.
-        keep_macs: fraction of the dense MACs the result keeps, in (0, 1].
+        keep_macs: fraction of the dense MACs the result keeps, in (0, 1]
+            (default 0.5 when no `keep_latency` is given).
         epochs: budget-training epochs (the selected alphas reach 0 at half
             of them; the second half already trains the pruned network).
         fine_tune_epochs: epochs of training the shrunk model afterwards
@@ -159,20 +170,30 @@ def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 
         loss, metrics: None: the model's compiled ones.
         batch_size: for array data.
         round_to: widths of the result are multiples of this (see
-            `strip_and_shrink`).
+            `strip_and_shrink`); `'auto'`: the latency table's quantum.
         min_keep: never remove more than `1 - min_keep` of a channel space.
         recalibrate: recompute BatchNorm statistics on the training inputs
             after each phase.
         callbacks: more Keras callbacks for both phases.
         verbose: Keras `fit` verbosity; 1 also prints the budget progress.
         jit_compile: passed to `compile`.
+        keep_latency: instead of `keep_macs`, the fraction of the dense
+            model's latency on `runtime` (`threads` threads) the result keeps,
+            predicted by `latency_table` (`tf_psp.latency_table`; None builds
+            it, or reads it from the cache).
 
     Returns:
         `(small_model, PruneReport)`: `small_model` is a compiled plain Keras
         model (no tf_psp layers) within the budget.
     """
     check_model(model)
-    _check_fraction(keep_macs, "keep_macs")
+    if keep_macs is not None and keep_latency is not None:
+        raise ValueError("prune: pass keep_macs or keep_latency, not both.")
+    if keep_latency is None:
+        keep_macs = 0.5 if keep_macs is None else keep_macs
+        _check_fraction(keep_macs, "keep_macs")
+    else:
+        _check_fraction(keep_latency, "keep_latency")
     for name, value in (("epochs", epochs), ("fine_tune_epochs", fine_tune_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"prune: {name} must be a non-negative integer, got {value!r}.")
@@ -187,11 +208,17 @@ def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 
         dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
         evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
     plain = strip(model) if has_alphas(model) else model  # a PSP model: alphas folded in
+    if latency_table is None and (keep_latency is not None or round_to == "auto"):
+        latency_table = build_latency_table(plain, runtime=runtime, threads=threads,
+                                            progress=bool(verbose))
+    if round_to == "auto":
+        round_to = int(latency_table.quantum)
     psp = parameterize(plain, coupling="group", alpha_regularizer=None)
     psp.compile(optimizer=_fresh_optimizer(optimizer, model), loss=loss, metrics=metrics,
                 jit_compile=jit_compile)
     budget = PruneToBudget(keep_macs, importance=importance, min_keep=min_keep,
-                           round_to=round_to, verbose=int(verbose > 0))
+                           round_to=round_to, verbose=int(verbose > 0),
+                           keep_latency=keep_latency, latency_table=latency_table)
     history = _fit(psp, train_data, epochs, batch_size, [budget, *callbacks], verbose)
     if recalibrate:
         psp = recalibrate_batchnorm(psp, _inputs(train_data), batch_size=batch_size)
@@ -208,7 +235,11 @@ def prune(model: keras.Model, train_data, keep_macs: float = 0.5, epochs: int = 
         evaluation["fine_tuned"] = _evaluate(small, validation_data, batch_size)
     dense_profile, small_profile = profile_model(model), profile_model(small)
     report = PruneReport(
-        keep_macs=float(keep_macs), dense_macs=dense_profile.total_macs,
+        keep_macs=None if keep_macs is None else float(keep_macs),
+        keep_latency=None if keep_latency is None else float(keep_latency),
+        kept_latency=(latency_table.predict(small) / latency_table.predict_widths({})
+                      if keep_latency is not None else None),
+        dense_macs=dense_profile.total_macs,
         shrunk_macs=small_profile.total_macs, dense_params=dense_profile.total_params,
         shrunk_params=small_profile.total_params, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, history=history, fine_tune_history=fine_history,

@@ -1,0 +1,213 @@
+"""Latency tables, the latency cost model and latency budgets.
+
+Most tests use synthetic tables (a known cost per layer and width), so they
+check the budget logic against an independent oracle: the table's
+prediction for the *shrunk model's own layer shapes*. One slow test measures
+a real table with LiteRT.
+"""
+
+import numpy as np
+import pytest
+
+import keras
+import tf_psp
+from tf_psp import latency
+
+L = keras.layers
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((16, 16, 3))
+    h = L.Conv2D(32, 3, padding="same", name="stem")(x)
+    h = L.ReLU()(L.BatchNormalization(name="bn0")(h))
+    h = L.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = L.Conv2D(24, 1, name="pw")(h)
+    s = L.Conv2D(24, 1, name="skip")(x)
+    h = L.Add()([h, s])
+    h = L.Conv2D(48, 3, padding="same", activation="relu", name="expensive")(h)
+    h = L.Conv2D(16, 1, activation="relu", name="cheap")(h)
+    h = L.GlobalAveragePooling2D()(h)
+    return keras.Model(x, L.Dense(10, name="fc")(h), name="lat_model")
+
+
+def _table(model, per_mac=1e-9, quantum=4, off_penalty=1.3, weights=None):
+    """A synthetic table: seconds = per_mac * weight * (MACs at those widths) + 1e-6."""
+    weights = weights or {}
+    layers = {}
+    for call in latency.kernel_calls(tf_psp.strip(model)):
+        positions = float(np.prod(call.input_shape[1:-1]))
+        k = float(np.prod(getattr(call.node.layer, "kernel_size", (1,))))
+        w = weights.get(call.name, 1.0)
+        steps = list(latency.width_grid(call.cin if call.tied else call.cout, quantum, 4))
+        top = call.cin if call.tied else call.cout
+        if top % quantum:
+            steps.append(latency._round_up(top, quantum))
+        cins = [call.cin] if call.tied else sorted({max(1, call.cin // 2), call.cin})
+
+        def cost(ci, co, positions=positions, k=k, w=w, tied=call.tied):
+            return per_mac * w * positions * k * (ci if tied else ci * co) + 1e-6
+
+        on = [[cost(ci, p) if not call.tied else cost(p, p) for p in steps] for ci in cins]
+        off = [[v * off_penalty for v in row] for row in on]
+        layers[call.name] = latency.LayerLatency(
+            name=call.name, cin=call.cin, cout=call.cout, tied=call.tied, quantum=quantum,
+            cins=cins, steps=[int(s) for s in steps], on=on, off=off)
+    return latency.LatencyTable(model=model.name, runtime="tflite", threads=1,
+                                machine="test", quantum=quantum, layers=layers,
+                                dense_seconds=0.0, fixed_seconds=1e-5)
+
+
+def test_layer_latency_reads_the_staircase():
+    entry = latency.LayerLatency(name="c", cin=8, cout=8, tied=False, quantum=4,
+                                 cins=[4, 8], steps=[4, 8], on=[[1.0, 2.0], [3.0, 4.0]],
+                                 off=[[10.0, 20.0], [30.0, 40.0]])
+    assert entry.seconds(8, 8) == 4.0
+    assert entry.seconds(4, 4) == 1.0
+    assert entry.seconds(6, 8) == pytest.approx(3.0)  # linear in the input width
+    assert entry.seconds(8, 7) == 40.0  # off the quantum: the step above, off table
+    assert entry.seconds(8, 3) == 30.0
+    tied = latency.LayerLatency(name="d", cin=8, cout=8, tied=True, quantum=4, cins=[8],
+                                steps=[4, 8], on=[[1.0, 2.0]], off=[[5.0, 6.0]])
+    assert tied.seconds(4, 999) == 1.0 and tied.seconds(5, 5) == 6.0
+
+
+def test_width_grid_is_on_the_quantum():
+    grid = latency.width_grid(100, 16, 5)
+    assert all(g % 16 == 0 for g in grid) and grid[-1] == 96 and grid[0] >= 16
+    assert list(latency.width_grid(3, 4, 5)) == []
+
+
+def test_plan_prediction_matches_the_shrunk_model():
+    model = _model()
+    table = _table(model)
+    psp = tf_psp.parameterize(model, coupling="group", alpha_regularizer=None)
+    plan = tf_psp.pruning_plan(psp, importance="random", seed=3)
+    rng = np.random.default_rng(0)
+    for round_to in (1, 4):
+        units = sorted(rng.choice(len(plan.units), size=len(plan.units) // 3, replace=False))
+        shrunk = tf_psp.strip_and_shrink(plan.apply(units), round_to=round_to)
+        assert plan.kept_latency(units, table, round_to) == pytest.approx(
+            table.predict(shrunk), rel=1e-9)
+    assert table.predict(model) == pytest.approx(table.predict_widths({}))
+
+
+@pytest.mark.parametrize("keep", [0.7, 0.4])
+def test_keep_latency_meets_the_budget(keep):
+    model = _model()
+    table = _table(model)
+    pruned, report = tf_psp.prune_to_budget(model, keep_latency=keep, latency_table=table,
+                                            importance="l1", return_report=True)
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    measured = table.predict(shrunk) / table.predict(model)
+    assert keep - 0.05 <= measured <= keep + 1e-9
+    assert report.kept_latency == pytest.approx(measured, rel=1e-9)
+    assert report.keep_macs is None and report.keep_latency == keep
+    assert "latency" in str(report)
+
+
+def test_latency_budget_takes_the_channels_that_cost_time():
+    """Equal importance everywhere: a latency budget cuts the layer whose channels cost
+    time; a MAC budget does not know that layer is slow."""
+    model = _model()
+    slow = _table(model, weights={"cheap": 400.0})
+    flat = lambda unit, plain: 1.0  # noqa: E731
+    pruned = tf_psp.prune_to_budget(model, keep_latency=0.6, latency_table=slow,
+                                    importance=flat)
+    by_macs = tf_psp.prune_to_budget(model, keep_macs=0.9, importance=flat)
+    lat_small = tf_psp.strip_and_shrink(pruned)
+    mac_small = tf_psp.strip_and_shrink(by_macs)
+    width = {m: dict((c.name, c.cout) for c in latency.kernel_calls(m))
+             for m in (lat_small, mac_small)}
+    assert width[lat_small]["expensive"] < 48  # the space 'cheap' reads
+    assert slow.predict(lat_small) < slow.predict(mac_small)
+
+
+def test_round_to_auto_takes_the_quantum():
+    model = _model()
+    table = _table(model, quantum=8)
+    pruned, report = tf_psp.prune_to_budget(model, keep_macs=0.5, round_to="auto",
+                                            latency_table=table, return_report=True)
+    assert report.round_to == 8
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    for call in latency.kernel_calls(shrunk):
+        if call.name not in ("fc",):
+            assert call.cout % 8 == 0, (call.name, call.cout)
+
+
+def test_bad_latency_arguments():
+    model = _model()
+    table = _table(model)
+    with pytest.raises(ValueError, match="keep_latency"):
+        tf_psp.prune_to_budget(model, keep_latency=1.5, latency_table=table)
+    with pytest.raises(ValueError, match="not both"):
+        tf_psp.prune_to_budget(model, keep_macs=0.5, keep_latency=0.5, latency_table=table)
+    with pytest.raises(ValueError, match="round_to"):
+        tf_psp.prune_to_budget(model, round_to="fast")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        tf_psp.latency_table(model, runtime="tpu")
+    with pytest.raises(ValueError, match="threads"):
+        tf_psp.latency_table(model, threads=0)
+    with pytest.raises(ValueError, match="cannot prune to keep_latency"):
+        tf_psp.prune_to_budget(model, keep_latency=0.01, latency_table=table)
+    other = keras.Sequential([keras.Input((4,)), L.Dense(3, name="other")])
+    with pytest.raises(ValueError, match="does not hold"):
+        table.predict(other)
+
+
+def test_table_round_trips_through_json(tmp_path):
+    table = _table(_model())
+    path = tmp_path / "t.json"
+    table.save(path)
+    again = latency.LatencyTable.load(path)
+    assert again.predict_widths({"pw": (16, 8)}) == table.predict_widths({"pw": (16, 8)})
+
+
+def test_callback_meets_a_latency_budget():
+    model = _model()
+    table = _table(model)
+    psp = tf_psp.parameterize(model, coupling="group", alpha_regularizer=None)
+    psp.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 16, 16, 3)), rng.normal(size=(32, 10))
+    budget = tf_psp.PruneToBudget(keep_latency=0.6, latency_table=table)
+    history = psp.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[budget])
+    shrunk = tf_psp.strip_and_shrink(psp)
+    assert table.predict(shrunk) / table.predict(model) <= 0.6 + 1e-9
+    assert "psp_budget_kept_latency" in history.history
+    with pytest.raises(ValueError, match="exactly one"):
+        tf_psp.PruneToBudget()
+
+
+def test_parameterize_cost_latency_weights_slow_channels():
+    model = _model()
+    table = _table(model, weights={"cheap": 400.0})
+    psp = tf_psp.parameterize(model, coupling="group", cost="latency", latency_table=table)
+    gate = next(layer for layer in psp.layers if tf_psp.group_alphas.is_group_alphas(layer))
+    costs = dict(zip(gate.group_names, gate.costs))
+    heavy = [np.mean(c) for name, c in costs.items() if "expensive" in name]
+    light = [np.mean(c) for name, c in costs.items() if "stem" in name]
+    assert heavy and light and heavy[0] > 10 * light[0]
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(psp(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="coupling='group'"):
+        tf_psp.parameterize(model, cost="latency", latency_table=table)
+
+
+@pytest.mark.slow
+def test_measured_table_of_a_small_model(tmp_path, monkeypatch):
+    model = _model()
+    table = tf_psp.latency_table(model, points=2, runs=3, cache_dir=tmp_path, quantum=8,
+                                 progress=False)
+    names = {c.name for c in latency.kernel_calls(model)}
+    assert set(table.layers) == names
+    for entry in table.layers.values():
+        assert np.all(np.asarray(entry.on) > 0) and np.all(np.asarray(entry.off) > 0)
+    assert table.dense_seconds > 0 and len(table.calibration) >= 3
+    assert table.predict_widths({}) == pytest.approx(
+        table.fixed_seconds + table.scale * table.table_sum())
+    # a second call reads the whole table from the cache: nothing is measured
+    monkeypatch.setattr(latency, "measure_points", lambda *a, **k: pytest.fail("measured"))
+    again = tf_psp.latency_table(model, points=2, runs=3, cache_dir=tmp_path, quantum=8,
+                                 progress=False)
+    assert again.to_dict() == table.to_dict()
