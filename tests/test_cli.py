@@ -317,3 +317,26 @@ def test_shrink_approximate_flag_is_recorded(psp_path, workdir):
     report = json.loads(open(report_path).read())
     assert report["approximate"] is True
     assert report["macs_after"] <= report["macs_before"]
+
+
+# --- latency-table ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_latency_table_writes_table_and_plot(psp_path, workdir):
+    table_path, plot_path = str(workdir / "table.json"), str(workdir / "table.png")
+    status, out, err = _run(["latency-table", psp_path, "--points", "2", "--runs", "2",
+                             "--cache-dir", str(workdir / "cache"), "--output", table_path,
+                             "--plot", plot_path])
+    assert status == 0, err
+    table = tf_psp.latency.LatencyTable.load(table_path)
+    assert set(table.layers) == {"c1", "c2", "c3", "fc"}
+    assert f"quantum {table.quantum}" in out and "slowest layers" in out
+    assert os.path.getsize(plot_path) > 1000
+    shrunk_model = tf_psp.strip_and_shrink(keras.models.load_model(psp_path))
+    assert table.predict(shrunk_model) < table.predict_widths({})
+
+
+def test_latency_table_rejects_bad_points(psp_path):
+    status, _, err = _run(["latency-table", psp_path, "--points", "1"])
+    assert status == 2 and "--points" in err

@@ -6,10 +6,10 @@ prediction for the *shrunk model's own layer shapes*. One slow test measures
 a real table with LiteRT.
 """
 
+import keras
 import numpy as np
 import pytest
 
-import keras
 import tf_psp
 from tf_psp import latency
 

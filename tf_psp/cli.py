@@ -4,6 +4,7 @@
     tf-psp shrink model.keras small.keras [--round-to 8] [--approximate] [--report report.json]
     tf-psp export small.keras small.tflite [--format tflite-int8 --calibration x.npy]
     tf-psp bench model.keras --compare small.keras [--threads 1 2] [--runs 50]
+    tf-psp latency-table model.keras [--runtime tflite] [--threads 1] [--output t.json]
 
 Run `tf-psp COMMAND --help` for the options of a command. `main(argv)` returns
 the exit status: 0 on success, 1 when the work failed (a corrupt model file, a
@@ -417,6 +418,46 @@ def _print_macs(a_model, b_model, out):
         )
 
 
+# --- latency-table ------------------------------------------------------------
+
+
+def _cmd_latency_table(args, out):
+    from tf_psp import latency
+
+    if args.points < 2:
+        raise CLIError(f"--points must be at least 2, got {args.points}", status=2)
+    if args.runs < 1:
+        raise CLIError(f"--runs must be at least 1, got {args.runs}", status=2)
+    model = _load_keras(args.model)
+    try:
+        table = latency.latency_table(model, runtime=args.runtime, threads=args.threads,
+                                      points=args.points, runs=args.runs,
+                                      cache_dir=args.cache_dir, refresh=args.refresh)
+    except ValueError as error:
+        raise CLIError(f"cannot build the latency table: {_first_line(error)}",
+                       args.model) from error
+    print(f"latency table of '{table.model}': {table.runtime}, {table.threads} thread(s), "
+          f"{len(table.layers)} kernel layers, quantum {table.quantum} (round_to='auto'), "
+          f"built in {table.build_seconds:.0f} s", file=out)
+    print(f"dense latency {_ms(table.dense_seconds)}; cost model: "
+          f"{_ms(table.fixed_seconds)} + {table.scale:.3f} x sum of the layer tables", file=out)
+    for row in table.calibration:
+        print(f"  {row['model']:<16} measured {_ms(row['measured'])}, "
+              f"predicted {_ms(row['predicted'])}", file=out)
+    entries = sorted(table.layers.values(), key=lambda e: -e.seconds(e.cin, e.cout))
+    print("slowest layers at full width (in the model):", file=out)
+    for e in entries[:args.top]:
+        print(f"  {e.name:<32} {e.cin:>5} -> {e.cout:<5} "
+              f"{_ms(table.scale * e.seconds(e.cin, e.cout))}", file=out)
+    if args.output:
+        table.save(args.output)
+        print(f"wrote {args.output}", file=out)
+    if args.plot:
+        latency.plot_table(table, args.plot)
+        print(f"wrote {args.plot}", file=out)
+    return 0
+
+
 # --- the parser ---------------------------------------------------------------
 
 
@@ -528,6 +569,28 @@ def build_parser():
     )
     p.add_argument("--runs", type=int, default=50, help="timed runs per model (default: 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
+
+    p = commands.add_parser(
+        "latency-table",
+        help="measure the per-layer latency table of a model (for latency budgets)",
+        description="Measure how long every kernel layer of a .keras model takes at a "
+        "grid of input and output widths on a runtime (tf_psp.latency_table), fit the "
+        "latency cost model on whole shrunk models, and print it. Points are cached on "
+        "disk ($TF_PSP_CACHE or ~/.cache/tf_psp), so a second run is instant.",
+    )
+    p.add_argument("model", metavar="MODEL.keras", help="the Keras model file")
+    p.add_argument("--runtime", choices=["tflite"], default="tflite",
+                   help="runtime to measure on (default: tflite, LiteRT/XNNPACK)")
+    p.add_argument("--threads", type=int, default=1, help="runtime threads (default: 1)")
+    p.add_argument("--points", type=int, default=5,
+                   help="grid points per width axis (default: 5)")
+    p.add_argument("--runs", type=int, default=25,
+                   help="interleaved timing rounds per point (default: 25)")
+    p.add_argument("--output", metavar="FILE.json", help="write the table as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot latency vs width per layer")
+    p.add_argument("--cache-dir", help="cache directory (default: $TF_PSP_CACHE/latency)")
+    p.add_argument("--refresh", action="store_true", help="measure again, ignore the cache")
+    p.add_argument("--top", type=int, default=10, help="slowest layers to list (default: 10)")
     return parser
 
 
@@ -554,6 +617,8 @@ def main(argv=None, out=None, err=None):
             return _cmd_shrink(args, out, err)
         if args.command == "export":
             return _cmd_export(args, out, err)
+        if args.command == "latency-table":
+            return _cmd_latency_table(args, out)
         return _cmd_bench(args, out)
     except CLIError as error:
         print(f"{PROG}: error: {error}", file=err)

@@ -652,3 +652,38 @@ def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, run
         {"model": label, "table_sum": float(t), "measured": float(m),
          "predicted": float(fixed + scale * t)}
         for (label, _, _), t, m in zip(selections, sums, measured)]
+
+
+def plot_table(table, path, top=12):
+    """Plots latency vs output width of each layer of `table` to a PNG (atomically).
+
+    One line per layer (full input width, on-quantum widths solid, the width
+    just below each step dotted); the `top` slowest layers are labelled.
+    Needs matplotlib (`pip install tf_psp[bench]`).
+    """
+    try:
+        import matplotlib
+    except ImportError as error:  # pragma: no cover - depends on the extra
+        raise ImportError("plot_table needs matplotlib: pip install 'tf_psp[bench]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = sorted(table.layers.values(), key=lambda e: -e.seconds(e.cin, e.cout))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rank, e in enumerate(entries):
+        top_width = e.cin if e.tied else e.cout
+        xs = [s / top_width for s in e.steps]
+        label = (f"{e.name} ({e.cin}->{e.cout})" if rank < top else None)
+        line, = ax.plot(xs, [table.scale * v * 1e3 for v in e.on[-1]], "-", lw=1, label=label)
+        if e.quantum > 1:
+            ax.plot([(s - 1) / top_width for s in e.steps],
+                    [table.scale * v * 1e3 for v in e.off[-1]], ":", lw=1,
+                    color=line.get_color())
+    ax.set_xlabel("output width / full width (dotted: one channel below a step)")
+    ax.set_ylabel("latency in the model (ms, table x scale)")
+    ax.set_title(f"{table.model}: {table.runtime}, {table.threads} thread(s), "
+                 f"quantum {table.quantum}")
+    ax.legend(fontsize=6, loc="upper left")
+    with atomic.temp_file_beside(os.fspath(path), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
