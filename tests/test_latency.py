@@ -211,3 +211,19 @@ def test_measured_table_of_a_small_model(tmp_path, monkeypatch):
     again = tf_psp.latency_table(model, points=2, runs=3, cache_dir=tmp_path, quantum=8,
                                  progress=False)
     assert again.to_dict() == table.to_dict()
+
+
+def test_prune_to_a_latency_budget():
+    model = _model()
+    table = _table(model)
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(32, 16, 16, 3)), rng.normal(size=(32, 10))
+    small, report = tf_psp.prune(model, (x, y), keep_latency=0.5, latency_table=table,
+                                 epochs=2, verbose=0, jit_compile=False)
+    assert table.predict(small) / table.predict(model) <= 0.5 + 1e-9
+    assert report.keep_latency == 0.5 and report.keep_macs is None
+    assert report.kept_latency == pytest.approx(table.predict(small) / table.predict(model))
+    assert "latency budget 0.500" in str(report)
+    with pytest.raises(ValueError, match="not both"):
+        tf_psp.prune(model, (x, y), keep_macs=0.5, keep_latency=0.5, latency_table=table)

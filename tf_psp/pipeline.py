@@ -100,7 +100,11 @@ def _fresh_optimizer(optimizer, model):
 def _compile_args(model, loss, metrics):
     config = model.get_compile_config() if getattr(model, "compiled", False) else None
     if loss is None and config:
-        loss = keras.losses.deserialize(config["loss"]) if config.get("loss") else None
+        # the loss object itself: a compile config of loss='mse' holds a function
+        # reference that keras.losses.deserialize refuses
+        loss = getattr(model, "loss", None)
+        if loss is None and config.get("loss"):
+            loss = keras.losses.deserialize(config["loss"])
         if metrics is None:
             metrics = config.get("metrics")
     if loss is None:
