@@ -17,7 +17,9 @@ The plan is analysis plus a policy: `kept_macs(removed)` predicts the MACs of
 `strip_and_shrink` for any set of removed units (keep-one rule and `round_to`
 included), `select(keep_macs)` picks the lowest-scoring units until a MAC
 budget is met, and `apply(units)` returns a copy of the model with their
-alphas zeroed. `tf_psp.prune_to_budget` and the budget callback build on it;
+alphas zeroed. With a `tf_psp.LatencyTable`, `kept_latency(units, table)`
+predicts the shrunk model's latency and `select(keep_latency=..., table=...)`
+meets a latency budget, taking units by score per latency saved. `tf_psp.prune_to_budget` and the budget callback build on it;
 the baselines (l1-norm, Network Slimming, group lasso, random) are nothing but
 other scores.
 
