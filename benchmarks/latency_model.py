@@ -76,8 +76,13 @@ def measure_model(name, work_dir):
     for i in range(FLAGS.variants):
         keep = float(rng.uniform(0.25, 0.95))
         round_to = int(rng.choice([1, 8, 16]))
-        pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance="random", seed=i,
-                                        round_to=round_to)
+        try:
+            pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance="random",
+                                            seed=i, round_to=round_to)
+        except ValueError:  # rounding to the quantum cannot go that low (ResNet-56: 16)
+            round_to = 1
+            pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance="random",
+                                            seed=i, round_to=round_to)
         shrunk = tf_psp.strip_and_shrink(pruned, round_to=round_to)
         path = os.path.join(work_dir, f"{name}_v{i}.tflite")
         export.export_tflite(shrunk, path)
