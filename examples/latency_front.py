@@ -41,6 +41,9 @@ flags.DEFINE_string("front_out", os.path.join(os.path.dirname(os.path.abspath(__
                                               "results", "latency_front"), "Output directory.")
 flags.DEFINE_boolean("measure", False, "Time every cached run's model and write the results.")
 flags.DEFINE_integer("measure_runs", 100, "Interleaved timing rounds of --measure.")
+flags.DEFINE_string("split", "test", "'val': the validation split (for choosing settings).")
+flags.DEFINE_float("latency_exponent", None,
+                   "tf_psp.plan.LATENCY_EXPONENT for psp_latency (None: the library's).")
 METHODS = ("psp_latency", "psp_macs")
 
 
@@ -72,9 +75,12 @@ def _macs_for_latency(psp, keep, table):
 
 
 def _run_path(model_name, method, keep, seed):
+    exponent = ("" if FLAGS.latency_exponent is None or method != "psp_latency"
+                else f"_x{FLAGS.latency_exponent:g}")
+    split = "" if FLAGS.split == "test" else f"_{FLAGS.split}"
     return os.path.join(FLAGS.front_out, "runs",
                         f"{model_name}_{method}_k{keep:g}_s{seed}_p{FLAGS.pretrain_epochs}"
-                        f"_e{FLAGS.epochs}_n{FLAGS.steps_per_epoch}")
+                        f"_e{FLAGS.epochs}_n{FLAGS.steps_per_epoch}{exponent}{split}")
 
 
 def run(model_name, method, keep, seed, data):
@@ -88,7 +94,7 @@ def run(model_name, method, keep, seed, data):
             return json.load(f)
     start = time.time()
     config = bf.best_config(model_name, "psp_budget", "test")
-    dense = bf._pretrained(model_name, data, seed, "test")
+    dense = bf._pretrained(model_name, data, seed, FLAGS.split)
     table = _table(model_name, dense)
     keras.utils.set_random_seed(seed + 1000)
     psp = tf_psp.parameterize(dense, coupling="group", alpha_regularizer=None)
@@ -206,7 +212,11 @@ def main(argv):
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
     os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
     for model_name in FLAGS.models:
-        data = bf.load_data(model_name, "test")
+        data = bf.load_data(model_name, FLAGS.split)
+        if FLAGS.latency_exponent is not None:
+            import tf_psp
+
+            tf_psp.plan.LATENCY_EXPONENT = FLAGS.latency_exponent
         rows = [run(model_name, method, float(keep), int(seed), data)
                 for seed in FLAGS.seeds for keep in FLAGS.latency_budgets for method in METHODS]
         if FLAGS.measure:

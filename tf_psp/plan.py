@@ -19,7 +19,8 @@ included), `select(keep_macs)` picks the lowest-scoring units until a MAC
 budget is met, and `apply(units)` returns a copy of the model with their
 alphas zeroed. With a `tf_psp.LatencyTable`, `kept_latency(units, table)`
 predicts the shrunk model's latency and `select(keep_latency=..., table=...)`
-meets a latency budget, taking units by score per latency saved. `tf_psp.prune_to_budget` and the budget callback build on it;
+meets a latency budget, taking units by score per latency saved.
+`tf_psp.prune_to_budget` and the budget callback build on it;
 the baselines (l1-norm, Network Slimming, group lasso, random) are nothing but
 other scores.
 
@@ -63,6 +64,8 @@ from tf_psp.shrink import _apply_rounding, strip
 IMPORTANCES = ("alpha", "l1", "l2", "bn", "random")
 # select() aims at [budget - FILL_TOLERANCE, budget] of the dense MACs
 FILL_TOLERANCE = 0.02
+# keep_latency ranks units by score / (latency saved per channel / its mean) ** this
+LATENCY_EXPONENT = 1.0
 
 
 def _np(x):
@@ -299,8 +302,10 @@ class PruningPlan:
             _check_fraction(keep_latency, "keep_latency")
             keep, what = keep_latency, "keep_latency"
             saving = self.latency_savings(table, round_to)
-            order = self.order(min_keep, exclude,
-                               key=lambda u: u.score / max(saving.get(u.index, 0.0), 1e-12))
+            mean = float(np.mean(list(saving.values()))) if saving else 1.0
+            mean = mean if mean > 0 else 1.0
+            order = self.order(min_keep, exclude, key=lambda u: u.score / max(
+                saving.get(u.index, 0.0) / mean, 1e-12) ** LATENCY_EXPONENT)
         else:
             keep = 0.5 if keep_macs is None else keep_macs
             what = "keep_macs"
