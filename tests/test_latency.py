@@ -106,9 +106,23 @@ def test_keep_latency_meets_the_budget(keep):
     assert "latency" in str(report)
 
 
-def test_latency_budget_takes_the_channels_that_cost_time():
-    """Equal importance everywhere: a latency budget cuts the layer whose channels cost
-    time; a MAC budget does not know that layer is slow."""
+def test_latency_budget_takes_units_in_score_order():
+    """By default the table decides how many units go, the scores which: the selection is
+    a prefix of the plan's score order (before rounding)."""
+    model = _model()
+    table = _table(model)
+    psp = tf_psp.parameterize(model, coupling="group", alpha_regularizer=None)
+    plan = tf_psp.pruning_plan(psp, importance="random", seed=4)
+    selected = plan.select(keep_latency=0.5, table=table)
+    order = plan.order()
+    assert sorted(order[:len(selected)]) == selected
+
+
+def test_latency_ranking_takes_the_channels_that_cost_time(monkeypatch):
+    """LATENCY_EXPONENT=1 (importance per latency saved), equal importance everywhere: a
+    latency budget cuts the layer whose channels cost time; a MAC budget does not know
+    that layer is slow."""
+    monkeypatch.setattr(tf_psp.plan, "LATENCY_EXPONENT", 1.0)
     model = _model()
     slow = _table(model, weights={"cheap": 400.0})
     flat = lambda unit, plain: 1.0  # noqa: E731
