@@ -70,6 +70,8 @@ CASES = {
     "balance_alphas": lambda m, d: tf_psp.balance_alphas(m, kernel_decay=1e-4),
     "PSPMonitor": _monitor,
     "pruning_plan": lambda m, d: tf_psp.pruning_plan(m).select(0.8),
+    "latency_table": lambda m, d: tf_psp.latency_table(m, points=2, runs=2, cache_dir=d,
+                                                       quantum=8, progress=False),
     "prune_to_budget": lambda m, d: tf_psp.prune_to_budget(m, keep_macs=0.8, return_report=True,
                                                            measure=True),
     "prune": lambda m, d: tf_psp.prune(m, (_x(8), np.zeros(8, "int32")),
@@ -137,6 +139,12 @@ _INTO_TEMPORARY = {
     ("cli.py", "model.save(tmp, overwrite=True)"),
     ("export.py", 'model.export(tmp_dir, format="tf_saved_model", verbose=False)'),
     ("export.py", "archive.write_out(saved_model, verbose=False)"),
+    ("latency.py", "archive.write_out(saved, verbose=False)"),
+    ("latency.py", 'fig.savefig(tmp, dpi=110, bbox_inches="tight")'),
+    # methods that write through tf_psp.atomic themselves
+    ("latency.py", "cache.save()  # a long build loses nothing when stopped"),
+    ("latency.py", "table.save(path)"),
+    ("cli.py", "table.save(args.output)"),
 }
 
 

@@ -331,7 +331,9 @@ class PruningPlan:
             reachable = kept(len(order))
             raise ValueError(
                 f"model '{self.model.name}': cannot prune to {what}={keep:.3g}; "
-                f"it keeps at least {reachable:.3f} "
+                f"at most {1 - reachable:.1%} of the "
+                f"{'MACs' if table is None else 'predicted latency'} can go "
+                f"(keeps {reachable:.3f}) "
                 f"with min_keep={min_keep} and round_to={round_to}: {len(self.units)} "
                 f"prunable channel groups, the rest frozen"
                 + (f" ({'; '.join(self.frozen[:3])})" if self.frozen else "")
