@@ -35,7 +35,7 @@ FLAGS.set_default("models", ["resnet8"])
 FLAGS.set_default("seeds", ["0", "1"])
 FLAGS.set_default("pretrain_epochs", 6)  # the budget experiment's final protocol
 FLAGS.set_default("epochs", 6)
-FLAGS.set_default("finetune_epochs", 2)
+FLAGS.set_default("finetune_epochs", 0)  # PSP's searched setting: no separate fine-tuning
 flags.DEFINE_list("latency_budgets", ["0.7", "0.5", "0.3"], "keep_latency values.")
 flags.DEFINE_string("front_out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                               "results", "latency_front"), "Output directory.")
@@ -100,6 +100,9 @@ def run(model_name, method, keep, seed, data):
     psp = tf_psp.parameterize(dense, coupling="group", alpha_regularizer=None)
     finetune = int(config.get("finetune", FLAGS.finetune_epochs))
     epochs = FLAGS.epochs - finetune
+    if epochs < 1:
+        raise ValueError(f"--epochs={FLAGS.epochs} leaves no budget-training epoch after "
+                         f"{finetune} fine-tuning epochs.")
     bf._compile(psp, bf._sgd(config["lr"], epochs, data))
     extra = {}
     if method == "psp_latency":
