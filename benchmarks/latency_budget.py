@@ -20,11 +20,8 @@ interleaved run (LiteRT/XNNPACK, `--threads`, medians of `--runs`).
 Writes latency_budget.json and latency_budget.md to --output_dir.
 """
 
-import json
 import os
 import sys
-import tempfile
-import time
 
 from absl import app, flags
 
@@ -125,25 +122,7 @@ def markdown(results):
 
 def main(argv):
     del argv
-    from tf_psp import atomic
-
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    started = time.time()
-    out_json = os.path.join(FLAGS.output_dir, "latency_budget.json")
-    results = []
-    if os.path.exists(out_json):
-        with open(out_json, encoding="utf-8") as f:
-            results = [r for r in json.load(f)["results"] if r["model"] not in FLAGS.models]
-    with tempfile.TemporaryDirectory(prefix="latency_budget_") as work_dir:
-        for name in FLAGS.models:
-            results.append(measure_model(name, work_dir))
-            atomic.write_bytes(out_json, json.dumps(
-                {"threads": FLAGS.threads, "runs": FLAGS.runs, "results": results},
-                indent=1).encode())
-    atomic.write_bytes(os.path.join(FLAGS.output_dir, "latency_budget.md"),
-                       markdown(results).encode())
-    print(markdown(results))
-    print(f"total {time.time() - started:.0f} s")
+    latency_model.run_models("latency_budget", measure_model, markdown)
 
 
 if __name__ == "__main__":

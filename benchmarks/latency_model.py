@@ -156,28 +156,35 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main(argv):
-    del argv
+def run_models(name, measure, render):
+    """Measures each of --models with `measure(model, work_dir)` into `<name>.json` (saved
+    after every model; models measured by an earlier run are kept) and `<name>.md`
+    (`render(results)`); returns the results."""
     from tf_psp import atomic
 
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    out_json = os.path.join(FLAGS.output_dir, "latency_model.json")
+    out_json = os.path.join(FLAGS.output_dir, f"{name}.json")
     results = []
-    if os.path.exists(out_json):  # keep models measured by an earlier run
+    if os.path.exists(out_json):
         with open(out_json, encoding="utf-8") as f:
             results = [r for r in json.load(f)["results"] if r["model"] not in FLAGS.models]
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="latency_model_") as work_dir:
-        for name in FLAGS.models:
-            results.append(measure_model(name, work_dir))
+    with tempfile.TemporaryDirectory(prefix=f"{name}_") as work_dir:
+        for model in FLAGS.models:
+            results.append(measure(model, work_dir))
             atomic.write_bytes(out_json, json.dumps(
                 {"threads": FLAGS.threads, "runs": FLAGS.runs, "results": results},
                 indent=1).encode())
-    atomic.write_bytes(os.path.join(FLAGS.output_dir, "latency_model.md"),
-                       markdown(results).encode())
-    plot(results, os.path.join(FLAGS.output_dir, "latency_model.png"))
-    print(markdown(results))
+    atomic.write_bytes(os.path.join(FLAGS.output_dir, f"{name}.md"), render(results).encode())
+    print(render(results))
     print(f"total {time.time() - started:.0f} s")
+    return results
+
+
+def main(argv):
+    del argv
+    results = run_models("latency_model", measure_model, markdown)
+    plot(results, os.path.join(FLAGS.output_dir, "latency_model.png"))
 
 
 if __name__ == "__main__":

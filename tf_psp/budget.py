@@ -17,9 +17,8 @@ import keras
 from tf_psp import graph as psp_graph
 from tf_psp.convert import has_alphas, parameterize
 from tf_psp.functional import check_model
-from tf_psp.latency import LatencyTable
-from tf_psp.latency import latency_table as build_latency_table
-from tf_psp.plan import _check_fraction, pruning_plan
+from tf_psp.latency import LatencyTable, table_for_budget
+from tf_psp.plan import budget_target, pruning_plan
 from tf_psp.profiling import profile as profile_model
 from tf_psp.shrink import _decide, strip, strip_and_shrink
 
@@ -134,23 +133,15 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
             pruning can go and why), or an argument is invalid.
     """
     check_model(model)
-    if keep_macs is not None and keep_latency is not None:
-        raise ValueError("prune_to_budget: pass keep_macs or keep_latency, not both.")
-    if keep_latency is None:
-        keep_macs = 0.5 if keep_macs is None else keep_macs
-        _check_fraction(keep_macs, "keep_macs")
-    else:
-        _check_fraction(keep_latency, "keep_latency")
+    keep, _ = budget_target(keep_macs, keep_latency, "prune_to_budget")
+    keep_macs = keep if keep_latency is None else None
     if round_to != "auto" and (isinstance(round_to, bool) or not isinstance(round_to, int)
                                or round_to < 1):
         raise ValueError(f"round_to must be a positive integer or 'auto', got {round_to!r}.")
     if not isinstance(min_keep, (int, float)) or not 0 <= min_keep < 1:
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}.")
-    table = latency_table
-    if table is None and (keep_latency is not None or round_to == "auto"):
-        table = build_latency_table(model, runtime=runtime, threads=threads)
-    if round_to == "auto":
-        round_to = int(table.quantum)
+    table, round_to = table_for_budget(model, latency_table, keep_latency, round_to,
+                                       runtime, threads)
     parameterized = not has_alphas(model)
     if parameterized:
         model = parameterize(model, coupling="group", alpha_regularizer=None)

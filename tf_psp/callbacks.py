@@ -256,14 +256,11 @@ class PruneToBudget(keras.callbacks.Callback):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         self._total = epochs * steps if epochs and steps else None
         self._step = 0
-        if self.latency_table is None and (self.keep_latency is not None
-                                           or self.round_to == "auto"):
-            from tf_psp.latency import latency_table
+        from tf_psp.latency import table_for_budget
 
-            self.latency_table = latency_table(self.model, runtime=self.runtime,
-                                               threads=self.threads)
-        if self.round_to == "auto":
-            self.round_to = int(self.latency_table.quantum)
+        self.latency_table, self.round_to = table_for_budget(
+            self.model, self.latency_table, self.keep_latency, self.round_to, self.runtime,
+            self.threads)
         self._select()
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -654,6 +654,18 @@ def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, run
         for (label, _, _), t, m in zip(selections, sums, measured)]
 
 
+def table_for_budget(model, table, keep_latency, round_to, runtime="tflite", threads=1,
+                     progress=True):
+    """`(table, round_to)` for a budget: `table`, or the model's (built or read from the
+    cache) when `keep_latency` or `round_to='auto'` needs one, else None; `round_to='auto'`
+    resolved to the table's quantum."""
+    if table is None and (keep_latency is not None or round_to == "auto"):
+        table = latency_table(model, runtime=runtime, threads=threads, progress=progress)
+    if round_to == "auto":
+        round_to = int(table.quantum)
+    return table, round_to
+
+
 def plot_table(table, path, top=12):
     """Plots latency vs output width of each layer of `table` to a PNG (atomically).
 

@@ -21,8 +21,8 @@ from tf_psp.batchnorm import recalibrate_batchnorm
 from tf_psp.callbacks import PruneToBudget
 from tf_psp.convert import has_alphas, parameterize
 from tf_psp.functional import check_model
-from tf_psp.latency import latency_table as build_latency_table
-from tf_psp.plan import _check_fraction
+from tf_psp.latency import table_for_budget
+from tf_psp.plan import budget_target
 from tf_psp.profiling import profile as profile_model
 from tf_psp.shrink import strip, strip_and_shrink
 
@@ -191,13 +191,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         model (no tf_psp layers) within the budget.
     """
     check_model(model)
-    if keep_macs is not None and keep_latency is not None:
-        raise ValueError("prune: pass keep_macs or keep_latency, not both.")
-    if keep_latency is None:
-        keep_macs = 0.5 if keep_macs is None else keep_macs
-        _check_fraction(keep_macs, "keep_macs")
-    else:
-        _check_fraction(keep_latency, "keep_latency")
+    keep, _ = budget_target(keep_macs, keep_latency, "prune")
+    keep_macs = keep if keep_latency is None else None
     for name, value in (("epochs", epochs), ("fine_tune_epochs", fine_tune_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"prune: {name} must be a non-negative integer, got {value!r}.")
@@ -212,11 +207,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
         evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
     plain = strip(model) if has_alphas(model) else model  # a PSP model: alphas folded in
-    if latency_table is None and (keep_latency is not None or round_to == "auto"):
-        latency_table = build_latency_table(plain, runtime=runtime, threads=threads,
-                                            progress=bool(verbose))
-    if round_to == "auto":
-        round_to = int(latency_table.quantum)
+    latency_table, round_to = table_for_budget(plain, latency_table, keep_latency, round_to,
+                                               runtime, threads, progress=bool(verbose))
     psp = parameterize(plain, coupling="group", alpha_regularizer=None)
     psp.compile(optimizer=_fresh_optimizer(optimizer, model), loss=loss, metrics=metrics,
                 jit_compile=jit_compile)

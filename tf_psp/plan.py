@@ -302,23 +302,18 @@ class PruningPlan:
             ValueError: the budget cannot be met; the message gives the smallest
                 reachable fraction and what limits it.
         """
-        if keep_latency is not None:
-            if keep_macs is not None:
-                raise ValueError("pass keep_macs or keep_latency, not both.")
-            if table is None:
-                raise ValueError("keep_latency needs a latency table (tf_psp.latency_table).")
-            _check_fraction(keep_latency, "keep_latency")
-            keep, what = keep_latency, "keep_latency"
+        keep, what = budget_target(keep_macs, keep_latency, "select")
+        if keep_latency is None:
+            table = None
+        elif table is None:
+            raise ValueError("keep_latency needs a latency table (tf_psp.latency_table).")
+        if table is not None and LATENCY_EXPONENT:
             saving = self.latency_savings(table, round_to)
             mean = float(np.mean(list(saving.values()))) if saving else 1.0
             mean = mean if mean > 0 else 1.0
             order = self.order(min_keep, exclude, key=lambda u: u.score / max(
                 saving.get(u.index, 0.0) / mean, 1e-12) ** LATENCY_EXPONENT)
-        else:
-            keep = 0.5 if keep_macs is None else keep_macs
-            what = "keep_macs"
-            _check_fraction(keep, what)
-            table = None
+        else:  # importance order (the savings are only needed to rank by them)
             order = self.order(min_keep, exclude)
         fraction = self._cost(table, round_to)
 
@@ -404,6 +399,22 @@ def zero_alphas(model, handles):
         flat = value.reshape(-1)
         flat[np.concatenate(parts)] = 0.0
         variable.assign(flat.reshape(value.shape))
+
+
+def budget_target(keep_macs, keep_latency, caller):
+    """`(keep, name)` of the one budget given: `keep_latency`, or `keep_macs` (default 0.5).
+
+    Raises:
+        ValueError: both are given, or the fraction is not in (0, 1].
+    """
+    if keep_macs is not None and keep_latency is not None:
+        raise ValueError(f"{caller}: pass keep_macs or keep_latency, not both.")
+    if keep_latency is not None:
+        _check_fraction(keep_latency, "keep_latency")
+        return keep_latency, "keep_latency"
+    keep = 0.5 if keep_macs is None else keep_macs
+    _check_fraction(keep, "keep_macs")
+    return keep, "keep_macs"
 
 
 def _check_fraction(value, name):
