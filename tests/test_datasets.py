@@ -145,3 +145,90 @@ def test_mnist5k_three_channels_and_resumable_shuffle():
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(full[:5], full[5:]))
     assert sorted(np.concatenate(full[:5])) == sorted(small.labels)
+
+
+def _idx_bytes(magic, array):
+    # IDX: big-endian magic, one big-endian int32 per dimension, then uint8 data.
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_fashion(directory, n_train=12, n_test=5):
+    import gzip
+
+    rng = np.random.default_rng(3)
+    arrays = {
+        "train": (rng.integers(0, 256, (n_train, 28, 28)), np.arange(n_train) % 10),
+        "test": (rng.integers(0, 256, (n_test, 28, 28)), (np.arange(n_test) * 3) % 10),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, (images_file, labels_file) in datasets.FASHION_MNIST_FILES.items():
+        images, labels = arrays[split]
+        with gzip.open(directory / images_file, "wb") as f:
+            f.write(_idx_bytes(0x00000803, images))
+        with gzip.open(directory / labels_file, "wb") as f:
+            f.write(_idx_bytes(0x00000801, labels))
+    return arrays
+
+
+def test_fashion_mnist_reads_idx_files_and_shuffles_training_only(tmp_path):
+    arrays = _write_fashion(tmp_path / "fm")
+    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist(str(tmp_path / "fm"),
+                                                                       seed=5)
+    assert x_train.shape == (12, 28, 28, 1) and x_train.dtype == np.float32
+    assert y_train.dtype == np.int32 and x_test.shape == (5, 28, 28, 1)
+    # The test images keep the file's order; every one is returned.
+    np.testing.assert_allclose(x_test[..., 0], arrays["test"][0] / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(y_test, arrays["test"][1])
+    # The training images are a seeded permutation of the file's, labels following them.
+    order = np.random.default_rng(5).permutation(12)
+    np.testing.assert_allclose(x_train[..., 0], arrays["train"][0][order] / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(y_train, arrays["train"][1][order])
+    # A subset is the first shuffled images; the test set stays whole.
+    (x_sub, y_sub), (x_t, _) = datasets.load_fashion_mnist(str(tmp_path / "fm"), seed=5,
+                                                           train_examples=4)
+    np.testing.assert_array_equal(y_sub, y_train[:4])
+    assert len(x_t) == 5
+    train, test = datasets.load("fashion_mnist", data_dir=str(tmp_path / "fm"), seed=5)
+    assert train.images.dtype == np.uint8 and train.num_classes == 10 and len(test) == 5
+    np.testing.assert_array_equal(train.images[..., 0], arrays["train"][0][order])
+
+
+def test_fashion_mnist_directory_from_environment(tmp_path, monkeypatch):
+    _write_fashion(tmp_path / "env")
+    monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path / "env"))
+    (x_train, _), _ = datasets.load_fashion_mnist()
+    assert len(x_train) == 12
+
+
+def test_fashion_mnist_missing_files_name_the_apt_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        datasets.load_fashion_mnist(str(tmp_path))
+
+
+def test_fashion_mnist_corrupt_files_are_named(tmp_path):
+    import gzip
+
+    directory = tmp_path / "fm"
+    _write_fashion(directory)
+    images_file, labels_file = datasets.FASHION_MNIST_FILES["train"]
+    # Labels where images belong: wrong magic number.
+    (directory / images_file).write_bytes((directory / labels_file).read_bytes())
+    with pytest.raises(ValueError, match=r"train-images.*magic number 0x00000801, expected "
+                                         r"0x00000803"):
+        datasets.load_fashion_mnist(str(directory))
+    # A truncated file: the header promises more bytes than it holds.
+    data = _idx_bytes(0x00000803, np.zeros((12, 28, 28)))
+    with gzip.open(directory / images_file, "wb") as f:
+        f.write(data[:-10])
+    with pytest.raises(ValueError, match=r"train-images.*truncated or corrupt"):
+        datasets.load_fashion_mnist(str(directory))
+    # Not gzip at all.
+    (directory / images_file).write_bytes(data)
+    with pytest.raises(ValueError, match="not a readable gzip file"):
+        datasets.load_fashion_mnist(str(directory))
+    # Images and labels disagree in number.
+    with gzip.open(directory / images_file, "wb") as f:
+        f.write(_idx_bytes(0x00000803, np.zeros((11, 28, 28))))
+    with pytest.raises(ValueError, match="11 images but 12 labels"):
+        datasets.load_fashion_mnist(str(directory))
