@@ -8,7 +8,21 @@ import keras
 import numpy as np
 import pytest
 
+from tf_psp import nchw
 from tf_psp.shrink import strip_and_shrink
+
+
+def pytest_report_header(config):
+    """Says how channels_first tests run on this machine (never skipped for it)."""
+    if nchw.nchw_supported():
+        return "tf_psp: this CPU runs NCHW convolutions"
+    return ("tf_psp: this CPU's TensorFlow cannot run NCHW convolutions (no oneDNN); "
+            "channels_first tests run their models through XLA")
+
+
+def infer(model, x):
+    """`model(x, training=False)` as numpy, through XLA where this CPU cannot run NCHW."""
+    return keras.ops.convert_to_numpy(nchw.run_inference(model, x))
 
 # --- building test models -----------------------------------------------------------
 

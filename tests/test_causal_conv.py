@@ -11,6 +11,7 @@ import pytest
 import tf_psp
 
 from conftest import _shrink_and_compare as _check
+from conftest import infer as _infer
 from conftest import randomize_biases_and_batchnorm as _randomize
 from conftest import set_alpha as _set_alpha
 
@@ -25,21 +26,21 @@ def test_causal_psp_conv1d_equals_keras_conv1d(dilation, data_format):
     shape = (11, 4) if data_format == "channels_last" else (4, 11)
     x = np.random.default_rng(0).normal(size=(2,) + shape).astype("float32")
     plain, psp = L.Conv1D(**kwargs), tf_psp.PSPConv1D(**kwargs)
-    plain(x)
-    psp(x)
+    _infer(plain, x)  # builds both (through XLA where this CPU cannot run NCHW)
+    _infer(psp, x)
     rng = np.random.default_rng(1)
     weights = [rng.normal(size=w.shape).astype("float32") for w in plain.get_weights()]
     plain.set_weights(weights)
     psp.kernel.assign(weights[0])
     psp.bias.assign(weights[1])
-    ref, out = (keras.ops.convert_to_numpy(layer(x)) for layer in (plain, psp))
+    ref, out = (_infer(layer, x) for layer in (plain, psp))
     assert out.shape == ref.shape == (2,) + ((11, 5) if data_format == "channels_last" else (5, 11))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     # causal: the first output step sees only the first input step
     x2 = x.copy()
     time_axis = 1 if data_format == "channels_last" else 2
     np.moveaxis(x2, time_axis, 0)[1:] += 1.0
-    first = np.take(keras.ops.convert_to_numpy(psp(x2)), 0, axis=time_axis)
+    first = np.take(_infer(psp, x2), 0, axis=time_axis)
     np.testing.assert_allclose(first, np.take(out, 0, axis=time_axis), rtol=1e-6)
 
 

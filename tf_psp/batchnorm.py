@@ -24,7 +24,7 @@ alphas parameterized afterwards scale what the loss sees.
 import keras
 import numpy as np
 
-from tf_psp import compat
+from tf_psp import compat, nchw
 from tf_psp.functional import check_model, reuses
 
 DEFAULT_BATCH_SIZE = 32
@@ -188,7 +188,8 @@ class _Recorder:
             if isinstance(target, _RecordingBatchNormalization):
                 for variable in (target.recorded_count, target.recorded_mean, target.recorded_m2):
                     variable.assign(keras.ops.zeros_like(variable.value))
-        self.model.predict(data, verbose=0, **kwargs)
+        with nchw.explained(model, f"BatchNorm statistics of model '{model.name}'"):
+            self.model.predict(data, verbose=0, **kwargs)
         result = []
         for layer in _batchnorm_layers(self.model):
             count = float(keras.ops.convert_to_numpy(layer.recorded_count.value))

@@ -180,6 +180,7 @@ def _cmd_shrink(args, out, err=None):
         from tf_psp.shrink import strip_and_shrink
     except ImportError as error:
         raise CLIError(f"shrinking is unavailable: {_first_line(error)}") from error
+    from tf_psp import nchw
     from tf_psp.profiling import profile
 
     model = _load_keras(args.model)
@@ -198,7 +199,7 @@ def _cmd_shrink(args, out, err=None):
     except ValueError as error:
         raise CLIError(f"cannot shrink: {_first_line(error)}", args.model) from error
     probe = _random_inputs(model, _SHRINK_PROBE_BATCH)
-    error = _max_rel_error(model(probe, training=False), shrunk(probe, training=False))
+    error = _max_rel_error(nchw.run_inference(model, probe), nchw.run_inference(shrunk, probe))
     _save_keras_atomic(shrunk, args.output)
 
     macs_before, macs_after = before.total_macs, after.total_macs

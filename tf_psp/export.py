@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from tf_psp import atomic, compat
+from tf_psp import atomic, compat, nchw
 
 FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_QUANTIZATIONS = (None, "float16", "int8")
@@ -459,7 +459,8 @@ def _onnx_dtype(onnx_type):
 
 
 def _result(model, path, format, inputs, outputs):  # pylint: disable=redefined-builtin
-    reference = _flatten(model(_pack_inputs(model, inputs), training=False))
+    reference = _flatten(nchw.run_inference(model, _pack_inputs(model, inputs),
+                                            f"checking '{path}': running model '{model.name}'"))
     if len(reference) != len(outputs):
         raise ValueError(
             f"Exported '{path}' returns {len(outputs)} outputs, model "

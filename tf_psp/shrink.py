@@ -28,7 +28,7 @@ import warnings
 import keras
 import numpy as np
 
-from tf_psp import compat, coupling
+from tf_psp import compat, coupling, nchw
 from tf_psp import graph as psp_graph
 from tf_psp.functional import (
     check_model,
@@ -484,7 +484,9 @@ def _deviation(model, shrunk):
     xs, why = probe_inputs(model)
     if xs is None:
         return None, f"deviation not measured: {why}"
-    error = relative_error(model(xs, training=False), shrunk(xs, training=False))
+    what = "strip_and_shrink: measuring the deviation"
+    error = relative_error(nchw.run_inference(model, xs, what),
+                           nchw.run_inference(shrunk, xs, what))
     return error, "random normal inputs, seed 0, batch 4"
 
 
