@@ -20,7 +20,8 @@ import keras
 from tf_psp.batchnorm import recalibrate_batchnorm
 from tf_psp.callbacks import PruneToBudget
 from tf_psp.convert import has_alphas, parameterize
-from tf_psp.functional import check_model
+from tf_psp.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, Distiller, check_distillation
+from tf_psp.functional import check_model, clone_with_weights
 from tf_psp.latency import table_for_budget
 from tf_psp.plan import budget_target
 from tf_psp.profiling import profile as profile_model
@@ -146,7 +147,10 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
           loss=None, metrics=None, batch_size: int = 32, round_to: int = 1,
           min_keep: float = 0.1, recalibrate: bool = True, callbacks=(), verbose: int = 1,
           jit_compile="auto", keep_latency: float | None = None, latency_table=None,
-          runtime: str = "tflite", threads: int = 1) -> tuple[keras.Model, PruneReport]:
+          runtime: str = "tflite", threads: int = 1, teacher: keras.Model | None = None,
+          distill: bool = False, temperature: float = DEFAULT_TEMPERATURE,
+          distill_weight: float = DEFAULT_WEIGHT,
+          from_logits: bool | None = None) -> tuple[keras.Model, PruneReport]:
     """Prunes a trained model to a MAC or latency budget with PSP; returns the small plain model.
 
     `model` is not modified. See the module docstring for the steps.
@@ -185,6 +189,18 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
             model's latency on `runtime` (`threads` threads) the result keeps,
             predicted by `latency_table` (`tf_psp.latency_table`; None builds
             it, or reads it from the cache).
+        teacher: distil from this model in budget training and fine-tuning
+            (`tf_psp.distill.Distiller`); it is called in inference mode and
+            not modified. Giving a teacher implies `distill=True`.
+        distill: distil from a frozen copy of the dense input model (when no
+            `teacher` is given). Loss: `(1 - distill_weight) * loss +
+            distill_weight * temperature**2 * KL(teacher || student)` on
+            temperature-softened softmax outputs; `callbacks` then see the
+            `Distiller` (a model over the student's layers) as their model.
+        temperature: the softening temperature, > 0.
+        distill_weight: the weight of the distillation term, in [0, 1].
+        from_logits: whether the models output logits; None reads it from
+            their output layers (a softmax gives probabilities).
 
     Returns:
         `(small_model, PruneReport)`: `small_model` is a compiled plain Keras
@@ -198,6 +214,9 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
             raise ValueError(f"prune: {name} must be a non-negative integer, got {value!r}.")
     if epochs < 1:
         raise ValueError("prune: epochs must be at least 1 (the budget is reached by training).")
+    distill = distill or teacher is not None
+    if distill:
+        check_distillation(temperature, distill_weight, "prune")
     start = time.time()
     loss, metrics = _compile_args(model, loss, metrics)
     evaluation = {}
@@ -210,12 +229,23 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
     latency_table, round_to = table_for_budget(plain, latency_table, keep_latency, round_to,
                                                runtime, threads, progress=bool(verbose))
     psp = parameterize(plain, coupling="group", alpha_regularizer=None)
-    psp.compile(optimizer=_fresh_optimizer(optimizer, model), loss=loss, metrics=metrics,
-                jit_compile=jit_compile)
+    if distill and teacher is None:
+        teacher = clone_with_weights(plain)  # a frozen copy: `model` is not touched
+        teacher.trainable = False
+
+    def trainer(student):  # the model `fit` trains: the student, or a Distiller over it
+        if not distill:
+            return student
+        return Distiller(student, teacher, temperature=temperature,
+                         distill_weight=distill_weight, from_logits=from_logits)
+
+    budget_trainer = trainer(psp)
+    budget_trainer.compile(optimizer=_fresh_optimizer(optimizer, model), loss=loss,
+                           metrics=metrics, jit_compile=jit_compile)
     budget = PruneToBudget(keep_macs, importance=importance, min_keep=min_keep,
                            round_to=round_to, verbose=int(verbose > 0),
                            keep_latency=keep_latency, latency_table=latency_table)
-    history = _fit(psp, train_data, epochs, batch_size, [budget, *callbacks], verbose)
+    history = _fit(budget_trainer, train_data, epochs, batch_size, [budget, *callbacks], verbose)
     if recalibrate:
         psp = recalibrate_batchnorm(psp, _inputs(train_data), batch_size=batch_size)
     small, shrink_report = strip_and_shrink(psp, round_to=round_to, return_report=True)
@@ -223,7 +253,12 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
                   loss=loss, metrics=metrics, jit_compile=jit_compile)
     if validation_data is not None:
         evaluation["pruned"] = _evaluate(small, validation_data, batch_size)
-    fine_history = _fit(small, train_data, fine_tune_epochs, batch_size, list(callbacks), verbose)
+    fine_trainer = trainer(small)
+    if fine_trainer is not small:
+        fine_trainer.compile(optimizer=_fresh_optimizer(fine_tune_optimizer or optimizer, model),
+                             loss=loss, metrics=metrics, jit_compile=jit_compile)
+    fine_history = _fit(fine_trainer, train_data, fine_tune_epochs, batch_size, list(callbacks),
+                        verbose)
     if recalibrate and fine_tune_epochs:
         weights_model = recalibrate_batchnorm(small, _inputs(train_data), batch_size=batch_size)
         small.set_weights(weights_model.get_weights())
