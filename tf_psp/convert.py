@@ -184,7 +184,8 @@ def _parameterize_groups(model, structure, layers, epsilon, return_report, cost,
     new_model, plan = coupling.parameterize_groups(model, epsilon, cost=cost, **psp_kwargs)
     if not return_report:
         return new_model
-    report = ConversionReport(converted=sorted(plan.readers), coupling="group")
+    report = ConversionReport(converted=sorted(set(plan.readers) | set(plan.twins)),
+                              coupling="group")
     for layer in walk_layers(model):
         if type(layer) in psp_layers.PSP_TWINS and layer.name not in plan.readers:
             report.skipped.append(

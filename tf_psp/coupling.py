@@ -38,7 +38,10 @@ import math
 import keras
 import numpy as np
 
-from tf_psp import compat
+from tf_psp import (
+    attention,  # noqa: F401  (registers the attention and GetItem handlers)
+    compat,
+)
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
 from tf_psp.functional import clone_layer
@@ -67,14 +70,18 @@ class GroupPlan:
             (a reader's MACs / its input channels) and every write (a
             producer's MACs / its output channels).
         frozen: the `tf_psp.graph.Blocker` texts that kept channels out.
+        twins: layer name -> handler, for the layers whose inner channel space
+            (attention heads) gets alphas of its own: they become the PSP twin
+            the handler's `psp_twin` makes.
     """
 
-    def __init__(self, group_sizes, group_names, readers, costs, frozen):
+    def __init__(self, group_sizes, group_names, readers, costs, frozen, twins=None):
         self.group_sizes = group_sizes
         self.group_names = group_names
         self.readers = readers
         self.costs = costs
         self.frozen = frozen
+        self.twins = twins or {}
 
     def cost_weights(self):
         """Costs divided by their mean over all alphas (mean 1), per group."""
@@ -85,8 +92,8 @@ class GroupPlan:
 
 def _node_macs(node):
     """MACs of one call of a kernel layer, from the graph's shapes."""
-    shapes_in = [tuple(t.tensor.shape) for t in node.inputs]
-    shapes_out = [tuple(t.tensor.shape) for t in node.outputs]
+    shapes_in = [tuple(t.shape) for t in node.node.input_tensors]  # not inner spaces
+    shapes_out = [tuple(t.shape) for t in node.node.output_tensors]
     return float(mac_rule(node.layer)(node.layer, shapes_in, shapes_out))
 
 
@@ -171,12 +178,15 @@ def plan_groups(model):
                 readers[node.name] = index
 
     frozen = sorted({str(b) for reasons in graph.frozen.values() for b in reasons})
+    twins = {n.name: n.handler for n in live if hasattr(n.handler, "psp_twin")
+             and any(graph.group(s) not in frozen_roots for s in n.inputs[0].slots())}
     return GroupPlan(
         group_sizes=[len(members[s]) for s in spaces],
         group_names=[names[s] for s in spaces],
         readers=readers,
         costs=[[costs[r] for r in members[s]] for s in spaces],
         frozen=frozen,
+        twins=twins,
     )
 
 
@@ -200,7 +210,7 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
     psp_graph.check_channels_last(model, f"parameterize(model '{model.name}', coupling='group')")
     functional = psp_graph.inline_nested(model)  # nested models: flat, with the same weights
     plan = plan_groups(functional)
-    if not plan.group_sizes:
+    if not plan.group_sizes and not plan.twins:
         raise ValueError(
             f"model '{model.name}' has no channel that PSP can prune: every "
             f"channel is frozen ({'; '.join(plan.frozen[:5])})."
@@ -210,7 +220,7 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
     while name in taken:
         k += 1
         name = f"psp_group_alphas_{k}"
-    gate = PSPGroupAlphas(
+    gate = None if not plan.group_sizes else PSPGroupAlphas(
         plan.group_sizes,
         plan.group_names,
         epsilon=epsilon,
@@ -223,7 +233,9 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
 
     def clone_function(layer):
         if id(layer) not in clones:
-            new = clone_layer(layer)  # a Lambda or a keras.ops call is reused
+            twin = plan.twins.get(getattr(layer, "name", None))
+            new = (twin.psp_twin(layer, epsilon, psp_kwargs) if twin is not None
+                   else clone_layer(layer))  # a Lambda or a keras.ops call is reused
             clones[id(layer)] = new
             originals[id(new)] = layer
         return clones[id(layer)]
@@ -240,7 +252,8 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
     for new in new_model.layers:
         old = originals.get(id(new))
         if old is not None and old is not new:
-            new.set_weights(old.get_weights())
+            set_weights = getattr(new, "set_plain_weights", new.set_weights)  # twins: no alpha
+            set_weights(old.get_weights())
     return new_model, plan
 
 

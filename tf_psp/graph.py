@@ -103,9 +103,7 @@ class Blocker:
         return (self.layer or "", self.cls or "", self.text)
 
     def __str__(self):
-        if self.layer is None:
-            return self.text
-        return f"layer '{self.layer}' ({self.cls}) {self.text}"
+        return self.text if self.layer is None else f"layer '{self.layer}' ({self.cls}) {self.text}"
 
 
 class NodeInfo:
@@ -179,7 +177,7 @@ class LayerHandler:
 
 
 class _FrozenHandler(LayerHandler):
-    pass
+    """Keeps every channel of the layer (the base class's behaviour)."""
 
 
 def _unknown_reason(layer):
@@ -971,9 +969,7 @@ def handler_for(layer):
 
 def _inner_graph(layer):
     """The functional graph of a nested functional or Sequential model, else None."""
-    if not isinstance(layer, keras.Model):
-        return None
-    return compat.graph_of(layer)
+    return compat.graph_of(layer) if isinstance(layer, keras.Model) else None
 
 
 def inline_nested(model):
@@ -1042,11 +1038,10 @@ def check_channels_last(model, caller):
         if getattr(layer, "data_format", None) == "channels_first":
             raise ValueError(
                 f"{caller}: layer '{layer.name}' ({type(layer).__name__}) uses "
-                "data_format='channels_first'; tf_psp finds channels on the last axis "
-                "only. Rebuild the model channels_last (the default, "
-                "keras.config.set_image_data_format('channels_last')) and copy the "
-                "weights: kernels have the same layout in both formats."
-            )
+                "data_format='channels_first'; tf_psp finds channels on the last axis only. "
+                "Rebuild the model channels_last (the default, keras.config."
+                "set_image_data_format('channels_last')) and copy the weights: kernels "
+                "have the same layout in both formats.")
 
 
 class ChannelGraph:
@@ -1109,6 +1104,8 @@ class ChannelGraph:
             outputs = [self._tensor(t) for t in node.outputs]
             handler, reason = handler_for(node.operation)
             handler.approximate = self.approximate
+            inner = getattr(handler, "inner_spaces", None)  # e.g. attention heads: inputs first
+            inputs = [self._tensor(t) for t in (inner(node.operation) if inner else [])] + inputs
             info = NodeInfo(node, handler, inputs, outputs)
             if reason is not None:
                 pass  # a subclass with its own call() of a registered layer
@@ -1153,6 +1150,8 @@ class ChannelGraph:
     def space_name(self, slot):
         """A readable name of the channel space of `slot`: its earliest tensor's producer."""
         t = self.tensor_of_slot(self.group(slot))
+        if hasattr(t.tensor, "space_label"):  # an inner space of one layer (attention heads)
+            return t.tensor.space_label
         op = compat.producer(t.tensor)
         if op is None or isinstance(op, keras.layers.InputLayer):
             return "model input"

@@ -117,8 +117,8 @@ class _MacTerm:
     def __init__(self, node, g):
         layer = node.layer
         rule = mac_rule(layer)
-        shapes_in = [tuple(t.tensor.shape) for t in node.inputs]
-        shapes_out = [tuple(t.tensor.shape) for t in node.outputs]
+        shapes_in = [tuple(t.shape) for t in node.node.input_tensors]  # not inner spaces
+        shapes_out = [tuple(t.shape) for t in node.node.output_tensors]
         self.name = node.name
         self.macs = float(rule(layer, shapes_in, shapes_out))
         self.roots_in = np.array([g.group(s) for s in node.inputs[0].slots()], int)
@@ -429,6 +429,9 @@ def _check_fraction(value, name):
 
 def _kernel_of(layer):
     """(kernel read per input channel, kernel written per output channel) as numpy."""
+    handler, _ = psp_graph.handler_for(layer)
+    if hasattr(handler, "read_kernels"):  # a layer with an inner space (attention heads)
+        return handler.read_kernels(layer)
     if getattr(layer, "depthwise_kernel", None) is not None:
         return _np(layer.depthwise_kernel), _np(layer.pointwise_kernel)
     kernel = _np(layer.kernel)

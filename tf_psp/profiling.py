@@ -63,6 +63,8 @@ def _pruned_costs(layer, positions, mask):
     """
     if isinstance(layer, keras.layers.SeparableConv2D):
         return _separable_pruned_costs(layer, positions, mask)
+    if isinstance(layer, keras.layers.MultiHeadAttention):  # `positions`: its MACs
+        return _heads_pruned_costs(layer, positions, mask)
     total, dead = mask.size, int(mask.size - np.count_nonzero(mask))
     kernel = _variable_size(layer.kernel)
     # Every structure covers the same number of kernel entries (and biases).
@@ -71,6 +73,19 @@ def _pruned_costs(layer, positions, mask):
     if getattr(layer, "bias", None) is not None and structures.scales_bias(layer.structure):
         pruned_params += _variable_size(layer.bias) * dead // total
     return positions * pruned_kernel, pruned_params
+
+
+def _heads_pruned_costs(layer, macs, mask):
+    """MACs and parameters of the dead heads of a PSP MultiHeadAttention.
+
+    Every MAC of the layer (projections, scores, weighted sums) belongs to one
+    head, and so does every parameter but the output bias.
+    """
+    heads, dead = mask.size, int(mask.size - np.count_nonzero(mask))
+    output_bias = getattr(compat.attention_projections(layer)[3], "bias", None)
+    per_head = layer.count_params() - mask.size - (
+        _variable_size(output_bias) if output_bias is not None else 0)
+    return macs * dead // heads, per_head * dead // heads
 
 
 def _group_pruned_costs(readers, mask):
@@ -505,6 +520,8 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             # a transposed conv uses each kernel entry once per *input* position
             transposed = rule is mac_rules.conv_transpose_macs
             positions = _positions(layer, in_shapes if transposed else out_shapes)
+            if isinstance(layer, keras.layers.MultiHeadAttention):
+                positions = macs  # its pruned cost is a share of its MACs
             gate, gate_index = _gate_of(node)
             if gate is not None:
                 size = sum(_variable_size(k) for k in _kernel_entries(layer))

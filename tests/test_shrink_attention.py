@@ -1,0 +1,196 @@
+"""Attention heads and transformer MLP units as structures (hand-written functional ViT).
+
+Oracle: the PSP model itself in inference mode (`strip_and_shrink` must compute
+the same outputs); head and unit counts and MACs counted by hand.
+"""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+
+import tf_psp
+from tf_psp import attention_layers, graph
+
+from conftest import _shrink_and_compare, randomize_weights
+
+L = keras.layers
+D, HEADS, KEY_DIM, MLP, TOKENS = 32, 4, 8, 64, 16
+
+
+def _vit(select="token", blocks=2, cross=False):
+    """Patch conv 4x4 -> tokens -> `blocks` x (LN, MHA, Add, LN, MLP, Add) -> select -> head."""
+    inputs = keras.Input((16, 16, 3))
+    h = L.Conv2D(D, 4, strides=4, name="patches")(inputs)
+    h = L.Reshape((TOKENS, D), name="tokens")(h)
+    memory = h
+    for b in range(blocks):
+        n = L.LayerNormalization(name=f"ln_{b}a")(h)
+        kv = memory if cross else n
+        a = L.MultiHeadAttention(HEADS, KEY_DIM, name=f"mha_{b}")(n, kv)
+        h = L.Add(name=f"add_{b}a")([h, a])
+        n = L.LayerNormalization(name=f"ln_{b}b")(h)
+        m = L.Dense(MLP, activation="gelu", name=f"mlp_{b}_up")(n)
+        m = L.Dense(D, name=f"mlp_{b}_down")(m)
+        h = L.Add(name=f"add_{b}b")([h, m])
+    h = h[:, 0, :] if select == "token" else L.GlobalAveragePooling1D(name="gap")(h)
+    outputs = L.Dense(10, name="head")(L.LayerNormalization(name="ln_out")(h))
+    model = keras.Model(inputs, outputs, name="vit")
+    randomize_weights(model)
+    return model
+
+
+def _x(seed=0):
+    return np.random.default_rng(seed).normal(size=(2, 16, 16, 3)).astype("float32")
+
+
+def _gates(psp):
+    return {layer.name: layer for layer in psp.layers
+            if isinstance(layer, attention_layers.PSPMultiHeadAttention)}
+
+
+def _zero_alphas(layer, indices):
+    value = np.array(keras.ops.convert_to_numpy(layer.alpha.value))
+    value[list(indices)] = 0.0
+    layer.alpha.assign(value)
+
+
+def _zero_group_units(psp, reader, units):
+    """Zeroes the group alphas of input channels `units` of layer `reader`."""
+    for name, (gate, index) in tf_psp.coupling.reader_calls(psp).items():
+        if name == reader:
+            positions = gate._positions(index)[list(units)]
+            alphas = gate.alphas()
+            alphas[positions] = 0.0
+            starts = np.cumsum([0] + gate.group_sizes)
+            for g, variable in enumerate(gate.group_alphas):
+                variable.assign(alphas[starts[g]:starts[g + 1]])
+            return
+    raise AssertionError(f"{reader} reads no group alphas")
+
+
+@pytest.mark.parametrize("select", ["token", "gap"])
+def test_heads_and_mlp_units_shrink_exactly(select):
+    model = _vit(select)
+    psp = tf_psp.parameterize(model, coupling="group")
+    x = _x()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(psp(x)),
+                               keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-5)
+    gates = _gates(psp)
+    assert sorted(gates) == ["mha_0", "mha_1"]
+    _zero_alphas(gates["mha_0"], [1, 3])
+    _zero_alphas(gates["mha_1"], [0])
+    _zero_group_units(psp, "mlp_0_down", range(0, 64, 2))  # 32 of 64 hidden units
+    _zero_group_units(psp, "mlp_1_down", range(10))
+    shrunk, report = _shrink_and_compare(psp, x, {"mlp_0_up": 32, "mlp_1_up": 54})
+    assert shrunk.get_layer("mha_0").num_heads == 2
+    assert shrunk.get_layer("mha_1").num_heads == 3
+    assert shrunk.get_layer("mha_0").key_dim == KEY_DIM
+    kernel = shrunk.get_layer("mha_0")._query_dense.kernel
+    assert tuple(kernel.shape) == (D, 2, KEY_DIM)
+    # the kept heads are heads 0 and 2 of the original layer
+    original = model.get_layer("mha_0")._query_dense.kernel
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel),
+                                  keras.ops.convert_to_numpy(original)[:, [0, 2]])
+    # the saved shrunk model loads and computes the same
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "shrunk.keras")
+        shrunk.save(path)
+        loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
+                               keras.ops.convert_to_numpy(shrunk(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_cross_attention_heads_shrink_exactly():
+    model = _vit("gap", blocks=1, cross=True)
+    psp = tf_psp.parameterize(model, coupling="group")
+    _zero_alphas(_gates(psp)["mha_0"], [0, 1, 2])
+    shrunk, _ = _shrink_and_compare(psp, _x(1), {})
+    assert shrunk.get_layer("mha_0").num_heads == 1
+
+
+def test_zero_value_projection_removes_a_head_of_a_plain_model():
+    # no PSP at all: a head whose value kernel and bias are zero contributes nothing
+    model = _vit("token", blocks=1)
+    value = model.get_layer("mha_0")._value_dense
+    kernel = np.array(keras.ops.convert_to_numpy(value.kernel))
+    kernel[:, 2] = 0.0
+    value.kernel.assign(kernel)
+    value.bias.assign(np.zeros(tuple(value.bias.shape), "float32"))
+    shrunk, _ = _shrink_and_compare(model, _x(2), {})
+    assert shrunk.get_layer("mha_0").num_heads == 3
+
+
+def test_psp_attention_twin_saves_and_loads():
+    psp = tf_psp.parameterize(_vit("token", blocks=1), coupling="group")
+    _zero_alphas(_gates(psp)["mha_0"], [2])
+    x = _x(3)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "psp.keras")
+        psp.save(path)
+        loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
+                               keras.ops.convert_to_numpy(psp(x)), rtol=1e-6, atol=1e-6)
+    assert isinstance(loaded.get_layer("mha_0"), attention_layers.PSPMultiHeadAttention)
+
+
+def _attention_macs(tq, tv, d, heads, key_dim, value_dim):
+    projections = tq * d * heads * key_dim + tv * d * heads * (key_dim + value_dim)
+    output = tq * heads * value_dim * d
+    return projections + output + heads * tq * tv * (key_dim + value_dim)
+
+
+def test_profile_counts_attention_and_pruned_heads():
+    model = _vit("token")
+    prof = tf_psp.profile(model)
+    assert prof.uncounted == []
+    rows = {row.name: row for row in prof.layers}
+    assert rows["mha_0"].macs == _attention_macs(TOKENS, TOKENS, D, HEADS, KEY_DIM, KEY_DIM)
+    psp = tf_psp.parameterize(model, coupling="group")
+    _zero_alphas(_gates(psp)["mha_1"], [0, 3])
+    rows = {row.name: row for row in tf_psp.profile(psp).layers}
+    assert rows["mha_1"].structures_total == HEADS
+    assert rows["mha_1"].structures_alive == 2
+    assert rows["mha_1"].pruned_macs == rows["mha_1"].macs // 2
+
+
+def test_token_selection_passes_channels():
+    inputs = keras.Input((5, 8))
+    h = L.Dense(6, name="d1")(inputs)
+    outputs = L.Dense(3, name="d2")(h[:, 0, :])
+    g = graph.ChannelGraph(keras.Model(inputs, outputs))
+    select = next(n for n in g.nodes if type(n.layer).__name__ == "GetItem")
+    assert not hasattr(select, "frozen_reason")
+    assert [g.group(s) for s in select.inputs[0].slots()] == [
+        g.group(s) for s in select.outputs[0].slots()]
+
+
+@pytest.mark.parametrize("index", [(slice(None), slice(None), 0), (Ellipsis, slice(0, 2))])
+def test_indexing_the_channel_axis_freezes(index):
+    inputs = keras.Input((5, 8))
+    h = L.Dense(6, name="d1")(inputs)
+    outputs = L.Dense(3, name="d2")(h[index])
+    g = graph.ChannelGraph(keras.Model(inputs, outputs))
+    select = next(n for n in g.nodes if type(n.layer).__name__ == "GetItem")
+    assert "channel axis" in select.frozen_reason
+
+
+def test_prune_to_budget_removes_heads_and_units():
+    model = _vit("token")
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance="random")
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    dense, small = tf_psp.profile(model), tf_psp.profile(shrunk)
+    assert small.uncounted == []
+    assert dense.total_macs / small.total_macs >= 1.6
+    x = _x(4)
+    ref = keras.ops.convert_to_numpy(pruned(x, training=False))
+    out = keras.ops.convert_to_numpy(shrunk(x, training=False))
+    assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+    def query_weights(m):
+        return sum(int(np.prod(m.get_layer(f"mha_{b}")._query_dense.kernel.shape))
+                   for b in range(2))
+
+    assert query_weights(shrunk) < query_weights(model)
