@@ -7,6 +7,8 @@ INSTALL_REQUIRES = [
     "keras==3.15.1",
     "numpy>=1.26,<3",
     "absl-py==2.5.1",
+    # keras.callbacks.TensorBoard needs it and tensorflow-cpu does not bring it
+    "tensorboard==2.21.0",
 ]
 
 EXTRAS = {

@@ -100,3 +100,50 @@ def test_input_shape_for_models_with_unknown_dims():
     history = model.fit(x, np.zeros((8, 3)), epochs=1, verbose=0, callbacks=[monitor])
     assert history.history["psp_sparsity"] == pytest.approx([0.25])
     assert history.history["psp_mac_reduction"] == pytest.approx([4 / 3])
+
+
+def _event_scalars(log_dir):
+    """`{tag: [(step, value)]}` of every scalar in the TensorBoard event files under `log_dir`."""
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "train", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "scalars":
+                    continue  # the model's config, written once
+                scalars.setdefault(value.tag, []).append(
+                    (event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars
+
+
+@pytest.mark.parametrize("tensorboard_first", [True, False])
+def test_psp_values_reach_tensorboard_in_either_order(tmp_path, tensorboard_first):
+    pytest.importorskip("tensorboard")
+    model = _psp_model()
+    model.get_layer("c").alpha.assign([0.0, 1.0, 0.0, 0.0])  # as in the first test: 3 / 6
+    x, y = _data()
+    board = keras.callbacks.TensorBoard(str(tmp_path))
+    budget = tf_psp.callbacks.PruneToBudget(keep_macs=0.5, verbose=0)
+    monitor = PSPMonitor()
+    callbacks = [board, monitor, budget] if tensorboard_first else [monitor, budget, board]
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=callbacks)
+    scalars = _event_scalars(str(tmp_path))
+    for name in ("psp_sparsity", "psp_mac_reduction", "psp_budget_kept_macs"):
+        assert [s for s, _ in scalars["epoch_" + name]] == [0, 1], (name, sorted(scalars))
+        np.testing.assert_allclose([v for _, v in scalars["epoch_" + name]],
+                                   history.history[name], rtol=1e-6)
+    assert "epoch_loss" in scalars
+
+
+def test_epoch_lines_follow_the_progress_bar(capsys):
+    model = _psp_model()
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=1, callbacks=[PSPMonitor(verbose=1)])
+    lines = capsys.readouterr().out.splitlines()
+    ours = [i for i, line in enumerate(lines) if "PSP sparsity" in line]
+    assert [lines[i].split(":")[0] for i in ours] == ["Epoch 1", "Epoch 2"]  # never glued
+    assert all("loss" in lines[i - 1] for i in ours)  # each right after its epoch's bar

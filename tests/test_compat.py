@@ -80,3 +80,20 @@ def test_sublayers_of_a_composite_layer():
     assert {"conv", "seq", "deep"} <= names and block.name not in names
     assert compat.sublayers(L.Dense(1)) == []
     assert compat.sublayers(keras.Operation()) == []  # an op node, not a layer
+
+
+def test_callback_list_of_finds_the_running_list_and_its_order():
+    found = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            found["list"] = compat.callback_list_of(self)
+
+    first, probe = keras.callbacks.History(), Probe()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(keras.ops.ones((4, 2)), keras.ops.ones((4, 1)), epochs=1, verbose=0,
+              callbacks=[first, probe])
+    callbacks = found["list"].callbacks
+    assert callbacks.index(first) < callbacks.index(probe)
+    assert compat.callback_list_of(probe) is None  # outside fit()

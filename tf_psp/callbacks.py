@@ -10,12 +10,62 @@ from tf_psp import plan as psp_plan
 from tf_psp.profiling import profile as profile_model
 
 
-class PSPMonitor(keras.callbacks.Callback):
+class _EpochOutput:
+    """What a callback reports at an epoch's end: its console line and its TensorBoard values.
+
+    - The line is printed when the next epoch begins or training ends: at
+      `on_epoch_end` the progress bar's last line is not finished yet (the
+      progress bar logger runs last), and a line printed then is glued to it.
+    - A callback adds its values to the epoch `logs`, which `TensorBoard`
+      writes out; a `TensorBoard` that runs earlier in the list has already
+      written them when the values arrive, so this callback writes them to it
+      itself: the event files hold the same values in either order.
+    """
+
+    _earlier_tensorboards = ()
+    _pending_line = None
+    _fitting = False
+
+    def _begin_output(self):
+        self._fitting = True
+        self._find_earlier_tensorboards()
+
+    def _end_output(self):
+        self._flush_line()
+        self._fitting = False
+        self._earlier_tensorboards = ()
+
+    def _say_after_epoch(self, line):
+        self._pending_line = line
+        if not self._fitting:  # a hook called by hand, outside fit(): say it now
+            self._flush_line()
+
+    def _flush_line(self):
+        if self._pending_line is not None:
+            print(self._pending_line, flush=True)
+            self._pending_line = None
+
+    def _find_earlier_tensorboards(self):
+        callbacks = compat.callback_list_of(self)
+        earlier = []
+        for callback in callbacks.callbacks if callbacks is not None else ():
+            if callback is self:
+                break
+            if isinstance(callback, keras.callbacks.TensorBoard):
+                earlier.append(callback)
+        self._earlier_tensorboards = earlier
+
+    def _to_tensorboards(self, values, epoch):
+        for tensorboard in self._earlier_tensorboards:
+            compat.write_tensorboard_scalars(tensorboard, values, epoch)
+
+
+class PSPMonitor(_EpochOutput, keras.callbacks.Callback):
     """Adds the model's PSP sparsity and expected MAC reduction to the epoch logs.
 
     At each epoch end it writes into `logs` (so the values appear in the
-    progress bar, in `History.history` and in a `TensorBoard` callback listed
-    after this one):
+    progress bar, in `History.history` and in a `TensorBoard` callback, listed
+    before or after this one):
 
     - `psp_sparsity`: fraction of PSP structures with `|alpha| < epsilon`;
     - `psp_mac_reduction`: `total MACs / (total MACs - pruned MACs)`, the
@@ -67,6 +117,13 @@ class PSPMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.profile = self._profile()
+        self._begin_output()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._flush_line()
+
+    def on_train_end(self, logs=None):
+        self._end_output()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.profile is None:  # used outside fit(): profile lazily
@@ -74,9 +131,10 @@ class PSPMonitor(keras.callbacks.Callback):
         values = self.current_values()
         if logs is not None:
             logs.update(values)
+        self._to_tensorboards(values, epoch)
         if self.verbose:
             p = self.profile
-            print(
+            self._say_after_epoch(
                 f"Epoch {epoch + 1}: PSP sparsity {p.sparsity:.1%} "
                 f"({p.structures_pruned}/{p.structures_total} structures), "
                 f"pruned MACs {p.pruned_macs:,}/{p.total_macs:,}, "
@@ -112,7 +170,7 @@ class PSPMonitor(keras.callbacks.Callback):
         return values
 
 
-class PruneToBudget(keras.callbacks.Callback):
+class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
     """Budget-driven PSP: a growing decay on the alphas of the groups below the budget line.
 
     While a PSP model trains, the channel groups are ranked with a
@@ -256,6 +314,7 @@ class PruneToBudget(keras.callbacks.Callback):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         self._total = epochs * steps if epochs and steps else None
         self._step = 0
+        self._begin_output()
         from tf_psp.latency import table_for_budget
 
         self.latency_table, self.round_to = table_for_budget(
@@ -264,6 +323,7 @@ class PruneToBudget(keras.callbacks.Callback):
         self._select()
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._flush_line()
         if self.params.get("steps"):  # also right when fit resumes (BackupAndRestore)
             self._step = epoch * self.params["steps"]
         if self._total is None and epoch == 1:  # unknown length: learnt from epoch 1
@@ -289,18 +349,20 @@ class PruneToBudget(keras.callbacks.Callback):
         if self.keep_latency is not None:
             latency = (plan.kept_latency((), self.latency_table, self.round_to)
                        / self.latency_table.predict_widths({}))
+        values = {"psp_budget_kept_macs": float(kept), "psp_budget_target": self._target}
+        if latency is not None:
+            values["psp_budget_kept_latency"] = float(latency)
         if logs is not None:
-            logs["psp_budget_kept_macs"] = float(kept)
-            if latency is not None:
-                logs["psp_budget_kept_latency"] = float(latency)
-            logs["psp_budget_target"] = self._target
+            logs.update(values)
+        self._to_tensorboards(values, epoch)
         if self.verbose:
             what = (f"{kept:.3f} of the MACs" if latency is None
                     else f"{latency:.3f} of the latency ({kept:.3f} of the MACs)")
-            print(f"Epoch {epoch + 1}: budget: shrunk model keeps {what} "
-                  f"(target {self._target:.3f})")
+            self._say_after_epoch(f"Epoch {epoch + 1}: budget: shrunk model keeps {what} "
+                                  f"(target {self._target:.3f})")
 
     def on_train_end(self, logs=None):
+        self._end_output()
         self._scale(0.0)
         final = psp_plan.pruning_plan(self.model, importance=self.importance)
         extra = self._select_from(final)

@@ -8,6 +8,8 @@ test instead of somewhere deep in `strip_and_shrink` (the kind of drift that
 broke tensorflow-model-optimization on Keras 3).
 """
 
+import sys
+
 import keras
 from keras.src.applications import convnext as _convnext
 from keras.src.models.functional import Functional
@@ -136,6 +138,32 @@ def sync_training_state(model):
     sync = getattr(model, "jax_state_sync", None)
     if sync is not None:
         sync()
+
+
+def callback_list_of(callback, max_depth=8):
+    """The `keras.callbacks.CallbackList` now calling `callback`, or None.
+
+    A callback is not told which others run beside it; the list calling one
+    of its hooks is a local (`self`) of a calling frame. Call from a hook.
+    """
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList) and any(
+                c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def write_tensorboard_scalars(tensorboard, scalars, epoch):
+    """Writes `{name: value}` to a TensorBoard callback's training run as it writes epoch logs
+    (`epoch_<name>` at step `epoch`); call between its `on_train_begin` and `on_train_end`."""
+    with tensorboard._train_writer.as_default():
+        for name, value in scalars.items():
+            tensorboard.summary.scalar(f"epoch_{name}", value, step=epoch)
 
 
 def litert_invoker(runner):
