@@ -94,7 +94,7 @@ def test_report_says_keep_one_channel_not_rounding():
     assert "round widths to multiples of 4" in str(report)
 
 
-def test_cli_shrink_warns_about_a_model_without_psp_layers(tmp_path):
+def test_cli_shrink_refuses_a_model_without_psp_layers(tmp_path):
     inputs = keras.Input((6, 6, 3))
     plain = keras.Model(inputs, L.Conv2D(2, 1)(inputs))
     randomize_weights(plain)
@@ -102,12 +102,16 @@ def test_cli_shrink_warns_about_a_model_without_psp_layers(tmp_path):
     plain.save(path)
     out, err = io.StringIO(), io.StringIO()
     status = cli.main(["shrink", str(path), str(tmp_path / "small.keras")], out=out, err=err)
-    assert status == 0
-    assert "has no PSP layers" in err.getvalue()
+    assert status == 2
+    assert not (tmp_path / "small.keras").exists()
+    assert err.getvalue().startswith("tf-psp: error:") and str(path) in err.getvalue()
+    assert "has no PSP layers" in err.getvalue() and "tf-psp prune" in err.getvalue()
+    assert "tf_psp.parameterize" in err.getvalue()
     psp_path = tmp_path / "psp.keras"
     _psp_model().save(psp_path)
     out, err = io.StringIO(), io.StringIO()
-    cli.main(["shrink", str(psp_path), str(tmp_path / "small2.keras")], out=out, err=err)
+    status = cli.main(["shrink", str(psp_path), str(tmp_path / "small2.keras")], out=out, err=err)
+    assert status == 0, err.getvalue()
     assert "no PSP layers" not in err.getvalue()
 
 

@@ -4,52 +4,143 @@ Train one scale `alpha` per structure with weight decay, then physically
 remove the structures whose alpha reached zero.
 """
 
-from tf_psp import (
-    balance,
-    batchnorm,
-    bench,
-    budget,
-    callbacks,
-    coupling,
-    export,
-    handlers,
-    latency,
-    pipeline,
-    plan,
-    regularizers,
-    sparse_training,
-    structures,
-)
-from tf_psp.balance import balance_alphas
-from tf_psp.batchnorm import RecalibrateBatchNorm, fold_batchnorm, recalibrate_batchnorm
-from tf_psp.budget import BudgetReport, prune_to_budget
-from tf_psp.callbacks import PruneToBudget, PSPMonitor
-from tf_psp.convert import parameterize
-from tf_psp.group_alphas import PSPGroupAlphas
-from tf_psp.latency import LatencyTable, latency_table
-from tf_psp.layers import (
-    PSPConv1D,
-    PSPConv2D,
-    PSPConv2DTranspose,
-    PSPConv3D,
-    PSPDense,
-    PSPDepthwiseConv2D,
-    PSPSeparableConv2D,
-    is_psp_layer,
-)
-from tf_psp.pipeline import PruneReport, prune
-from tf_psp.plan import PruningPlan, Unit, pruning_plan
-from tf_psp.profiling import (
-    LayerProfile,
-    ModelProfile,
-    Removability,
-    profile,
-    removability,
-)
-from tf_psp.registry import register_layer, unregister_layer
-from tf_psp.shrink import strip, strip_and_shrink
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-__version__ = "0.1.0"
+from tf_psp import quiet
+
+quiet.quiet_environment()  # before anything here loads TensorFlow
+
+# Public name -> the submodule that defines it. Submodules are imported on first
+# use (PEP 562), so `import tf_psp` and `tf-psp --help` do not load Keras.
+_NAMES = {
+    "balance_alphas": "balance",
+    "RecalibrateBatchNorm": "batchnorm",
+    "fold_batchnorm": "batchnorm",
+    "recalibrate_batchnorm": "batchnorm",
+    "BudgetReport": "budget",
+    "prune_to_budget": "budget",
+    "PruneToBudget": "callbacks",
+    "PSPMonitor": "callbacks",
+    "parameterize": "convert",
+    "Distiller": "distill",
+    "PSPGroupAlphas": "group_alphas",
+    "LatencyTable": "latency",
+    "latency_table": "latency",
+    "PSPConv1D": "layers",
+    "PSPConv2D": "layers",
+    "PSPConv2DTranspose": "layers",
+    "PSPConv3D": "layers",
+    "PSPDense": "layers",
+    "PSPDepthwiseConv2D": "layers",
+    "PSPSeparableConv2D": "layers",
+    "is_psp_layer": "layers",
+    "PruneReport": "pipeline",
+    "prune": "pipeline",
+    "PruningPlan": "plan",
+    "Unit": "plan",
+    "pruning_plan": "plan",
+    "LayerProfile": "profiling",
+    "ModelProfile": "profiling",
+    "Removability": "profiling",
+    "profile": "profiling",
+    "removability": "profiling",
+    "register_layer": "registry",
+    "unregister_layer": "registry",
+    "strip": "shrink",
+    "strip_and_shrink": "shrink",
+}
+
+# The modules that register tf_psp classes with Keras's serialization, so that
+# `keras.models.load_model` finds them after `import tf_psp`.
+_SERIALIZABLE_MODULES = ("layers", "group_alphas", "regularizers", "attention")
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    elif not name.startswith("_"):
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    _register_serializables()
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_NAMES))
+
+
+_registered = []
+
+
+def _register_serializables():
+    """Imports the modules that register classes with Keras, once Keras is loaded.
+
+    Skipped while a tf_psp module is half-imported (its `import keras` loaded
+    Keras): importing more tf_psp modules then could see it incomplete; the
+    next public name looked up registers them.
+    """
+    if _registered or "keras" not in sys.modules:
+        return
+    for name, module in list(sys.modules.items()):
+        if name.startswith(f"{__name__}.") and getattr(
+                getattr(module, "__spec__", None), "_initializing", False):
+            return
+    for module in _SERIALIZABLE_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    _registered.append(True)
+
+
+class _QuietFirstImport(importlib.abc.MetaPathFinder):
+    """Wraps the first `import tensorflow` and `import keras` of the process.
+
+    TensorFlow prints a oneDNN banner at import that ignores
+    `TF_CPP_MIN_LOG_LEVEL`: the import runs inside
+    `quiet.native_stderr_filtered()`. Once Keras has loaded, the tf_psp layers
+    are registered with it: `import tf_psp` does not load Keras (seconds), yet
+    a saved PSP model must load with `keras.models.load_model` after it.
+    """
+
+    def __init__(self):
+        self._pending = {"tensorflow", "keras"}
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self._pending:
+            return None
+        self._pending.discard(fullname)  # also keeps the next line from recursing
+        if not self._pending:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_quietly(module):
+            with quiet.native_stderr_filtered():
+                exec_module(module)
+            if fullname == "keras":
+                _register_serializables()
+
+        loader.exec_module = exec_quietly
+        return spec
+
+
+if "keras" in sys.modules:
+    _register_serializables()
+else:
+    sys.meta_path.insert(0, _QuietFirstImport())
+
+__version__ = "0.1.0"  # setup.py and `tf-psp --version` read it from here
 
 __all__ = [
     "PSPConv1D",
@@ -90,6 +181,8 @@ __all__ = [
     "callbacks",
     "fold_batchnorm",
     "coupling",
+    "distill",
+    "Distiller",
     "export",
     "is_psp_layer",
     "parameterize",

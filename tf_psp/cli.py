@@ -5,24 +5,30 @@
     tf-psp export small.keras small.tflite [--format tflite-int8 --calibration x.npy]
     tf-psp bench model.keras --compare small.keras [--threads 1 2] [--runs 50]
     tf-psp latency-table model.keras [--runtime tflite] [--threads 1] [--output t.json]
+    tf-psp prune model.keras --data DIR|data.npz --keep-macs 0.5 --epochs 10 -o small.keras
+    tf-psp --version
 
-Run `tf-psp COMMAND --help` for the options of a command. `main(argv)` returns
-the exit status: 0 on success, 1 when the work failed (a corrupt model file, a
+Run `tf-psp COMMAND --help` for the options of a command. TensorFlow, absl,
+tf2onnx and LiteRT log lines are hidden (`tf_psp.quiet`); `--verbose` shows them.
+`main(argv)` returns the exit status: 0 on success, 1 when the work failed (a corrupt model file, a
 failed export), 2 for a wrong command line (unknown option or format, a
 missing or misnamed file). Expected errors print one line
 `tf-psp: error: <what> (<file>)` to stderr, without a traceback.
 
-TensorFlow and Keras are imported only once a command runs, so `--help` is fast.
+TensorFlow and Keras are imported only once a command runs, so `--help` and
+`--version` answer at once.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import zipfile
 
-from tf_psp import atomic
+import tf_psp
+from tf_psp import atomic, quiet
 
 PROG = "tf-psp"
 
@@ -75,17 +81,17 @@ def _check_file(path, suffixes, what="model"):
         )
 
 
-def _load_keras(path):
+def _load_keras(path, compile=False):  # pylint: disable=redefined-builtin
     """Loads a `.keras` model with the PSP layers registered."""
     _check_file(path, (".keras",))
     import keras
 
-    import tf_psp  # noqa: F401  (registers the PSP layers for deserialization)
+    from tf_psp import group_alphas, layers, regularizers  # noqa: F401  (register the classes)
 
     if not zipfile.is_zipfile(path):
         raise CLIError("not a valid .keras file (it is not a zip archive)", path, status=1)
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=compile)
     except Exception as error:  # pylint: disable=broad-except
         # Keras raises many types (BadZipFile, ValueError, TypeError, OSError)
         # for unreadable files; none of them is a bug of ours.
@@ -171,7 +177,7 @@ def _has_psp_layers(model):
     return has_alphas(model)
 
 
-def _cmd_shrink(args, out, err=None):
+def _cmd_shrink(args, out):
     if args.round_to < 1:
         raise CLIError(f"--round-to must be a positive integer, got {args.round_to}", status=2)
     if not args.output.lower().endswith(".keras"):
@@ -185,12 +191,11 @@ def _cmd_shrink(args, out, err=None):
 
     model = _load_keras(args.model)
     if not _has_psp_layers(model):
-        print(
-            f"{PROG}: warning: {args.model} has no PSP layers (nothing was "
-            "parameterized); only channels that are already exact zeros or constants "
-            "can be removed. Did you mean the trained PSP model?",
-            file=sys.stderr if err is None else err,
-        )
+        raise CLIError(
+            "the model has no PSP layers, so shrink has nothing to remove: prune it with "
+            f"'{PROG} prune MODEL.keras --data DATA --keep-macs 0.5 -o small.keras', or train "
+            "tf_psp.parameterize(model) first and shrink the trained PSP model",
+            args.model, status=2)
     try:
         shrunk, report = strip_and_shrink(
             model, round_to=args.round_to, approximate=args.approximate, return_report=True
@@ -459,6 +464,151 @@ def _cmd_latency_table(args, out):
     return 0
 
 
+# --- prune --------------------------------------------------------------------
+
+
+def _optimizer(args):
+    """The optimizer --optimizer and --learning-rate ask for (None: prune's default)."""
+    if args.optimizer is None and args.learning_rate is None:
+        return None
+    import keras
+
+    if args.optimizer == "adam":
+        return keras.optimizers.Adam(args.learning_rate or 1e-3)
+    return keras.optimizers.SGD(args.learning_rate or 0.01, momentum=0.9)
+
+
+def _cmd_prune(args, out, err):
+    from tf_psp import training_data
+    from tf_psp.pipeline import prune
+
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be at least 1, got {args.epochs}", status=2)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}", status=2)
+    if not args.output.lower().endswith(".keras"):
+        raise CLIError("the output must be a .keras file", args.output, status=2)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise CLIError("output directory does not exist",
+                       os.path.dirname(os.path.abspath(args.output)), status=2)
+    model = _load_keras(args.model, compile=True)
+    try:
+        data = training_data.load_training_data(
+            args.data, model, batch_size=args.batch_size,
+            validation_split=args.validation_split, seed=args.seed)
+        validation = data.validation
+        if args.validation_data is not None:
+            if validation is not None:
+                raise CLIError("pass --validation-split or --validation-data, not both", status=2)
+            validation = training_data.load_training_data(
+                args.validation_data, model, batch_size=args.batch_size, seed=args.seed).train
+    except training_data.DataError as error:
+        raise CLIError(str(error), status=2) from error
+    print(data.description, file=out)
+    loss, metrics = args.loss, None
+    if loss is None and not getattr(model, "compiled", False):
+        try:
+            loss, words = training_data.default_loss(model, data)
+        except training_data.DataError as error:
+            raise CLIError(str(error), args.model, status=2) from error
+        metrics = ["accuracy"]
+        print(f"{PROG}: note: {args.model} is not compiled: training with {words}; "
+              "pass --loss to choose another", file=err)
+    import keras
+
+    keras.utils.set_random_seed(args.seed)
+    try:
+        # prune prints its progress and its report (verbose) to stdout.
+        with contextlib.redirect_stdout(out):
+            small, report = prune(
+                model, data.train, keep_macs=args.keep_macs, keep_latency=args.keep_latency,
+                epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+                validation_data=validation, optimizer=_optimizer(args), loss=loss,
+                metrics=metrics, batch_size=args.batch_size, round_to=args.round_to,
+                threads=args.threads, verbose=2 if args.quiet_training else 1)
+    except ValueError as error:
+        raise CLIError(f"cannot prune: {_first_line(error)}", args.model) from error
+    _save_keras_atomic(small, args.output)
+    print(f"Wrote {args.output}", file=out)
+    if args.report:
+        _write_json(args.report, report.to_dict())
+        print(f"Wrote {args.report}", file=out)
+    return 0
+
+
+def _round_to(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _add_prune_parser(commands, common):
+    p = commands.add_parser(
+        "prune",
+        parents=[common],
+        help="prune a trained model to a MAC or latency budget (trains with PSP)",
+        description="Prune a trained .keras model to a budget with tf_psp.prune: "
+        "PSP budget training on the data, then shrinking; writes a smaller plain Keras "
+        "model and prints the report (MACs, parameters, accuracy before and after when "
+        "there is validation data). The model's compiled loss and optimizer are used; "
+        "an uncompiled model with class labels trains with cross-entropy (said on stderr).",
+    )
+    p.add_argument("model", metavar="MODEL.keras", help="the trained Keras model file")
+    p.add_argument("--data", required=True, metavar="DIR|FILE.npz",
+                   help="a folder with one subfolder of images per class (resized to the "
+                   "model's input size, pixel values 0-255), or a .npz file with arrays x "
+                   "(inputs) and y (labels)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.keras",
+                   help="where to write the pruned model")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep-macs", type=_fraction, metavar="F",
+                        help="fraction of the MACs to keep (default 0.5)")
+    budget.add_argument("--keep-latency", type=_fraction, metavar="F",
+                        help="fraction of the TFLite latency to keep (measures a latency "
+                        "table first, cached; minutes)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="budget-training epochs (default: 10)")
+    p.add_argument("--fine-tune-epochs", type=int, default=0,
+                   help="epochs of training the shrunk model afterwards (default: 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    p.add_argument("--validation-split", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of --data for validation (a .npz: its "
+                   "last samples; a folder: a seeded random split)")
+    p.add_argument("--validation-data", metavar="DIR|FILE.npz",
+                   help="validation data, like --data")
+    p.add_argument("--loss", help="a Keras loss name (default: the model's compiled loss; "
+                   "uncompiled: cross-entropy for class labels)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"],
+                   help="default: the model's compiled optimizer, else SGD with momentum 0.9")
+    p.add_argument("--learning-rate", type=float, metavar="LR",
+                   help="learning rate (default: 0.01 for SGD, 0.001 for Adam)")
+    p.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                   help="keep widths multiples of N; auto: the latency table's quantum "
+                   "(default: 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="runtime threads of the latency budget (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    p.add_argument("--quiet-training", action="store_true",
+                   help="one line per epoch instead of progress bars")
+
+
 # --- the parser ---------------------------------------------------------------
 
 
@@ -481,11 +631,19 @@ def build_parser():
         description="Parameterized Structured Pruning (PSP) tools for Keras 3 models.",
         epilog="Run 'tf-psp COMMAND --help' for the options of a command.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {tf_psp.__version__}")
+    verbose_help = ("show TensorFlow, absl, tf2onnx and LiteRT log lines (hidden by "
+                    "default)")
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=verbose_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
     p = commands.add_parser(
         "profile",
+        parents=[common],
         help="print MACs, parameters and PSP sparsity per layer",
         description="Print the MACs, parameters and PSP sparsity of every layer "
         "of a .keras model, and the MAC reduction that shrinking it can reach.",
@@ -495,6 +653,7 @@ def build_parser():
 
     p = commands.add_parser(
         "shrink",
+        parents=[common],
         help="remove the pruned structures: a smaller plain Keras model",
         description="Strip the PSP layers of a .keras model and physically remove "
         "the pruned channels (tf_psp.shrink.strip_and_shrink). The output is a plain "
@@ -526,6 +685,7 @@ def build_parser():
 
     p = commands.add_parser(
         "export",
+        parents=[common],
         help="export to SavedModel, TFLite (float32, float16, int8) or ONNX",
         description="Export a .keras model and check the export against Keras on a "
         "random batch (tf_psp.export).",
@@ -551,6 +711,7 @@ def build_parser():
 
     p = commands.add_parser(
         "bench",
+        parents=[common],
         help="time a model (or two, interleaved) with LiteRT/XNNPACK",
         description="Convert MODEL (and OTHER) to TFLite in a temporary directory and "
         "time them with the LiteRT interpreter (XNNPACK), batch 1, alternating A/B one "
@@ -573,6 +734,7 @@ def build_parser():
 
     p = commands.add_parser(
         "latency-table",
+        parents=[common],
         help="measure the per-layer latency table of a model (for latency budgets)",
         description="Measure how long every kernel layer of a .keras model takes at a "
         "grid of input and output widths on a runtime (tf_psp.latency_table), fit the "
@@ -592,6 +754,8 @@ def build_parser():
     p.add_argument("--cache-dir", help="cache directory (default: $TF_PSP_CACHE/latency)")
     p.add_argument("--refresh", action="store_true", help="measure again, ignore the cache")
     p.add_argument("--top", type=int, default=10, help="slowest layers to list (default: 10)")
+
+    _add_prune_parser(commands, common)
     return parser
 
 
@@ -608,18 +772,21 @@ def main(argv=None, out=None, err=None):
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.verbose:
+            quiet.show_library_logs()  # before a command loads TensorFlow
         if args.command == "profile":
             return _cmd_profile(args, out)
         if args.command == "shrink":
-            return _cmd_shrink(args, out, err)
+            return _cmd_shrink(args, out)
         if args.command == "export":
             return _cmd_export(args, out, err)
         if args.command == "latency-table":
             return _cmd_latency_table(args, out)
+        if args.command == "prune":
+            return _cmd_prune(args, out, err)
         return _cmd_bench(args, out)
     except CLIError as error:
         print(f"{PROG}: error: {error}", file=err)

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from tf_psp import atomic, compat, nchw
+from tf_psp import atomic, compat, nchw, quiet
 
 FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_QUANTIZATIONS = (None, "float16", "int8")
@@ -204,9 +204,10 @@ def export_onnx(model, path, opset=None, probe=None):
     inputs = _probe_inputs(model, probe)
     specs = _input_specs(model)
     function = tf.function(_flat_call(model), input_signature=specs)
-    model_proto, _ = tf2onnx.convert.from_function(
-        function, input_signature=specs, opset=opset
-    )
+    with quiet.native_stderr_filtered():
+        model_proto, _ = tf2onnx.convert.from_function(
+            function, input_signature=specs, opset=opset
+        )
     atomic.write_bytes(path, model_proto.SerializeToString())
     outputs = run_onnx(path, inputs)
     return _result(model, path, "onnx", inputs, outputs)
@@ -224,8 +225,9 @@ def litert_interpreter(path, num_threads=1):
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
-    interpreter.allocate_tensors()
+    with quiet.native_stderr_filtered():  # "Created TensorFlow Lite XNNPACK delegate"
+        interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -521,7 +523,7 @@ def _convert_tflite(model, quantization, representative_data):
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet.native_stderr_filtered():
             # The calibrator uses tf.lite.Interpreter internally; we do not.
             warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
             return converter.convert()
