@@ -167,6 +167,17 @@ def test_token_selection_passes_channels():
         g.group(s) for s in select.outputs[0].slots()]
 
 
+def test_channels_are_removed_through_token_selection():
+    inputs = keras.Input((5, 8))
+    h = L.Dense(6, activation="relu", name="d1")(inputs)
+    outputs = L.Dense(3, name="d2")(h[:, 0, :])
+    model = randomize_weights(keras.Model(inputs, outputs))
+    psp = tf_psp.parameterize(model, coupling="group")
+    _zero_group_units(psp, "d2", [1, 4])
+    x = np.random.default_rng(6).normal(size=(2, 5, 8)).astype("float32")
+    _shrink_and_compare(psp, x, {"d1": 4})
+
+
 @pytest.mark.parametrize("index", [(slice(None), slice(None), 0), (Ellipsis, slice(0, 2))])
 def test_indexing_the_channel_axis_freezes(index):
     inputs = keras.Input((5, 8))
@@ -194,3 +205,32 @@ def test_prune_to_budget_removes_heads_and_units():
                    for b in range(2))
 
     assert query_weights(shrunk) < query_weights(model)
+
+
+@pytest.mark.slow
+def test_shrunk_vit_exports_to_tflite(tmp_path):
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TFLite export needs the TensorFlow backend")
+    from tf_psp import export
+
+    model = _vit("token")
+    dense = export.export_tflite(model, tmp_path / "dense.tflite", probe=_x(5))
+    assert dense.max_rel_error <= 1e-4, dense
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance="random")
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    small = export.export_tflite(shrunk, tmp_path / "shrunk.tflite", probe=_x(5))
+    assert small.max_rel_error <= 1e-4, small
+    assert small.size_bytes < dense.size_bytes
+
+
+def test_head_alphas_train_and_are_decayed():
+    psp = tf_psp.parameterize(_vit("token", blocks=1), coupling="group")
+    mha = _gates(psp)["mha_0"]
+    assert mha.losses  # the default alpha regularizer (weight decay) applies to the head alphas
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(32, 16, 16, 3)).astype("float32"), rng.integers(0, 10, 32)
+    psp.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", jit_compile=False)
+    before = np.array(keras.ops.convert_to_numpy(mha.alpha.value))
+    psp.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    after = keras.ops.convert_to_numpy(mha.alpha.value)
+    assert np.all(after != before)

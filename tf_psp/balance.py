@@ -86,7 +86,8 @@ def balance_alphas(model: keras.Model, kernel_decay: float, momentum: float = 0.
     kappa = kernel_decay * (1.0 - momentum)
     model = _copy(model)
     for layer in compat.flatten_layers(model):
-        if psp_layers.is_psp_layer(layer) and layer.structure in ("channel", "column"):
+        if (psp_layers.is_psp_layer(layer) and layer.structure in ("channel", "column")
+                and hasattr(layer, layer._alpha_kernel_name)):  # not attention heads (yet)
             _balance_layer(layer, kappa, min_alpha)
     calls = coupling.reader_calls(model)
     if calls:
