@@ -515,21 +515,29 @@ def plot_alpha_histogram(alphas, epsilon, path):
 
 
 def plot_layer_widths(layers, path):
+    """Horizontal bars, one row per kernel layer, on a log scale: every label legible."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from tf_psp import atomic
 
     rows = [r for r in layers if r["class"] in _PRODUCERS]
-    figure, axes = plt.subplots(figsize=(max(7, 0.12 * len(rows)), 4))
-    x = np.arange(len(rows))
-    axes.bar(x, [r["channels_before"] for r in rows], color="lightgray", label="before")
-    axes.bar(x, [r["channels_after"] for r in rows], color="tab:blue", label="after shrinking")
-    axes.set_xticks(x)
-    axes.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=5)
-    axes.set_ylabel("output channels")
-    axes.set_title("Layer widths before and after strip_and_shrink")
-    axes.legend()
+    before = np.array([r["channels_before"] for r in rows], float)
+    after = np.array([r["channels_after"] for r in rows], float)
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.2 * len(rows)))
+    y = np.arange(len(rows))
+    axes.barh(y, before, color="lightgray", label="before")
+    axes.barh(y, np.maximum(after, 0.5), color="tab:blue", label="after strip_and_shrink")
+    for i, (b, a) in enumerate(zip(before, after)):
+        axes.text(b * 1.08, i, f"{int(a)}/{int(b)}", va="center", fontsize=7)
+    axes.set_yticks(y)
+    axes.set_yticklabels([r["name"] for r in rows], fontsize=8)
+    axes.set_ylim(len(rows) - 0.5, -0.5)  # the input side on top
+    axes.set_xscale("log")
+    axes.set_xlim(0.8, before.max() * 2.5 if len(rows) else 10)
+    axes.set_xlabel("output channels (log scale; labels: after/before)")
+    axes.set_title("Layer widths before and after strip_and_shrink", pad=22)
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, fontsize=8, frameon=False)
     atomic.write_bytes(path, _figure_bytes(figure))
 
 
