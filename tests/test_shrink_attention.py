@@ -111,6 +111,26 @@ def test_cross_attention_heads_shrink_exactly():
     assert shrunk.get_layer("mha_0").num_heads == 1
 
 
+@pytest.mark.parametrize("options, call_options, shape", [
+    ({"value_dim": 3}, {}, (6, 12)),
+    ({"use_bias": False}, {}, (6, 12)),
+    ({"output_shape": 7}, {}, (6, 12)),
+    ({"use_gate": True}, {}, (6, 12)),
+    ({}, {"use_causal_mask": True}, (6, 12)),
+    ({"attention_axes": (1, 2)}, {}, (3, 4, 12)),
+])
+def test_attention_variants_shrink_exactly(options, call_options, shape):
+    inputs = keras.Input(shape)
+    h = L.Dense(12, name="pre")(inputs)
+    a = L.MultiHeadAttention(4, 5, name="mha", **options)(h, h, **call_options)
+    model = randomize_weights(keras.Model(inputs, L.Dense(3, name="post")(L.Flatten()(a))))
+    psp = tf_psp.parameterize(model, coupling="group")
+    _zero_alphas(psp.get_layer("mha"), [1, 2])
+    x = np.random.default_rng(8).normal(size=(2,) + shape).astype("float32")
+    shrunk, _ = _shrink_and_compare(psp, x, {})
+    assert shrunk.get_layer("mha").num_heads == 2
+
+
 def test_zero_value_projection_removes_a_head_of_a_plain_model():
     # no PSP at all: a head whose value kernel and bias are zero contributes nothing
     model = _vit("token", blocks=1)

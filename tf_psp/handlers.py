@@ -21,6 +21,13 @@ The contract (every method receives a `node`: `node.layer` is the layer,
   None)`;
 - `macs(layer, input_shapes, output_shapes)` (optional): the MACs of one
   call, from batched shapes.
+- `inner_spaces(layer)` (optional, producers): channel spaces inside the
+  layer that no tensor carries (`tf_psp.attention.InnerSpace`, e.g. attention
+  heads); they come first in `node.inputs`, read by the layer itself, and
+  `rebuild` receives their kept indices in `keep_in`. With it, `psp_twin(layer,
+  epsilon, psp_kwargs)` gives the layer that holds their alphas under
+  `coupling='group'`, and `read_kernels(layer)` the kernels importance scores
+  read (see `tf_psp.attention.AttentionHeadsHandler`).
 
 Most custom layers need no new class: `PassThrough` for stateless elementwise
 layers, `Channelwise(weights=[...])` for elementwise layers with per-channel
