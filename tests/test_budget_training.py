@@ -120,6 +120,32 @@ def test_prune_one_call_end_to_end():
     small.predict(x[:4], verbose=0)
 
 
+def test_prune_says_its_phases_and_its_result_loads_without_warning(tmp_path, capsys):
+    import warnings
+
+    keras.utils.set_random_seed(3)
+    model = _model()
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    x, y = _data(64)
+    small, report = tf_psp.prune(model, (x, y), keep_macs=0.5, epochs=1,
+                                 validation_data=(x[:32], y[:32]), verbose=1)
+    out = capsys.readouterr().out
+    assert list(report.phase_seconds)[:4] == ["dense evaluation", "parameterize",
+                                              "budget training", "BatchNorm recalibration"]
+    for name, seconds in report.phase_seconds.items():
+        assert seconds >= 0 and f"prune: {name} took" in out
+    assert set(report.evaluation) == {"dense", "pruned"}  # no fine-tuning, no fine_tuned row
+    assert "fine_tuned" not in str(report) and "time: dense evaluation" in str(report)
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras.models.load_model(path)
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+
+
 def test_prune_needs_a_loss():
     with pytest.raises(ValueError, match="loss"):
         tf_psp.prune(_model(), _data(), keep_macs=0.5, epochs=1)

@@ -11,6 +11,7 @@
    again.
 """
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class PruneReport:
             dicts on `validation_data` (empty without it).
         shrink_report: the `ShrinkReport` of `strip_and_shrink`.
         seconds: wall time.
+        phase_seconds: `{phase: seconds}` of every phase, in order.
     """
 
     keep_macs: float | None
@@ -61,6 +63,7 @@ class PruneReport:
     seconds: float
     keep_latency: float | None = None
     kept_latency: float | None = None
+    phase_seconds: dict = dataclasses.field(default_factory=dict)
 
     @property
     def kept_macs(self):
@@ -83,7 +86,28 @@ class PruneReport:
         for stage, metrics in self.evaluation.items():
             text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             lines.append(f"  {stage:<10} {text}")
+        if self.phase_seconds:
+            lines.append("  time: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds
+                                                 in self.phase_seconds.items()))
         return "\n".join(lines)
+
+
+class _Phases:
+    """Times prune's phases; with `verbose`, says when each starts and how long it took."""
+
+    def __init__(self, verbose):
+        self.verbose = verbose
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name, what):
+        if self.verbose:
+            print(f"prune: {what}", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        if self.verbose:
+            print(f"prune: {name} took {self.seconds[name]:.1f} s", flush=True)
 
 
 def _fresh_optimizer(optimizer, model):
@@ -218,17 +242,20 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
     if distill:
         check_distillation(temperature, distill_weight, "prune")
     start = time.time()
+    phase = _Phases(verbose)
     loss, metrics = _compile_args(model, loss, metrics)
     evaluation = {}
     if validation_data is not None:
-        dense = keras.models.clone_model(model)
-        dense.set_weights(model.get_weights())
-        dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
-        evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
+        with phase("dense evaluation", "evaluating the dense model on validation_data"):
+            dense = keras.models.clone_model(model)
+            dense.set_weights(model.get_weights())
+            dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
+            evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
     plain = strip(model) if has_alphas(model) else model  # a PSP model: alphas folded in
     latency_table, round_to = table_for_budget(plain, latency_table, keep_latency, round_to,
                                                runtime, threads, progress=bool(verbose))
-    psp = parameterize(plain, coupling="group", alpha_regularizer=None)
+    with phase("parameterize", "one alpha per removable channel group (parameterize)"):
+        psp = parameterize(plain, coupling="group", alpha_regularizer=None)
     if distill and teacher is None:
         teacher = clone_with_weights(plain)  # a frozen copy: `model` is not touched
         teacher.trainable = False
@@ -245,25 +272,46 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
     budget = PruneToBudget(keep_macs, importance=importance, min_keep=min_keep,
                            round_to=round_to, verbose=int(verbose > 0),
                            keep_latency=keep_latency, latency_table=latency_table)
-    history = _fit(budget_trainer, train_data, epochs, batch_size, [budget, *callbacks], verbose)
+    with phase("budget training", f"budget training, {epochs} epoch(s) (the first step "
+               "builds the training graph)"):
+        history = _fit(budget_trainer, train_data, epochs, batch_size, [budget, *callbacks],
+                       verbose)
     if recalibrate:
-        psp = recalibrate_batchnorm(psp, _inputs(train_data), batch_size=batch_size)
-    small, shrink_report = strip_and_shrink(psp, round_to=round_to, return_report=True)
+        with phase("BatchNorm recalibration", "recalibrating BatchNorm statistics on the "
+                   "training inputs"):
+            psp = recalibrate_batchnorm(psp, _inputs(train_data), batch_size=batch_size)
+    with phase("shrinking", "removing the pruned channels (strip_and_shrink)"):
+        small, shrink_report = strip_and_shrink(psp, round_to=round_to, return_report=True)
     small.compile(optimizer=_fresh_optimizer(fine_tune_optimizer or optimizer, model),
                   loss=loss, metrics=metrics, jit_compile=jit_compile)
     if validation_data is not None:
-        evaluation["pruned"] = _evaluate(small, validation_data, batch_size)
-    fine_trainer = trainer(small)
-    if fine_trainer is not small:
-        fine_trainer.compile(optimizer=_fresh_optimizer(fine_tune_optimizer or optimizer, model),
-                             loss=loss, metrics=metrics, jit_compile=jit_compile)
-    fine_history = _fit(fine_trainer, train_data, fine_tune_epochs, batch_size, list(callbacks),
-                        verbose)
-    if recalibrate and fine_tune_epochs:
-        weights_model = recalibrate_batchnorm(small, _inputs(train_data), batch_size=batch_size)
-        small.set_weights(weights_model.get_weights())
-    if validation_data is not None:
-        evaluation["fine_tuned"] = _evaluate(small, validation_data, batch_size)
+        with phase("pruned evaluation", "evaluating the shrunk model on validation_data"):
+            evaluation["pruned"] = _evaluate(small, validation_data, batch_size)
+    if fine_tune_epochs:
+        fine_trainer = trainer(small)
+        if fine_trainer is not small:
+            fine_trainer.compile(
+                optimizer=_fresh_optimizer(fine_tune_optimizer or optimizer, model),
+                loss=loss, metrics=metrics, jit_compile=jit_compile)
+        with phase("fine-tuning", f"fine-tuning the shrunk model, {fine_tune_epochs} "
+                   "epoch(s)"):
+            fine_history = _fit(fine_trainer, train_data, fine_tune_epochs, batch_size,
+                                list(callbacks), verbose)
+        if recalibrate:
+            with phase("BatchNorm recalibration", "recalibrating the shrunk model's "
+                       "BatchNorm statistics"):
+                weights_model = recalibrate_batchnorm(small, _inputs(train_data),
+                                                      batch_size=batch_size)
+                small.set_weights(weights_model.get_weights())
+        if validation_data is not None:
+            with phase("fine-tuned evaluation", "evaluating the fine-tuned model"):
+                evaluation["fine_tuned"] = _evaluate(small, validation_data, batch_size)
+    else:
+        fine_history = {}
+    if small.optimizer is not None and not small.optimizer.built:
+        # saved untrained, an optimizer without its slots makes load_model warn
+        # ("Skipping variable loading for optimizer"): build them now
+        small.optimizer.build(small.trainable_variables)
     dense_profile, small_profile = profile_model(model), profile_model(small)
     report = PruneReport(
         keep_macs=None if keep_macs is None else float(keep_macs),
@@ -274,7 +322,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         shrunk_macs=small_profile.total_macs, dense_params=dense_profile.total_params,
         shrunk_params=small_profile.total_params, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, history=history, fine_tune_history=fine_history,
-        evaluation=evaluation, shrink_report=shrink_report, seconds=time.time() - start)
+        evaluation=evaluation, shrink_report=shrink_report, seconds=time.time() - start,
+        phase_seconds=phase.seconds)
     if verbose:
         print(report)
     return small, report
