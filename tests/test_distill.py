@@ -92,6 +92,22 @@ def test_soft_term_alone_and_string_loss():
                                rtol=2e-5)
 
 
+def test_softmax_outputs_are_detected():
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(CLASSES, name="z")(inputs)
+    as_layer = keras.Model(inputs, keras.layers.Softmax()(h))
+    as_op = keras.Model(inputs, keras.ops.softmax(h))
+    as_activation = keras.Model(inputs, keras.layers.Activation("softmax")(h))
+    nested = keras.Model(inputs, as_layer(inputs))
+    logits = keras.Model(inputs, keras.layers.ReLU()(h))
+    assert all(outputs_are_probabilities(m) for m in (as_layer, as_op, as_activation, nested))
+    assert not outputs_are_probabilities(logits)
+    with pytest.raises(ValueError, match="sigmoid"):
+        outputs_are_probabilities(keras.Model(inputs, keras.ops.sigmoid(h)))
+    with pytest.raises(ValueError, match="single-output classifier, got 2 outputs"):
+        outputs_are_probabilities(keras.Model(inputs, [h, h]))
+
+
 def test_bad_arguments_are_named():
     teacher, student = _classifier(1), _classifier(2)
     with pytest.raises(ValueError, match="temperature must be a positive number"):
@@ -110,6 +126,8 @@ def test_bad_arguments_are_named():
     d = Distiller(student, teacher)
     with pytest.raises(ValueError, match="compile needs the task loss"):
         d.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"save the student instead \(distiller.student.save"):
+        d.save("distiller.keras")
 
 
 def test_prune_to_budget_callback_trains_the_student_through_a_distiller():

@@ -32,8 +32,10 @@ _LOG_EPSILON = 1e-7  # probabilities are clipped before their log
 
 
 def _activation_name(layer):
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
+    """'softmax', 'sigmoid', ... for a layer or `keras.ops` node ending in an activation."""
+    name = type(layer).__name__.lower()
+    if name in ("softmax", "sigmoid"):  # keras.layers.Softmax, keras.ops.softmax/sigmoid nodes
+        return name
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", None) if callable(activation) else None
 
@@ -42,9 +44,10 @@ def outputs_are_probabilities(model):
     """Whether `model`'s single output is a softmax (probabilities) rather than logits.
 
     Read from the layer producing the output (a nested model is followed to its
-    own output layer): a `Softmax` layer, or a layer whose `activation` is
-    `softmax` (`Dense(..., activation='softmax')`, `Activation('softmax')`),
-    gives probabilities; any other layer is taken to give logits.
+    own output layer): a `Softmax` layer, a `keras.ops.softmax` node, or a
+    layer whose `activation` is `softmax` (`Dense(..., activation='softmax')`,
+    `Activation('softmax')`), gives probabilities; any other layer is taken to
+    give logits.
 
     Raises:
         ValueError: the output ends in a sigmoid (multi-label outputs: the
@@ -199,6 +202,13 @@ class Distiller(keras.Model):
     @property
     def teacher(self):
         return self._teacher
+
+    def save(self, filepath, *args, **kwargs):
+        """Refused: a Distiller is a training wrapper; save `student` (or `save_weights`)."""
+        raise ValueError(
+            f"Distiller '{self.name}': save the student instead "
+            f"(distiller.student.save({str(filepath)!r})); the distiller holds no weights of "
+            "its own (ModelCheckpoint: save_weights_only=True saves the student's weights).")
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """Like `keras.Model.compile`; `loss` is the task loss (required)."""
