@@ -120,6 +120,9 @@ def test_cross_attention_heads_shrink_exactly():
     ({"attention_axes": (1, 2)}, {}, (3, 4, 12)),
 ])
 def test_attention_variants_shrink_exactly(options, call_options, shape):
+    if "value_dim" in options and keras.backend.backend() == "jax":
+        pytest.skip("Keras 3.15.1's MultiHeadAttention itself fails on JAX when value_dim != "
+                    "key_dim (cannot reshape (2, 6, 4, 1, 3) into (2, 6, 4, 5))")
     inputs = keras.Input(shape)
     h = L.Dense(12, name="pre")(inputs)
     a = L.MultiHeadAttention(4, 5, name="mha", **options)(h, h, **call_options)
