@@ -44,6 +44,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import tf_psp  # noqa: E402  (light: quiets TensorFlow's logs before anything loads it)
+
 import datasets  # noqa: E402
 import models  # noqa: E402
 
@@ -121,7 +123,9 @@ flags.DEFINE_string("output_dir", "/tmp/tf_psp_mobilenet",
                     "Where reports, exports and resumable state go.")
 flags.DEFINE_integer("seed", 0, "Random seed (keras.utils.set_random_seed; data order).")
 flags.DEFINE_bool("deterministic", True, "tf.config.experimental.enable_op_determinism().")
-flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2).")
+flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1 or 2); 3: as 2, and show the "
+                     "TensorFlow, absl, tf2onnx and LiteRT log lines (hidden otherwise).",
+                     lower_bound=0, upper_bound=3)
 flags.DEFINE_integer("stop_after_epoch", 0,
                      "Testing: exit with status 75 right after this PSP epoch (1-based) is "
                      "backed up, as if the process were killed (0: never).")
@@ -355,7 +359,7 @@ def fit_phase(phase, model, train, val, calibration, epochs, steps):
     if phase == "psp" and FLAGS.stop_after_epoch:
         callbacks.append(stop_callback(FLAGS.stop_after_epoch))
     model.fit(data, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-              validation_data=None if recalibrate else val, verbose=FLAGS.verbose)
+              validation_data=None if recalibrate else val, verbose=min(FLAGS.verbose, 2))
 
 
 def has_batchnorm(model):
@@ -830,6 +834,8 @@ def run():
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]} (flags start with --)")
+    if FLAGS.verbose >= 3:
+        tf_psp.quiet.show_library_logs()  # TensorFlow has not loaded yet
     try:
         check_flags()
         check_resume(read_json(_path("state", "progress.json"), {}))

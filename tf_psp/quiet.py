@@ -1,8 +1,10 @@
 """A quiet console: TensorFlow, absl, tf2onnx and LiteRT log lines off unless asked.
 
 `import tf_psp` calls `quiet_environment()` before anything loads TensorFlow:
-it sets `TF_CPP_MIN_LOG_LEVEL=2` unless the user set it, and lowers the
-`tensorflow` and `tf2onnx` Python loggers unless they already have a level.
+it sets `TF_CPP_MIN_LOG_LEVEL=2` unless the user set it, lowers the
+`tensorflow` and `tf2onnx` Python loggers unless they already have a level,
+and drops the records below ERROR that TensorFlow and tf2onnx log through the
+shared `absl` logger (an absl app's own records stay).
 
 Some lines come from C++ code that ignores those settings (TensorFlow's
 "oneDNN custom operations are on" banner at import, the TFLite converter's
@@ -31,6 +33,9 @@ _ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # Python loggers of the libraries -> the level they get when quiet.
 _LOGGER_LEVELS = {"tensorflow": logging.ERROR, "tf2onnx": logging.WARNING}
 
+# Packages whose records on the shared `absl` logger are dropped below ERROR.
+_LIBRARY_PACKAGES = ("tensorflow", "tf2onnx", "ai_edge_litert", "onnx", "onnxruntime")
+
 # Lines of native stderr that are noise: glog/absl INFO and WARNING lines
 # ("I0000 00:00:17... 1234 file.cc:12] ..."), absl's pre-init banner, TFLite's
 # "INFO: ..." lines and the quantizer's parameter dump.
@@ -42,6 +47,24 @@ _NOISE = re.compile(
     r"|Estimated count of arithmetic ops"
     r"|\s*$)"
 )
+
+
+
+class _LibraryRecordFilter(logging.Filter):
+    """Drops library records below ERROR from the `absl` logger while quiet.
+
+    TensorFlow logs through absl (`signature_serialization.py:156] Function
+    call contains input name(s) resource ...`); an absl app resets the absl
+    logger's level when it parses its flags, and the app's own absl records
+    must stay, so this filters by the file that logged.
+    """
+
+    def filter(self, record):
+        if not _state["quiet"] or record.levelno >= logging.ERROR:
+            return True
+        parts = os.path.normpath(record.pathname or "").split(os.sep)
+        return not any(package in parts for package in _LIBRARY_PACKAGES)
+
 
 _lock = threading.RLock()
 _state = {"quiet": True, "environment": {}, "levels": {}, "depth": 0}
@@ -64,6 +87,9 @@ def quiet_environment():
             if logger.level == logging.NOTSET:
                 logger.setLevel(level)
                 _state["levels"][name] = level
+        absl = logging.getLogger("absl")
+        if not any(isinstance(f, _LibraryRecordFilter) for f in absl.filters):
+            absl.addFilter(_LibraryRecordFilter())
 
 
 def show_library_logs():
