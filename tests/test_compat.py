@@ -54,6 +54,18 @@ def test_layer_and_tensor_accessors():
     assert tuple(compat.build_input_shape(a)) == (None, 4, 4, 2)
 
 
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_attention_accessors(use_gate):
+    mha = keras.layers.MultiHeadAttention(2, 3, use_gate=use_gate)
+    mha(keras.Input((4, 5)), keras.Input((4, 5)))
+    names = [d.name for d in compat.attention_projections(mha)]
+    assert names == ["query", "key", "value", "attention_output"]
+    gate = compat.attention_gate(mha)
+    assert (gate is not None) == use_gate
+    if use_gate:
+        assert tuple(gate.kernel.shape) == (5, 2, 3)
+
+
 def test_subclassed_model_has_no_graph():
     class Sub(keras.Model):
         def call(self, x):

@@ -64,6 +64,14 @@ def test_multi_head_attention():
     assert row.macs == hand
 
 
+def test_gated_attention_counts_its_gate():
+    x = keras.Input((5, 8))
+    plain = profile(keras.Model(x, L.MultiHeadAttention(2, 4, name="mha")(x, x))).total_macs
+    gated = L.MultiHeadAttention(2, 4, use_gate=True, name="mha")
+    macs = profile(keras.Model(x, gated(x, x))).total_macs
+    assert macs == plain + 5 * 8 * 2 * 4  # the gate projects every query position
+
+
 def test_self_attention_with_mask():
     x = keras.Input((5, 8))
     mask = keras.Input((5, 5), dtype="bool")

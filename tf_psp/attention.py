@@ -50,10 +50,8 @@ KEEPS_WIDTH = ("keeps its model width (d_model, the residual stream of a transfo
 def _head_kernels(layer):
     """`[(variable, heads axis)]` of every weight of `layer` that has a heads axis."""
     query, key, value, output = compat.attention_projections(layer)
-    dense = [query, key, value]
-    gate = getattr(layer, "_gate_dense", None)
-    if getattr(layer, "_use_gate", False) and gate is not None:
-        dense.append(gate)
+    gate = compat.attention_gate(layer)
+    dense = [query, key, value] + ([gate] if gate is not None else [])
     pairs = []
     for sub in dense:
         pairs.append((sub.kernel, 1))  # [d_model, heads, dim]

@@ -127,6 +127,11 @@ def attention_projections(layer):
     return layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense
 
 
+def attention_gate(layer):
+    """The gate EinsumDense of a MultiHeadAttention built with `use_gate=True`, else None."""
+    return layer._gate_dense if getattr(layer, "_use_gate", False) else None
+
+
 def sync_training_state(model):
     """Makes the variables of a model being fit hold their current values.
 

@@ -87,8 +87,10 @@ def attention_macs(layer, input_shapes, output_shapes):
     tq, tv = _size(output_shapes[0][1:-1]), _size(value[1:-1])
     heads, key_dim = int(query_kernel.shape[-2]), int(query_kernel.shape[-1])
     head_value_dim = int(value_kernel.shape[-1])
+    gate = compat.attention_gate(layer)  # use_gate: one more projection of the query
     return (
         tq * (_variable_size(query_kernel) + _variable_size(output.kernel))
+        + (tq * _variable_size(gate.kernel) if gate is not None else 0)
         + tv * (_variable_size(key.kernel) + _variable_size(value_kernel))
         + heads * tq * tv * (key_dim + head_value_dim)
     )
