@@ -1,6 +1,12 @@
 """tf_psp: Parameterized Structured Pruning for Keras 3."""
 
+import re
+
 from setuptools import find_packages, setup
+
+# The version lives in one place, tf_psp/__init__.py (`tf-psp --version` prints it).
+with open("tf_psp/__init__.py", encoding="utf-8") as init:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', init.read(), re.M).group(1)
 
 INSTALL_REQUIRES = [
     "tensorflow-cpu==2.21.0",
@@ -46,7 +52,7 @@ EXTRAS = {
 
 setup(
     name="tf_psp",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Parameterized Structured Pruning (PSP) for Keras 3: learn which "
         "channels, filters, columns or layers to drop, then physically shrink."
