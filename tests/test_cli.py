@@ -340,3 +340,205 @@ def test_latency_table_writes_table_and_plot(psp_path, workdir):
 def test_latency_table_rejects_bad_points(psp_path):
     status, _, err = _run(["latency-table", psp_path, "--points", "1"])
     assert status == 2 and "--points" in err
+
+
+# --- --version, --verbose and a light start ----------------------------------------
+
+
+def test_version_prints_the_package_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tf-psp {tf_psp.__version__}\n"
+
+
+_LIGHT_START = """
+import contextlib, io, sys
+from tf_psp import cli
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    codes = [cli.main(["--help"]), cli.main(["--version"]), cli.main(["prune", "--help"])]
+heavy = [m for m in ("tensorflow", "keras") if m in sys.modules]
+print(codes, heavy, "usage: tf-psp prune" in out.getvalue())
+"""
+
+
+def test_help_and_version_do_not_load_tensorflow():
+    result = subprocess.run([sys.executable, "-c", _LIGHT_START], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[0, 0, 0] [] True"
+    assert result.stderr == ""
+
+
+def test_verbose_is_accepted_before_and_after_the_command(workdir):
+    for argv in (["--verbose", "profile", "missing.keras"], ["profile", "missing.keras",
+                                                               "--verbose"]):
+        args = cli.build_parser().parse_args(argv)
+        assert args.verbose is True and args.command == "profile"
+    assert cli.build_parser().parse_args(["profile", "m.keras"]).verbose is False
+
+
+# --- prune ----------------------------------------------------------------------------
+
+_CLASSES = 3
+
+
+def _plain_model(compiled=False):
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(_CLASSES, name="fc")(x)
+    model = keras.Model(inputs, outputs, name="two_convs")
+    randomize_weights(model)
+    if compiled:
+        model.compile(keras.optimizers.SGD(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+    return model
+
+
+def _samples(n=64, shape=(12, 12, 3), classes=_CLASSES, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n,) + shape).astype(np.float32)
+    return x, rng.integers(0, classes, n)
+
+
+@pytest.fixture(scope="module")
+def plain_path(workdir):
+    path = str(workdir / "plain.keras")
+    _plain_model().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def npz_path(workdir):
+    path = str(workdir / "data.npz")
+    x, y = _samples()
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _macs(path):
+    return tf_psp.profile(keras.models.load_model(path)).total_macs
+
+
+def test_prune_npz_writes_a_plain_model_within_the_budget(plain_path, npz_path, workdir):
+    output, report = str(workdir / "pruned.keras"), str(workdir / "pruned.json")
+    before = open(plain_path, "rb").read()
+    status, out, err = _run(["prune", plain_path, "--data", npz_path, "--keep-macs", "0.5",
+                             "--epochs", "1", "--validation-split", "0.25", "-o", output,
+                             "--report", report, "--quiet-training"])
+    assert status == 0, err
+    assert "48 samples of shape (12, 12, 3) + 16 for validation" in out
+    assert re.search(r"prune: MACs [\d,]+ -> [\d,]+", out) and f"Wrote {output}" in out
+    assert "sparse categorical cross-entropy (from_logits=True)" in err  # said once, on stderr
+    assert open(plain_path, "rb").read() == before
+    small = keras.models.load_model(output)
+    assert not any(tf_psp.is_psp_layer(layer) for layer in small.layers)
+    assert _macs(output) <= 0.5 * _macs(plain_path)
+    x, _ = _samples(4, seed=5)
+    assert small.predict(x, verbose=0).shape == (4, _CLASSES)
+    data = json.loads(open(report).read())
+    assert data["shrunk_macs"] == _macs(output) and data["dense_macs"] == _macs(plain_path)
+    assert set(data["evaluation"]) >= {"dense", "pruned"}
+
+
+def test_prune_image_folder(workdir):
+    folder = workdir / "images"
+    rng = np.random.default_rng(3)
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for i in range(8):
+            image = rng.integers(0, 256, size=(16, 20, 3)).astype("uint8")  # resized to 12x12
+            keras.utils.save_img(str(folder / label / f"{i}.png"), image)
+    model = _plain_model(compiled=True)
+    model_path, output = str(workdir / "compiled.keras"), str(workdir / "from_images.keras")
+    model.save(model_path)
+    status, out, err = _run(["prune", model_path, "--data", str(folder), "--keep-macs", "0.6",
+                             "--epochs", "1", "--batch-size", "8", "-o", output,
+                             "--quiet-training"])
+    assert status == 0, err
+    assert "16 images in 2 classes, resized to 12x12" in out
+    assert "not compiled" not in err  # the model's own loss is used
+    assert _macs(output) <= 0.6 * _macs(model_path)
+
+
+def test_prune_keep_macs_and_keep_latency_exclude_each_other(plain_path, npz_path, workdir):
+    status, _, err = _run(["prune", plain_path, "--data", npz_path, "--keep-macs", "0.5",
+                           "--keep-latency", "0.5", "-o", str(workdir / "x.keras")])
+    assert status == 2 and "not allowed with argument" in err
+
+
+@pytest.mark.parametrize("case", ["missing", "no_y", "shape", "classes", "split", "regression",
+                                  "output", "budget"])
+def test_prune_bad_input_is_one_line_before_any_training(case, plain_path, workdir):
+    data = str(workdir / f"{case}.npz")
+    x, y = _samples(8)
+    argv_extra, expected = [], None
+    if case == "missing":
+        data = str(workdir / "no_such_data.npz")
+        expected = f"no such data file or folder ({data})"
+    elif case == "no_y":
+        np.savez(data, x=x, labels=y)
+        expected = "has no array 'y' (it holds 'x', 'labels')"
+    elif case == "shape":
+        np.savez(data, x=x[:, :10, :10], y=y)
+        expected = "x holds samples of shape (10, 10, 3), model 'two_convs' takes (12, 12, 3)"
+    elif case == "classes":
+        np.savez(data, x=x, y=np.arange(8) % 5)
+        expected = "the labels name 5 classes, model 'two_convs' has 3 outputs"
+    elif case == "split":
+        np.savez(data, x=x, y=y)
+        argv_extra = ["--validation-split", "0.01"]
+        expected = "a validation split of 0.01 leaves 8 training and 0 validation samples"
+    elif case == "regression":
+        np.savez(data, x=x, y=np.linspace(0.1, 0.9, 8))
+        expected = "pass --loss"
+    elif case == "output":
+        np.savez(data, x=x, y=y)
+        argv_extra = ["-o", str(workdir / "model.h5")]
+        expected = "the output must be a .keras file"
+    else:
+        np.savez(data, x=x, y=y)
+        argv_extra = ["--keep-macs", "1.5"]
+        expected = "argument --keep-macs: expected a fraction in (0, 1]"
+    output = str(workdir / f"{case}.keras")
+    argv = ["prune", plain_path, "--data", data, "-o", output, "--epochs", "1"] + argv_extra
+    if "-o" in argv_extra:
+        argv = ["prune", plain_path, "--data", data, "--epochs", "1"] + argv_extra
+    status, out, err = _run(argv)
+    assert status == 2, (out, err)
+    assert err.startswith("tf-psp: error:") and len(err.strip().splitlines()) == 1, err
+    assert expected in err, err
+    assert "Traceback" not in err and not os.path.exists(output)
+
+
+# --- a quiet console, in the real program ------------------------------------------------
+
+_LOG_LINE = re.compile(
+    r"^[IWE]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\]|absl::InitializeLog|oneDNN custom operations"
+    r"|XNNPACK delegate|fully_quantize|Optimizing ONNX model|Ignored output_format"
+    r"|input name\(s\) resource|^INFO:|^WARNING:tensorflow", re.M)
+
+
+def _program(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "tf_psp.cli", *args],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow  # the real program, four times, in subprocesses
+def test_the_program_prints_no_library_log_line_unless_verbose(plain_path, npz_path, workdir):
+    small = str(workdir / "quiet.keras")
+    outputs = [
+        _program("prune", plain_path, "--data", npz_path, "--epochs", "1", "-o", small),
+        _program("export", small, str(workdir / "quiet.tflite"), "--format", "tflite-int8"),
+        _program("export", small, str(workdir / "quiet.onnx")),
+    ]
+    for output in outputs:
+        assert not _LOG_LINE.search(output), _LOG_LINE.search(output).group(0)
+    assert "Wrote" in outputs[0] and "Wrote" in outputs[1] and "Wrote" in outputs[2]
+    verbose = _program("--verbose", "export", small, str(workdir / "verbose.tflite"))
+    assert len(_LOG_LINE.findall(verbose)) >= 3  # the detector above finds them when shown
