@@ -21,6 +21,11 @@ so every row has the same total number of epochs:
   model, seed and budget), freshly initialized and trained for
   `pretrain_epochs + epochs` like the dense model;
 - `dense`: the dense model trained for the same epochs (keep_macs 1.0).
+- `<method>_kd` (every method but dense): the same, with knowledge distillation
+  from the pre-trained dense model of the seed (the same frozen teacher for
+  every method) in every training phase after pre-training (`scratch_kd`: in
+  both of its phases, on the architecture `psp_budget_kd` ended with);
+  `tf_psp.Distiller` with the setting's `temperature` and `distill_weight`.
 
 BatchNorm trains throughout; its statistics are recalibrated on the training
 digits before every evaluation and shrink. Hyperparameters: `--search` runs
@@ -113,6 +118,10 @@ SEARCH = {
     "group_lasso": [{"lr": lr, "strength": s} for lr in (0.01, 0.03) for s in
                     (1e-3, 1e-2, 1e-1)] + [{"lr": 0.1, "strength": s} for s in (1e-3, 1e-2)],
 }
+KD = {"temperature": 4.0, "distill_weight": 0.5}  # Hinton et al.'s loss; T ~ 2-4 in pruning work
+# The distilled variants search the same settings as their methods (equal effort), with KD on.
+SEARCH.update({f"{m}_kd": [dict(c, **KD) for c in SEARCH[m]] for m in list(SEARCH)
+               if m != "dense"})
 PSP_SCRATCH_REFERENCE = {"lr": 0.1, "decay_until": 0.8}  # the psp run scratch copies (search)
 SEARCH_BUDGET = 0.3
 
@@ -167,12 +176,32 @@ def build(model_name):
 # --- training helpers ------------------------------------------------------------------
 
 
-def _compile(model, optimizer):
+def _no_distillation(model):
+    return model
+
+
+def _distillation(dense, config):
+    """`wrap(student) -> the model to fit`: a `tf_psp.Distiller` from a frozen copy of
+    the pre-trained dense model when `config` has a `distill_weight`, else the student."""
+    if not config.get("distill_weight"):
+        return _no_distillation
+    import tf_psp
+
+    teacher = _copy(dense)
+    teacher.trainable = False
+    return lambda student: tf_psp.Distiller(student, teacher, temperature=config["temperature"],
+                                            distill_weight=config["distill_weight"])
+
+
+def _compile(model, optimizer, wrap=_no_distillation):
+    """Compiles `wrap(model)` (the model itself, or a Distiller over it) and returns it."""
     import keras
 
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=False)
+    trainer = wrap(model)
+    trainer.compile(optimizer=optimizer,
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"], jit_compile=False)
+    return trainer
 
 
 def _sgd(lr, epochs, data):
@@ -236,21 +265,20 @@ def _copy(model):
     return clone
 
 
-def _train_two_phase(model, data, config, callbacks, importance, keep, seed):
+def _train_two_phase(model, data, config, callbacks, importance, keep, seed, wrap):
     """Sparse phase with `callbacks`, prune to budget with `importance`, shrink, fine-tune."""
     import tf_psp
 
     sparse_epochs = FLAGS.epochs - FLAGS.finetune_epochs
-    _compile(model, _sgd(config["lr"], sparse_epochs, data))
-    _fit(model, data, sparse_epochs, callbacks)
+    _fit(_compile(model, _sgd(config["lr"], sparse_epochs, data), wrap), data, sparse_epochs,
+         callbacks)
     model = _recalibrated(model, data)
     pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance=importance, seed=seed)
-    return _finetune(tf_psp.strip_and_shrink(pruned), data, config, FLAGS.finetune_epochs)
+    return _finetune(tf_psp.strip_and_shrink(pruned), data, config, FLAGS.finetune_epochs, wrap)
 
 
-def _finetune(small, data, config, epochs):
-    _compile(small, _sgd(config["lr"], epochs, data))
-    _fit(small, data, epochs)
+def _finetune(small, data, config, epochs, wrap=_no_distillation):
+    _fit(_compile(small, _sgd(config["lr"], epochs, data), wrap), data, epochs)
     return _recalibrated(small, data)
 
 
@@ -262,6 +290,9 @@ def run_method(model_name, method, keep, seed, config, data, split):
 
     dense = _pretrained(model_name, data, seed, split)
     keras.utils.set_random_seed(seed + 1000)
+    wrap = _distillation(dense, config)
+    kd = "_kd" if method.endswith("_kd") else ""
+    method = method.removesuffix("_kd")
     if method == "dense":
         model = _copy(dense)
         return _finetune(model, data, config, FLAGS.epochs), {}
@@ -269,41 +300,42 @@ def run_method(model_name, method, keep, seed, config, data, split):
         psp = tf_psp.parameterize(dense, coupling="group", alpha_regularizer=None)
         finetune = int(config.get("finetune", FLAGS.finetune_epochs))
         sparse_epochs = FLAGS.epochs - finetune
-        _compile(psp, _sgd(config["lr"], sparse_epochs, data))
+        trainer = _compile(psp, _sgd(config["lr"], sparse_epochs, data), wrap)
         budget = tf_psp.PruneToBudget(keep, decay_until=config.get("decay_until", 0.8))
-        _fit(psp, data, sparse_epochs, [budget])
+        _fit(trainer, data, sparse_epochs, [budget])
         psp = _recalibrated(psp, data)
         small = tf_psp.strip_and_shrink(psp)
         pruned_accuracy = _accuracy(small, data)
         if finetune:
-            small = _finetune(small, data, config, finetune)
+            small = _finetune(small, data, config, finetune, wrap)
         return small, {"accuracy_before_finetune": pruned_accuracy}
     if method == "l1_norm":
         small = tf_psp.strip_and_shrink(tf_psp.prune_to_budget(dense, keep, importance="l1"))
-        return _finetune(small, data, config, FLAGS.epochs), {}
+        return _finetune(small, data, config, FLAGS.epochs, wrap), {}
     if method == "random":
         small = tf_psp.strip_and_shrink(
             tf_psp.prune_to_budget(dense, keep, importance="random", seed=seed))
-        return _finetune(small, data, config, FLAGS.epochs), {}
+        return _finetune(small, data, config, FLAGS.epochs, wrap), {}
     if method == "network_slimming":
         callback = tf_psp.sparse_training.BatchNormL1(config["strength"])
-        return _train_two_phase(_copy(dense), data, config, [callback], "bn", keep, seed), {}
+        return _train_two_phase(_copy(dense), data, config, [callback], "bn", keep, seed,
+                                wrap), {}
     if method == "group_lasso":
         callback = tf_psp.sparse_training.GroupLasso(config["strength"])
-        return _train_two_phase(_copy(dense), data, config, [callback], "l2", keep, seed), {}
+        return _train_two_phase(_copy(dense), data, config, [callback], "l2", keep, seed,
+                                wrap), {}
     if method == "scratch":
-        psp_config = (dict(DEFAULTS, **PSP_SCRATCH_REFERENCE) if split == "val"
-                      else best_config(model_name, "psp_budget", split))
-        reference = _load_run(model_name, "psp_budget", keep, seed, split, psp_config)
+        psp_config = (dict(DEFAULTS, **PSP_SCRATCH_REFERENCE, **(KD if kd else {}))
+                      if split == "val" else best_config(model_name, "psp_budget" + kd, split))
+        reference = _load_run(model_name, "psp_budget" + kd, keep, seed, split, psp_config)
         if reference is None:
-            raise RuntimeError(f"scratch needs the psp_budget run of {model_name}, keep "
-                               f"{keep}, seed {seed} first (--methods order).")
+            raise RuntimeError(f"scratch{kd} needs the psp_budget{kd} run of {model_name}, "
+                               f"keep {keep}, seed {seed} first (--methods order).")
         shape_model = keras.saving.load_model(reference["model_path"])
         keras.utils.set_random_seed(seed)
         model = keras.models.clone_model(shape_model)  # fresh initialization
-        _compile(model, keras.optimizers.Adam(1e-3))
-        _fit(model, data, FLAGS.pretrain_epochs)
-        return _finetune(model, data, config, FLAGS.epochs), {}
+        _fit(_compile(model, keras.optimizers.Adam(1e-3), wrap), data, FLAGS.pretrain_epochs)
+        return _finetune(model, data, config, FLAGS.epochs, wrap), {}
     raise ValueError(f"--methods: unknown method {method!r}.")
 
 
@@ -367,7 +399,7 @@ def do_run(model_name, method, keep, seed, split, config, data):
            "test_examples": len(data.y_test),
            "seconds": round(time.time() - start, 1), **extra}
     key = _key(model_name, method, keep, seed, split, config)
-    if method == "psp_budget":
+    if method in ("psp_budget", "psp_budget_kd"):  # scratch(_kd) trains its architecture
         path = os.path.join(FLAGS.out, "runs", key + ".keras")
         model.save(path)
         row["model_path"] = path

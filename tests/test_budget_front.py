@@ -46,24 +46,29 @@ def test_bad_flags_are_refused():
 
 
 @pytest.mark.slow
-def test_budget_front_on_fashion_mnist_records_the_data(tmp_path):
+def test_budget_front_on_fashion_mnist_with_distillation(tmp_path):
     from conftest import write_fashion_mnist
 
     write_fashion_mnist(tmp_path / "fm", n_train=100, n_test=30)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
     args = [sys.executable, str(ROOT / "examples" / "budget_front.py"), "--models=resnet8",
-            "--methods=dense,psp_budget", "--seeds=0", "--budgets=0.4", "--pretrain_epochs=1",
-            "--epochs=2", "--finetune_epochs=1", "--steps_per_epoch=2",
+            "--methods=dense,psp_budget_kd,network_slimming_kd,scratch_kd", "--seeds=0",
+            "--budgets=0.4", "--pretrain_epochs=1", "--epochs=2", "--finetune_epochs=1",
+            "--steps_per_epoch=2",
             "--dataset=fashion_mnist", f"--data_dir={tmp_path / 'fm'}", "--train_examples=80",
             f"--out={tmp_path / 'out'}"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "resnet8.json").read_text())
     assert results["protocol"]["dataset"] == "fashion_mnist"
-    assert {r["method"] for r in results["runs"]} == {"dense", "psp_budget"}
+    assert {r["method"] for r in results["runs"]} == {"dense", "psp_budget_kd",
+                                                       "network_slimming_kd", "scratch_kd"}
     for row in results["runs"]:
         # every test image, none of the training subset's
         assert row["dataset"] == "fashion_mnist" and row["test_examples"] == 30, row
+        if row["method"] != "dense":  # distilled from the dense model, within the budget
+            assert row["config"]["distill_weight"] == 0.5, row
+            assert 0.37 <= row["macs_kept"] <= 0.4, row
     runs = list((tmp_path / "out" / "runs").glob("*.json"))
     assert runs and all("fashion_mnist80" in p.name for p in runs)
     assert all(json.loads(p.read_text())["train_examples"] == 80 for p in runs)
