@@ -211,9 +211,34 @@ def test_indexing_the_channel_axis_freezes(index):
     assert "channel axis" in select.frozen_reason
 
 
-def test_prune_to_budget_removes_heads_and_units():
+def _scale_head(dense, head, factor, axis):
+    kernel = np.array(keras.ops.convert_to_numpy(dense.kernel))
+    np.moveaxis(kernel, axis, 0)[head] *= factor
+    dense.kernel.assign(kernel)
+
+
+@pytest.mark.parametrize("importance, weak, part", [
+    ("l1", 1, "qkv"),     # l1: the weights writing a head (its query, key, value projections)
+    ("l2", 1, "qkv"),
+    ("alpha", 3, "out"),  # alpha: the (alpha-scaled) output rows reading it
+])
+def test_head_importance_reads_the_heads_weights(importance, weak, part):
+    model = _vit("token", blocks=1)
+    mha = model.get_layer("mha_0")
+    query, key, value, output = tf_psp.compat.attention_projections(mha)
+    for dense in ((query, key, value) if part == "qkv" else (output,)):
+        _scale_head(dense, weak, 0.01, axis=1 if part == "qkv" else 0)
+    plan = tf_psp.pruning_plan(tf_psp.parameterize(model, coupling="group"), importance)
+    heads = [u for u in plan.units if u.space == "heads of 'mha_0'"]
+    assert len(heads) == HEADS
+    weakest = min(heads, key=lambda u: u.score)
+    assert weakest.reads == [("mha_0", weak)]
+
+
+@pytest.mark.parametrize("importance", ["random", "l1"])
+def test_prune_to_budget_removes_heads_and_units(importance):
     model = _vit("token")
-    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance="random")
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance=importance)
     shrunk = tf_psp.strip_and_shrink(pruned)
     dense, small = tf_psp.profile(model), tf_psp.profile(shrunk)
     assert small.uncounted == []

@@ -107,11 +107,16 @@ class AttentionHeadsHandler(LayerHandler):
         return [heads] + [np.ones(t.channels or 0, bool) for t in node.inputs[1:]]
 
     def read_kernels(self, layer):
-        """(kernel read per head on axis -2, kernel written per output channel) for scores."""
-        output = compat.attention_projections(layer)[3]
+        """(weights reading each head, on axis -2; weights writing each head, on axis -1).
+
+        For importance scores (`tf_psp.plan`): a head is read by its output
+        kernel rows and written by its query, key and value projections.
+        """
+        query, key, value, output = compat.attention_projections(layer)
         kernel = _np(output.kernel)  # [heads, value_dim, d_model]
         read = np.moveaxis(kernel.reshape(kernel.shape[0], -1), 0, -1)[..., None]
-        return read, _np(output.kernel)
+        write = np.concatenate([_np(d.kernel) for d in (query, key, value)], axis=-1)
+        return read, np.moveaxis(write, 1, -1)  # [d_model, dims, heads]
 
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
         layer = node.layer

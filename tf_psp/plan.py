@@ -535,11 +535,14 @@ def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
             continue
         terms.append(_MacTerm(node, g))
         layer = psp.get(node.name)
+        inner = hasattr(node.handler, "inner_spaces")  # attention heads: read and written inside
         for c, s in enumerate(node.inputs[0].slots()):
             u = unit_of(g.group(s))
             if u is None:
                 continue
             u.reads.append((node.name, c))
+            if inner:
+                u.writes.append((node.name, c))
             if layer is not None:
                 idx = _handle_entries(layer, -2, c)
                 if idx is not None:
@@ -605,7 +608,9 @@ def _score(units, plain, g, importance, seed, bns):
         return sum(float(np.sum(np.square(np.take(kernel(n)[0], c, axis=-2)))) for n, c in u.reads)
 
     def write_sq(u, handled_only):
-        names = {h[0] for h in u.handles} if handled_only else None
+        # writers with a filter alpha on it (a layer reading u, e.g. heads, is not one)
+        readers = {n for n, _ in u.reads}
+        names = {h[0] for h in u.handles if h[0] not in readers} if handled_only else None
         return sum(float(np.sum(np.square(np.take(kernel(n)[1], c, axis=-1))))
                    for n, c in u.writes if names is None or n in names)
 
