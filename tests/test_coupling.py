@@ -333,3 +333,19 @@ def test_group_coupling_refuses_psp_models_and_all_frozen_models():
     frozen = keras.Model(inp, L.Dense(3, name="only")(inp))  # reads the input, writes the output
     with pytest.raises(ValueError, match="no channel that PSP can prune"):
         tf_psp.parameterize(frozen, coupling="group")
+
+
+@pytest.mark.parametrize("index", [[3, 4, 5, 6], [6, 5, -1, 0, 8, 2], [-1, -1], [7, 8, 0, 1, 2]])
+def test_group_alphas_call_scales_by_a_numpy_table(index):
+    # groups of 3, 4 and 2 alphas; an index reads whole groups, pieces, several, or none (-1)
+    from tf_psp.group_alphas import PSPGroupAlphas
+
+    gate = PSPGroupAlphas([3, 4, 2], epsilon=0.05, alpha_regularizer=None)
+    gate.build()
+    alphas = np.array([0.5, 0.01, 2.0, 1.5, -0.03, 0.7, 3.0, 0.2, -1.1], "float32")
+    for variable, part in zip(gate.group_alphas, np.split(alphas, [3, 7])):
+        variable.assign(part)
+    table = np.append(np.where(np.abs(alphas) >= 0.05, alphas, 0.0), 1.0)
+    x = np.random.default_rng(0).normal(size=(2, 5, len(index))).astype("float32")
+    out = keras.ops.convert_to_numpy(gate(x, index=np.array(index)))
+    np.testing.assert_allclose(out, x * table[np.array(index)], rtol=1e-6)
