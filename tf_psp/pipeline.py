@@ -9,6 +9,9 @@
 4. `strip_and_shrink`: a plain Keras model within the MAC budget;
 5. `fine_tune_epochs` of training of the small model, BatchNorm recalibrated
    again.
+
+With `distill=True` or a `teacher`, steps 2 and 5 train through a
+`distill.Distiller` (knowledge distillation from the teacher's soft outputs).
 """
 
 import contextlib
