@@ -282,3 +282,21 @@ def test_head_alphas_train_and_are_decayed():
     psp.fit(x, y, epochs=1, batch_size=16, verbose=0)
     after = keras.ops.convert_to_numpy(mha.alpha.value)
     assert np.all(after != before)
+
+
+def test_balance_alphas_balances_heads_and_keeps_outputs():
+    psp = tf_psp.parameterize(_vit("token", blocks=1), coupling="group")
+    mha = _gates(psp)["mha_0"]
+    _zero_alphas(mha, [1])
+    balanced = tf_psp.balance_alphas(psp, kernel_decay=5e-4)
+    x = _x(9)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(balanced(x)),
+                               keras.ops.convert_to_numpy(psp(x)), rtol=1e-4, atol=1e-5)
+    alpha = keras.ops.convert_to_numpy(balanced.get_layer("mha_0").alpha.value)
+    kernel = keras.ops.convert_to_numpy(mha.head_output_kernel)
+    norms = np.sqrt(np.sum(np.square(kernel), axis=(1, 2)))
+    # alpha_h = (kappa / lambda)**(1/4) * sqrt(||alpha_h * W_h||): alpha_h**2 / ||W_h|| is one
+    # constant over the live heads (alpha was 1), and a pruned head stays at the floor
+    assert alpha[1] <= 1e-5
+    ratio = alpha[[0, 2, 3]] ** 2 / norms[[0, 2, 3]]
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)

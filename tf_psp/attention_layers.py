@@ -35,6 +35,16 @@ class PSPMultiHeadAttention(PSPMixin, keras.layers.MultiHeadAttention):
     """
 
     plain_class = keras.layers.MultiHeadAttention
+    _alpha_kernel_name = "head_output_kernel"  # the weights alpha scales (balance_alphas)
+
+    @property
+    def head_output_kernel(self):
+        """The output projection's kernel `[heads, value_dim, d_model]`: alpha scales its rows."""
+        return compat.attention_projections(self)[3].kernel
+
+    @property
+    def _alpha_kernel_broadcast(self):
+        return (self.num_heads, 1, 1)
 
     def __init__(self, *args, structure="channel", **kwargs):
         super().__init__(*args, structure=structure, **kwargs)

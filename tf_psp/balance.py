@@ -87,7 +87,7 @@ def balance_alphas(model: keras.Model, kernel_decay: float, momentum: float = 0.
     model = _copy(model)
     for layer in compat.flatten_layers(model):
         if (psp_layers.is_psp_layer(layer) and layer.structure in ("channel", "column")
-                and hasattr(layer, layer._alpha_kernel_name)):  # not attention heads (yet)
+                and hasattr(layer, layer._alpha_kernel_name)):
             _balance_layer(layer, kappa, min_alpha)
     calls = coupling.reader_calls(model)
     if calls:
@@ -98,7 +98,8 @@ def balance_alphas(model: keras.Model, kernel_decay: float, momentum: float = 0.
 def _balance_layer(layer, kappa, min_alpha):
     kernel_var = getattr(layer, layer._alpha_kernel_name)
     kernel = _np(kernel_var)
-    broadcast = layer._alpha_broadcast
+    # alpha's shape on that kernel (attention heads: [heads, 1, 1] on the output kernel)
+    broadcast = getattr(layer, "_alpha_kernel_broadcast", layer._alpha_broadcast)
     alpha = _np(layer.alpha).reshape(broadcast)
     axes = tuple(i for i, d in enumerate(broadcast) if d == 1)
     norms = np.sqrt(np.sum(np.square(kernel * alpha), axis=axes, keepdims=True))
