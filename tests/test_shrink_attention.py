@@ -300,3 +300,20 @@ def test_balance_alphas_balances_heads_and_keeps_outputs():
     assert alpha[1] <= 1e-5
     ratio = alpha[[0, 2, 3]] ** 2 / norms[[0, 2, 3]]
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+
+
+def test_mac_weighted_decay_covers_head_alphas():
+    model = _vit("token", blocks=1)
+    psp = tf_psp.parameterize(model, coupling="group", cost="macs")
+    mha = _gates(psp)["mha_0"]
+    gate = next(layer for layer in psp.layers if tf_psp.coupling.is_group_alphas(layer))
+    head_weights = mha.alpha_regularizer.get_config()["weights"]
+    group_weights = [w for group in gate.costs for w in group]
+    assert len(head_weights) == HEADS
+    # every head costs the layer's MACs / heads; all weights together have mean 1
+    assert np.allclose(head_weights, head_weights[0])
+    np.testing.assert_allclose(np.mean(head_weights + group_weights), 1.0, rtol=1e-6)
+    mha_macs = _attention_macs(TOKENS, TOKENS, D, HEADS, KEY_DIM, KEY_DIM)
+    unit_macs = 2 * TOKENS * D  # an MLP unit: one row of mlp_up and one of mlp_down per token
+    mlp = [w for w in group_weights if w > 0]
+    np.testing.assert_allclose(head_weights[0] / mlp[0], mha_macs / HEADS / unit_macs, rtol=1e-6)

@@ -44,6 +44,7 @@ from tf_psp import (
 )
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
+from tf_psp import regularizers as psp_regularizers
 from tf_psp.functional import clone_layer
 
 # The layer lives in tf_psp.group_alphas; re-exported for existing imports.
@@ -73,21 +74,35 @@ class GroupPlan:
         twins: layer name -> handler, for the layers whose inner channel space
             (attention heads) gets alphas of its own: they become the PSP twin
             the handler's `psp_twin` makes.
+        twin_costs: layer name -> per alpha of its twin, the MACs it costs
+            (attention: the layer's MACs / heads).
     """
 
-    def __init__(self, group_sizes, group_names, readers, costs, frozen, twins=None):
+    def __init__(self, group_sizes, group_names, readers, costs, frozen, twins=None,
+                 twin_costs=None):
         self.group_sizes = group_sizes
         self.group_names = group_names
         self.readers = readers
         self.costs = costs
         self.frozen = frozen
         self.twins = twins or {}
+        self.twin_costs = twin_costs or {}
+
+    def _cost_mean(self):
+        flat = [c for group in self.costs for c in group]
+        flat += [c for costs in self.twin_costs.values() for c in costs]
+        mean = float(np.mean(flat)) if flat else 0.0
+        return mean if mean > 0 else 1.0
 
     def cost_weights(self):
         """Costs divided by their mean over all alphas (mean 1), per group."""
-        flat = np.concatenate([np.asarray(c, "float64") for c in self.costs])
-        mean = flat.mean() if flat.size and flat.mean() > 0 else 1.0
+        mean = self._cost_mean()
         return [[c / mean for c in group] for group in self.costs]
+
+    def twin_cost_weights(self):
+        """Layer name -> its twin's alpha costs over the same mean as `cost_weights`."""
+        mean = self._cost_mean()
+        return {name: [c / mean for c in costs] for name, costs in self.twin_costs.items()}
 
 
 def _node_macs(node):
@@ -180,6 +195,8 @@ def plan_groups(model):
     frozen = sorted({str(b) for reasons in graph.frozen.values() for b in reasons})
     twins = {n.name: n.handler for n in live if hasattr(n.handler, "psp_twin")
              and any(graph.group(s) not in frozen_roots for s in n.inputs[0].slots())}
+    twin_costs = {n.name: [_node_macs(n) / n.inputs[0].channels] * n.inputs[0].channels
+                  for n in live if n.name in twins}
     return GroupPlan(
         group_sizes=[len(members[s]) for s in spaces],
         group_names=[names[s] for s in spaces],
@@ -187,6 +204,7 @@ def plan_groups(model):
         costs=[[costs[r] for r in members[s]] for s in spaces],
         frozen=frozen,
         twins=twins,
+        twin_costs=twin_costs,
     )
 
 
@@ -230,11 +248,16 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
         **psp_kwargs,
     )
     clones, originals = {}, {}
+    twin_kwargs = {name: psp_kwargs for name in plan.twins}
+    if cost == "macs" and cost_weights is None:
+        twin_kwargs = {name: _weighted(psp_kwargs, weights)
+                       for name, weights in plan.twin_cost_weights().items()}
 
     def clone_function(layer):
         if id(layer) not in clones:
-            twin = plan.twins.get(getattr(layer, "name", None))
-            new = (twin.psp_twin(layer, epsilon, psp_kwargs) if twin is not None
+            name = getattr(layer, "name", None)
+            twin = plan.twins.get(name)
+            new = (twin.psp_twin(layer, epsilon, twin_kwargs[name]) if twin is not None
                    else clone_layer(layer))  # a Lambda or a keras.ops call is reused
             clones[id(layer)] = new
             originals[id(new)] = layer
@@ -255,6 +278,17 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
             set_weights = getattr(new, "set_plain_weights", new.set_weights)  # twins: no alpha
             set_weights(old.get_weights())
     return new_model, plan
+
+
+def _weighted(psp_kwargs, weights):
+    """`psp_kwargs` whose alpha regularizer is weighted per alpha (cost-aware decay)."""
+    regularizer = psp_kwargs.get("alpha_regularizer", psp_layers._DEFAULT)
+    if regularizer is psp_layers._DEFAULT:
+        regularizer = psp_regularizers.default_alpha_regularizer()
+    if regularizer is None:
+        return psp_kwargs
+    regularizer = psp_regularizers.with_weights(keras.regularizers.get(regularizer), weights)
+    return dict(psp_kwargs, alpha_regularizer=regularizer)
 
 
 # --- strip: fold the shared alphas into the readers -----------------------------
