@@ -107,6 +107,13 @@ def test_import_keeps_a_logger_level_the_user_chose():
     assert _python(code).split() == [str(logging.DEBUG), str(logging.WARNING)]
 
 
+def test_absl_keeps_its_own_logger_class_when_tf_psp_comes_first():
+    # A plain logging.Logger named 'absl' would report absl's own file as the caller
+    # of every record, so the library filter could not tell TensorFlow's records.
+    code = "import logging, tf_psp; print(type(logging.getLogger('absl')).__name__)"
+    assert _python(code).strip() == "ABSLLogger"
+
+
 def test_show_library_logs_undoes_the_defaults():
     code = ("import logging, os, tf_psp; tf_psp.quiet.show_library_logs(); "
             "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), "
