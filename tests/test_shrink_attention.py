@@ -87,6 +87,9 @@ def test_heads_and_mlp_units_shrink_exactly(select):
     shrunk, report = _shrink_and_compare(psp, x, {"mlp_0_up": 32, "mlp_1_up": 54})
     assert shrunk.get_layer("mha_0").num_heads == 2
     assert shrunk.get_layer("mha_1").num_heads == 3
+    rows = {row["name"]: row for row in report.layers}
+    assert (rows["mha_0"]["heads_before"], rows["mha_0"]["heads_after"]) == (4, 2)
+    assert "(heads 4 -> 3)" in str(report)
     assert shrunk.get_layer("mha_0").key_dim == KEY_DIM
     kernel = shrunk.get_layer("mha_0")._query_dense.kernel
     assert tuple(kernel.shape) == (D, 2, KEY_DIM)

@@ -123,7 +123,8 @@ class ShrinkReport:
     Attributes:
         layers: list of dicts `{name, class, channels_before, channels_after,
             removed}` (output channels of each layer; `removed`: the layer
-            only fed a removed branch and is gone).
+            only fed a removed branch and is gone); a MultiHeadAttention's
+            also has `heads_before`, `heads_after`.
         blocked: list of dicts `{layer, class, reason, space, channels}`:
             channels that were prunable somewhere (a constant, or ignored by
             a reader) but had to be kept, which layer kept them and why;
@@ -170,6 +171,8 @@ class ShrinkReport:
         for row in self.layers:
             mark = "" if row["channels_before"] == row["channels_after"] else "  (shrunk)"
             mark = "  (removed)" if row.get("removed") else mark
+            if "heads_before" in row and row["heads_before"] != row["heads_after"]:
+                mark += f"  (heads {row['heads_before']} -> {row['heads_after']})"
             lines.append(
                 f"  {row['name']:<30} {row['channels_before']:>5} -> "
                 f"{row['channels_after']:<5}{mark}"
@@ -524,6 +527,10 @@ def _report(g, plan, keep, round_to, readmitted):
                 "removed": not live,
             }
         )
+        if hasattr(node.handler, "inner_spaces") and node.inputs:  # attention: its heads
+            heads = node.inputs[0]
+            layers[-1]["heads_before"] = int(heads.channels or 0)
+            layers[-1]["heads_after"] = int(len(keep[id(heads.tensor)])) if live else 0
     removed_branches = [
         {"merge": node.name, "layers": g.dead_branch(node),
          "offset": None if _zero_offset(g, node) else node.constant_name}
