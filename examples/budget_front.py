@@ -84,9 +84,13 @@ flags.DEFINE_string("search_from", None,
                     "Take the searched settings from search_<this model>.json (e.g. resnet8) "
                     "instead of the model's own search.")
 flags.DEFINE_boolean("pretrain_only", False, "Only pre-train (and cache) the dense models.")
+flags.DEFINE_boolean("use_defaults", False,
+                     "Run the final runs with the built-in settings when --out holds no "
+                     "search_<model>.json (without it, a missing search file is an error).")
 flags.DEFINE_float("lr_override", 0.0,
-                   "With --search_from: use this learning rate for every method (the searched "
-                   "model's learning rates need not transfer; 0: keep them).")
+                   "With --search_from or --use_defaults: use this learning rate for every "
+                   "method (the searched model's learning rates need not transfer; 0: keep "
+                   "them).")
 
 DEFAULTS = {"lr": 0.01, "strength": 0.0}
 # The settings searched per method on the validation split (keep 0.3, seed 0), in
@@ -365,18 +369,29 @@ def _write_json(path, data):
 
 
 def best_config(model_name, method, split):
-    """The searched setting with the best validation accuracy (defaults before a search)."""
+    """The searched setting with the best validation accuracy.
+
+    Raises:
+        ValueError: when --out holds no search file (or it has no run of
+            `method`) and --use_defaults is not given.
+    """
     if split == "val":
         return None
     path = os.path.join(FLAGS.out, f"search_{FLAGS.search_from or model_name}.json")
-    if not os.path.exists(path):
-        return dict(DEFAULTS, **SEARCH[method][2])
-    with open(path) as f:
-        rows = [r for r in json.load(f)["runs"] if r["method"] == method]
-    if not rows:
-        return dict(DEFAULTS, **SEARCH[method][2])
-    config = dict(max(rows, key=lambda r: (r["accuracy"], -r["config"]["lr"]))["config"])
-    if FLAGS.search_from and FLAGS.lr_override:
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in json.load(f)["runs"] if r["method"] == method]
+    if rows:
+        config = dict(max(rows, key=lambda r: (r["accuracy"], -r["config"]["lr"]))["config"])
+    elif FLAGS.use_defaults:
+        config = dict(DEFAULTS, **SEARCH[method][2])
+    else:
+        raise ValueError(
+            f"{path} holds no searched setting of {method}: run the validation search first "
+            "(--search), point --out or --search_from at one, or pass --use_defaults to use "
+            "the built-in settings.")
+    if FLAGS.lr_override and (FLAGS.search_from or not rows):
         config["lr"] = FLAGS.lr_override
     return config
 
@@ -526,6 +541,13 @@ def main(argv):
                                  "budget" if FLAGS.dataset == "mnist5k"
                                  else f"budget_{FLAGS.dataset}")
     os.makedirs(os.path.join(FLAGS.out, "runs"), exist_ok=True)
+    if not FLAGS.search and not FLAGS.pretrain_only:
+        for model_name in FLAGS.models:  # a missing search file: refused before any training
+            for method in FLAGS.methods:
+                try:
+                    best_config(model_name, method, "test")
+                except ValueError as error:
+                    raise app.UsageError(str(error)) from error
     for model_name in FLAGS.models:
         split = "val" if FLAGS.search else "test"
         data = load_data(model_name, split)

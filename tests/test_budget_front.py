@@ -16,7 +16,7 @@ def test_budget_front_tiny_run_writes_results(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
     args = [sys.executable, str(ROOT / "examples" / "budget_front.py"), "--models=resnet8",
             "--seeds=0", "--budgets=0.4", "--pretrain_epochs=1", "--epochs=2",
-            "--finetune_epochs=1", "--steps_per_epoch=2", f"--out={tmp_path}"]
+            "--finetune_epochs=1", "--steps_per_epoch=2", f"--out={tmp_path}", "--use_defaults"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "resnet8.json").read_text())["runs"]
@@ -34,6 +34,18 @@ def test_budget_front_tiny_run_writes_results(tmp_path):
     # resumable: a second run trains nothing
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert again.returncode == 0 and "accuracy" not in again.stdout
+
+
+@pytest.mark.slow
+def test_a_missing_search_file_is_refused_unless_defaults_are_asked_for(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "budget_front.py"), "--models=resnet8",
+         "--methods=psp_budget", f"--out={tmp_path}", "--lr_override=0.05"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "search_resnet8.json holds no searched setting of psp_budget" in result.stderr
+    assert "--use_defaults" in result.stderr and not list(tmp_path.glob("runs/*.json"))
 
 
 @pytest.mark.slow
@@ -56,7 +68,7 @@ def test_budget_front_on_fashion_mnist_with_distillation(tmp_path):
             "--budgets=0.4", "--pretrain_epochs=1", "--epochs=2", "--finetune_epochs=1",
             "--steps_per_epoch=2",
             "--dataset=fashion_mnist", f"--data_dir={tmp_path / 'fm'}", "--train_examples=80",
-            f"--out={tmp_path / 'out'}"]
+            f"--out={tmp_path / 'out'}", "--use_defaults"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "resnet8.json").read_text())

@@ -18,7 +18,7 @@ def test_latency_front_tiny_run_writes_results(tmp_path):
     (tmp_path / "budget").mkdir()
     args = [sys.executable, str(ROOT / "examples" / "latency_front.py"), "--models=resnet8",
             "--seeds=0", "--latency_budgets=0.6", "--pretrain_epochs=1", "--epochs=2",
-            "--steps_per_epoch=2", f"--out={tmp_path / 'budget'}",
+            "--steps_per_epoch=2", f"--out={tmp_path / 'budget'}", "--use_defaults",
             f"--front_out={tmp_path / 'front'}", "--measure", "--measure_runs=5"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=1200, env=env,
                             cwd=ROOT)
