@@ -126,6 +126,24 @@ def test_bad_arguments_are_named():
     d = Distiller(student, teacher)
     with pytest.raises(ValueError, match="compile needs the task loss"):
         d.compile(optimizer="sgd")
+    class Subclassed(keras.Model):
+        def __init__(self, inner):
+            super().__init__(name="subclassed")
+            self.inner = inner
+
+        def call(self, x):
+            return self.inner(x)
+
+    with pytest.raises(ValueError, match="'subclassed' is a subclassed model.*from_logits"):
+        Distiller(student, Subclassed(teacher))
+    x, y = _data(4)
+    d_sub = Distiller(student, Subclassed(teacher), from_logits=True, distill_weight=1.0)
+    d_sub.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    t_out, s_out = (keras.ops.convert_to_numpy(m(x)) for m in (teacher, student))
+    np.testing.assert_allclose(
+        float(keras.ops.convert_to_numpy(d_sub.compute_loss(x, y, d_sub(x)))),
+        _numpy_loss(t_out, s_out, y, 4.0, 1.0, True, True), rtol=2e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"save the student instead \(distiller.student.save"):
         d.save("distiller.keras")
 

@@ -170,14 +170,19 @@ class Distiller(keras.Model):
             raise ValueError(f"Distiller: teacher must be a keras.Model, got "
                              f"{type(teacher).__name__}.")
         check_distillation(temperature, distill_weight, "Distiller")
+        symbolic_teacher = compat.is_graph_model(teacher)  # a subclassed one has no outputs
         if from_logits is None:
+            if not symbolic_teacher:
+                raise ValueError(
+                    f"Distiller: teacher '{teacher.name}' is a subclassed model, so whether it "
+                    "outputs logits or probabilities cannot be read: pass from_logits.")
             student_logits = not outputs_are_probabilities(student)
             teacher_logits = not outputs_are_probabilities(teacher)
         else:
             outputs_are_probabilities(student)  # still checks the single output
             student_logits = teacher_logits = bool(from_logits)
         s_classes = student.outputs[0].shape[-1]
-        t_classes = teacher.outputs[0].shape[-1]
+        t_classes = teacher.outputs[0].shape[-1] if symbolic_teacher else s_classes
         if s_classes != t_classes:
             raise ValueError(
                 f"Distiller: student '{student.name}' outputs {s_classes} classes, teacher "
