@@ -176,7 +176,10 @@ def test_profile_counts_attention_and_pruned_heads():
     assert rows["mha_0"].macs == _attention_macs(TOKENS, TOKENS, D, HEADS, KEY_DIM, KEY_DIM)
     psp = tf_psp.parameterize(model, coupling="group")
     _zero_alphas(_gates(psp)["mha_1"], [0, 3])
-    rows = {row.name: row for row in tf_psp.profile(psp).layers}
+    prof = tf_psp.profile(psp)
+    assert prof.uncounted == []  # the group alphas are a per-channel scale: 0 MACs
+    assert prof.total_macs == tf_psp.profile(model).total_macs
+    rows = {row.name: row for row in prof.layers}
     assert rows["mha_1"].structures_total == HEADS
     assert rows["mha_1"].structures_alive == 2
     assert rows["mha_1"].pruned_macs == rows["mha_1"].macs // 2

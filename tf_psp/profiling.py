@@ -509,8 +509,8 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             continue
         rule = mac_rule(layer)
         macs, positions, counted = 0, 0, not layer.weights
-        if rule is mac_rules.no_macs:
-            counted = True
+        if rule is mac_rules.no_macs or coupling.is_group_alphas(layer):
+            counted = True  # a per-channel scale counts 0 MACs (group alphas: folded away)
         elif rule is not None:
             _check_static(layer, path, in_shapes, "input")
             _check_static(layer, path, out_shapes, "output")
