@@ -183,13 +183,18 @@ def test_prune_distill_uses_a_frozen_copy_of_the_input_model():
     s_out = keras.ops.convert_to_numpy(model(x))
     # One full-batch step: the loss is measured before any update, when the PSP
     # student still computes the dense model's function.
-    plain = _one_step_loss(model, x, y).history["loss"][0]
+    plain_report = _one_step_loss(model, x, y)
+    assert plain_report.distillation is None
+    plain = plain_report.history["loss"][0]
     np.testing.assert_allclose(plain, _numpy_loss(s_out, s_out, y, 4.0, 0.0, True, True),
                                rtol=2e-5)
     # distill=True: the teacher is the dense model itself, so the soft term is 0.
     own = _one_step_loss(model, x, y, distill=True, distill_weight=0.5, fine_tune_epochs=1)
     np.testing.assert_allclose(own.history["loss"][0], 0.5 * plain, rtol=2e-5)
     assert np.isfinite(own.fine_tune_history["loss"][0])
+    assert own.distillation == {"teacher": model.name, "temperature": 4.0,
+                                "distill_weight": 0.5}
+    assert own.to_dict()["distillation"]["distill_weight"] == 0.5
     # teacher=: that model's soft outputs.
     teacher = _classifier(4)
     t_out = keras.ops.convert_to_numpy(teacher(x))

@@ -50,6 +50,8 @@ class PruneReport:
         shrink_report: the `ShrinkReport` of `strip_and_shrink`.
         seconds: wall time.
         phase_seconds: `{phase: seconds}` of every phase, in order.
+        distillation: `{"teacher", "temperature", "distill_weight"}` when
+            the training distilled (the teacher's name), else None.
     """
 
     keep_macs: float | None
@@ -67,6 +69,7 @@ class PruneReport:
     keep_latency: float | None = None
     kept_latency: float | None = None
     phase_seconds: dict = dataclasses.field(default_factory=dict)
+    distillation: dict | None = None
 
     @property
     def kept_macs(self):
@@ -326,7 +329,9 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         shrunk_params=small_profile.total_params, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, history=history, fine_tune_history=fine_history,
         evaluation=evaluation, shrink_report=shrink_report, seconds=time.time() - start,
-        phase_seconds=phase.seconds)
+        phase_seconds=phase.seconds,
+        distillation=({"teacher": teacher.name, "temperature": float(temperature),
+                       "distill_weight": float(distill_weight)} if distill else None))
     if verbose:
         print(report)
     return small, report
