@@ -262,6 +262,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
         self.plan = None
         self.selected = []
         self._masks = []
+        self._scale_function = None
         self._step = 0
         self._total = None
 
@@ -296,6 +297,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
                     masks[id(variable)] = (variable, np.zeros(int(np.prod(variable.shape)), bool))
                 masks[id(variable)][1][idx] = True
         self._masks = [(v, m.reshape(tuple(v.shape))) for v, m in masks.values()]
+        self._scale_function = None  # the masks changed
         if self.verbose:
             kept = self.plan.kept_fraction(self.selected, self.round_to)
             print(f"PruneToBudget: selected {len(self.selected)} of {len(self.plan.units)} "
@@ -303,11 +305,27 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
                   f"target {self._target:.3f})")
 
     def _scale(self, factor):
-        if self._masks:
-            compat.sync_training_state(self.model)
-        for variable, mask in self._masks:
-            scale = np.where(mask, factor, 1.0).astype("float32")
-            variable.assign(variable.value * scale)
+        if not self._masks:
+            return
+        compat.sync_training_state(self.model)
+        if keras.backend.backend() != "tensorflow":
+            for variable, mask in self._masks:
+                variable.assign(variable.value * np.where(mask, factor, 1.0).astype("float32"))
+            return
+        if self._scale_function is None:
+            # one graph call per step instead of two eager ops per masked variable
+            # (a MobileNetV2 has ~100 of them: several ms per step)
+            import tensorflow as tf
+
+            masks = [(v, tf.constant(m)) for v, m in self._masks]
+
+            @tf.function(jit_compile=False, autograph=False)
+            def scale(factor):
+                for variable, mask in masks:
+                    variable.assign(variable * tf.where(mask, factor, 1.0))
+
+            self._scale_function = scale
+        self._scale_function(np.float32(factor))
 
     # --- Keras hooks ------------------------------------------------------------
     def on_train_begin(self, logs=None):
