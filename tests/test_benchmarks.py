@@ -59,3 +59,21 @@ def test_latency_quick_writes_results(tmp_path):
             assert {"median_ms", "speedup", "fidelity"} <= set(lat)
             assert lat["fidelity"] == pytest.approx(lat["speedup"] / v["mac_reduction"])
     assert "| i50_r1 |" in proc.stdout
+
+
+def test_prune_cost_writes_both_times_and_prunes_to_the_budget(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    output = tmp_path / "prune_cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "prune_cost.py"), "--samples=64",
+         "--epochs=1", "--verbose=0", f"--output={output}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(output.read_text())
+    (row,) = result["rounds"]
+    assert row["fit_seconds"] > 0 and row["prune_seconds"] > 0
+    assert result["ratio"] == pytest.approx(row["prune_seconds"] / row["fit_seconds"])
+    assert 0.47 <= row["kept_macs"] <= 0.5
+    assert {"parameterize", "budget training", "shrinking"} <= set(row["phase_seconds"])
+    assert "prune / fit" in proc.stdout
