@@ -183,6 +183,12 @@ def test_profile_counts_attention_and_pruned_heads():
     assert rows["mha_1"].structures_total == HEADS
     assert rows["mha_1"].structures_alive == 2
     assert rows["mha_1"].pruned_macs == rows["mha_1"].macs // 2
+    # removability: the two dead heads' output-kernel rows are zero weights (TOKENS queries each);
+    # strip_and_shrink removes all of mha_1's MACs for those heads
+    removable = tf_psp.profile(psp, removable=True).removability
+    assert removable.zeroed_macs == 2 * TOKENS * KEY_DIM * D
+    assert removable.removable_macs == rows["mha_1"].macs // 2
+    assert removable.kept_zero_macs == 0
 
 
 def test_token_selection_passes_channels():

@@ -76,24 +76,28 @@ def bidirectional_macs(layer, input_shapes, output_shapes):
     return None if None in parts else sum(parts)
 
 
-def attention_macs(layer, input_shapes, output_shapes):
-    # Projections: each kernel entry once per query (Q, output) or value (K, V)
-    # position; scores and weighted sum: heads * Tq * Tv * (key_dim + value_dim).
+def attention_kernel_uses(layer, input_shapes, output_shapes):
+    """`[(kernel, positions)]` of a MultiHeadAttention call: each kernel entry is used
+    once per query position (query, output, gate) or value position (key, value)."""
     query, key, value, output = compat.attention_projections(layer)
-    query_kernel, value_kernel = query.kernel, value.kernel
-    value_dim = int(value_kernel.shape[0])
+    value_dim = int(value.kernel.shape[0])
     # `value` is the second argument; masks may follow: pick by its feature size
-    value = next((s for s in input_shapes[1:] if s[-1] == value_dim), input_shapes[0])
-    tq, tv = _size(output_shapes[0][1:-1]), _size(value[1:-1])
+    value_shape = next((s for s in input_shapes[1:] if s[-1] == value_dim), input_shapes[0])
+    tq, tv = _size(output_shapes[0][1:-1]), _size(value_shape[1:-1])
+    gate = compat.attention_gate(layer)  # use_gate: one more projection of the query
+    uses = [(query.kernel, tq), (key.kernel, tv), (value.kernel, tv), (output.kernel, tq)]
+    return uses + ([(gate.kernel, tq)] if gate is not None else [])
+
+
+def attention_macs(layer, input_shapes, output_shapes):
+    # Projections (attention_kernel_uses); scores and weighted sum:
+    # heads * Tq * Tv * (key_dim + value_dim).
+    uses = attention_kernel_uses(layer, input_shapes, output_shapes)
+    (query_kernel, tq), _, (value_kernel, tv) = uses[:3]
     heads, key_dim = int(query_kernel.shape[-2]), int(query_kernel.shape[-1])
     head_value_dim = int(value_kernel.shape[-1])
-    gate = compat.attention_gate(layer)  # use_gate: one more projection of the query
-    return (
-        tq * (_variable_size(query_kernel) + _variable_size(output.kernel))
-        + (tq * _variable_size(gate.kernel) if gate is not None else 0)
-        + tv * (_variable_size(key.kernel) + _variable_size(value_kernel))
-        + heads * tq * tv * (key_dim + head_value_dim)
-    )
+    return (sum(positions * _variable_size(kernel) for kernel, positions in uses)
+            + heads * tq * tv * (key_dim + head_value_dim))
 
 
 def no_macs(layer, input_shapes, output_shapes):

@@ -554,7 +554,10 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             psp_entries.append([row, layer, []])
         row.counted = counted
         if rule in mac_rules.KERNEL_RULES and kernel_rows is not None:
-            kernel_rows.append((row, layer))
+            kernel_rows.append((row, layer, None))
+        elif rule is mac_rules.attention_macs and kernel_rows is not None:
+            kernel_rows.append((row, layer, mac_rules.attention_kernel_uses(
+                layer, in_shapes, out_shapes)))
         index[layer] = row
         rows.append(row)
 
@@ -628,11 +631,17 @@ def zeroed_macs(model: keras.Model, input_shape=None) -> int:
 
     Each kernel entry is used the same number of times per sample, so a
     layer's zeroed MACs are its MACs times its fraction of zero kernel
-    entries (Conv, Dense, DepthwiseConv, SeparableConv, ConvTranspose).
+    entries (Conv, Dense, DepthwiseConv, SeparableConv, ConvTranspose);
+    MultiHeadAttention: zero entries of each projection times the positions
+    it projects (a pruned head's output-kernel rows).
     """
     p = profile(model, input_shape)
     total = 0
-    for row, layer in p._kernel_rows:
+    for row, layer, uses in p._kernel_rows:
+        if uses is not None:
+            total += sum(positions * int(np.sum(keras.ops.convert_to_numpy(kernel) == 0))
+                         for kernel, positions in uses)
+            continue
         kernels = [np.asarray(keras.ops.convert_to_numpy(k)) for k in _kernel_entries(layer)]
         entries = sum(k.size for k in kernels)
         if entries and row.macs:
