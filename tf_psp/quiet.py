@@ -12,7 +12,9 @@ Some lines come from C++ code that ignores those settings (TensorFlow's
 TensorFlow Lite XNNPACK delegate"). `native_stderr_filtered()` wraps such
 calls: it sends the process's stderr (file descriptor 2) to a temporary
 file, restores it, and writes back every captured line that is not known
-noise; on an exception it writes back everything.
+noise; on an exception it writes back everything. (A crash that kills the
+process inside such a call loses what it printed there: run again with
+`--verbose`.)
 
 `show_library_logs()` (the CLI's `--verbose`) turns all of this off.
 
