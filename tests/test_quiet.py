@@ -47,7 +47,8 @@ def test_without_noise_keeps_exactly_the_real_lines():
     assert quiet.without_noise(_mixed()) == "".join(_REAL)
 
 
-def test_native_stderr_filtered_drops_noise_and_writes_back_the_rest(capfd):
+def test_native_stderr_filtered_drops_noise_and_writes_back_the_rest(capfd, monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # 0 or 1 would ask for the logs
     before = os.fstat(2)
     with quiet.native_stderr_filtered():
         os.write(2, _mixed().encode())
@@ -59,7 +60,8 @@ def test_native_stderr_filtered_drops_noise_and_writes_back_the_rest(capfd):
     assert capfd.readouterr().err == "".join(_REAL) + "after the block\n"
 
 
-def test_native_stderr_filtered_writes_everything_back_on_an_exception(capfd):
+def test_native_stderr_filtered_writes_everything_back_on_an_exception(capfd, monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # 0 or 1 would ask for the logs
     with pytest.raises(RuntimeError, match="boom"):
         with quiet.native_stderr_filtered():
             os.write(2, _mixed().encode())
@@ -98,6 +100,21 @@ def test_import_sets_the_log_level_unless_the_user_chose_one():
     code = "import os, tf_psp; print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
     assert _python(code).strip() == "2"
     assert _python(code, TF_CPP_MIN_LOG_LEVEL="0").strip() == "0"
+
+
+def test_a_user_asking_for_tensorflow_logs_gets_them_unfiltered():
+    code = ("import os, tf_psp; "
+            "with_filter = tf_psp.quiet.native_stderr_filtered(); "
+            "with_filter.__enter__(); os.write(2, b'I0000 00:00:17.5 1 port.cc:1] info\\n'); "
+            "with_filter.__exit__(None, None, None)")
+    for level, shown in (("0", True), ("1", True), ("3", False), (None, False)):
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        if level is not None:
+            env["TF_CPP_MIN_LOG_LEVEL"] = level
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=120, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        assert ("port.cc:1] info" in result.stderr) == shown, (level, result.stderr)
 
 
 def test_import_keeps_a_logger_level_the_user_chose():

@@ -51,7 +51,6 @@ _NOISE = re.compile(
 )
 
 
-
 class _LibraryRecordFilter(logging.Filter):
     """Drops library records below ERROR from the `absl` logger while quiet.
 
@@ -135,12 +134,13 @@ def without_noise(text):
 def native_stderr_filtered():
     """Filters known library log lines out of native stderr while the block runs.
 
-    No-op after `show_library_logs()`, when nested, or when file descriptor 2
-    cannot be redirected. Lines that are not known noise are written back when
-    the block ends (all of them if it raised), so no real error is lost.
+    No-op after `show_library_logs()`, when the user set TF_CPP_MIN_LOG_LEVEL
+    to 0 or 1, when nested, or when file descriptor 2 cannot be redirected.
+    Lines that are not known noise are written back when the block ends (all
+    of them if it raised), so no real error is lost.
     """
     with _lock:
-        active = _state["quiet"] and _state["depth"] == 0
+        active = _state["quiet"] and _state["depth"] == 0 and not _user_wants_native_logs()
         saved = None
         if active:
             try:
@@ -172,6 +172,12 @@ def native_stderr_filtered():
                 kept = text if failed else without_noise(text)
                 if kept:
                     os.write(2, kept.encode("utf-8"))
+
+
+def _user_wants_native_logs():
+    """True when the user set TF_CPP_MIN_LOG_LEVEL to 0 or 1 (INFO or WARNING) themselves."""
+    name = "TF_CPP_MIN_LOG_LEVEL"
+    return name not in _state["environment"] and os.environ.get(name, "").strip() in ("0", "1")
 
 
 def _flush_python_stderr():
