@@ -58,7 +58,7 @@ from tf_psp.functional import check_model
 from tf_psp.macs import mac_rule
 
 RUNTIMES = ("tflite",)
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 QUANTA = (32, 16, 8, 4, 2)  # widths tried as the runtime's quantum, largest first
 _BATCH_SIGNATURES = 60  # grid points converted into one .tflite file
 _REFERENCE = "__reference__"  # cache key of the drift reference's latency
@@ -331,11 +331,12 @@ class LatencyTable:
 
 
 class _Cache:
-    """Measured points on disk: one JSON file per runtime, threads and machine."""
+    """Measured points on disk: one JSON file per runtime, threads, machine and version."""
 
     def __init__(self, directory, runtime, threads, machine):
         digest = hashlib.sha1(f"{runtime}|{threads}|{machine}".encode()).hexdigest()[:12]
-        self.path = os.path.join(directory, f"{runtime}-{threads}t-{digest}.json")
+        self.path = os.path.join(directory,
+                                 f"{runtime}-{threads}t-v{TABLE_VERSION}-{digest}.json")
         self.values = {}
         if os.path.exists(self.path):
             try:
@@ -348,16 +349,24 @@ class _Cache:
         atomic.write_bytes(self.path, json.dumps(self.values).encode())
 
 
-def _progress(total, enabled):
+def _progress(total, enabled, unit="point"):
     if not enabled or total == 0:
         return None
     import keras
 
-    return keras.utils.Progbar(total, unit_name="point", stateful_metrics=())
+    bar = keras.utils.Progbar(total, unit_name=unit, stateful_metrics=())
+    bar.update(0)  # shown at once, not after the first (slow) step
+    return bar
 
 
-def _time_signatures(content, keys, threads, runs, warmup=3):
-    """Median seconds of each signature of a multi-signature `.tflite`, interleaved."""
+def _time_signatures(content, keys, threads, runs, warmup=3, outputs=None):
+    """Fastest time (seconds) of each signature of a multi-signature `.tflite`, interleaved.
+
+    The minimum over `runs` rounds: a run another process interrupts only
+    takes longer, so the minimum is what the layer costs on a quiet core
+    (medians move with the machine's load). `outputs`: the expected size of
+    each signature's output on its last axis (checked; ValueError if not).
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     from tf_psp import compat
@@ -365,10 +374,15 @@ def _time_signatures(content, keys, threads, runs, warmup=3):
     interpreter = Interpreter(model_content=content, num_threads=threads)
     rng = np.random.default_rng(0)
     invokes = []
-    for key in keys:
+    for k, key in enumerate(keys):
         runner = interpreter.get_signature_runner(key)
         (name, detail), = runner.get_input_details().items()
         runner(**{name: rng.standard_normal(detail["shape"]).astype(np.float32)})
+        if outputs is not None:
+            (out,) = runner.get_output_details().values()
+            if int(out["shape"][-1]) != outputs[k]:
+                raise ValueError(f"signature {key}: output width {out['shape'][-1]}, "
+                                 f"expected {outputs[k]}")
         invokes.append(compat.litert_invoker(runner))
     for _ in range(warmup):
         for invoke in invokes:
@@ -382,7 +396,7 @@ def _time_signatures(content, keys, threads, runs, warmup=3):
             start = time.perf_counter()
             invoke()
             samples[k].append(time.perf_counter() - start)
-    return [float(np.median(s)) for s in samples]
+    return [float(np.min(s)) for s in samples]
 
 
 def _convert_points(points):
@@ -404,12 +418,18 @@ def _convert_points(points):
         archive.add_endpoint(key, _endpoint(model), input_signature=[
             tf.TensorSpec(shape, tf.float32)])
         keys.append(key)
+    return _convert_archive(archive, keys), keys
+
+
+def _convert_archive(archive, keys):
+    import tensorflow as tf
+
     with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as saved:
         archive.write_out(saved, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return converter.convert(), keys
+            return converter.convert()
 
 
 def _endpoint(model):
@@ -429,14 +449,122 @@ def _reference_call():
     return call
 
 
-def measure_points(points, runtime="tflite", threads=1, runs=25, cache_dir=None,
+def _template(call):
+    """`(c_in, c_out, markers)` to convert `call` at once and copy at other widths
+    (`tflite_widths`), or None when its widths cannot serve as markers."""
+    from tf_psp.tflite_widths import choose_markers
+
+    layer = call.node.layer
+    forbidden = {int(d) for d in call.input_shape[1:-1]}
+    forbidden |= {int(d) for d in tuple(call.node.outputs[0].tensor.shape)[1:-1]
+                  if d is not None}
+    for attr in ("kernel_size", "strides", "dilation_rate"):
+        value = getattr(layer, attr, None)
+        if value is not None:
+            forbidden |= {int(v) for v in np.atleast_1d(value)}
+    if call.tied:
+        m = call.cout // call.cin
+        chosen = choose_markers(call.cin, call.cout, forbidden, (m,), tied=True)
+        if chosen is None:
+            return None
+        return chosen + ({chosen[0]: (0, 1), chosen[1]: (0, m)},)
+    d = int(getattr(layer, "depth_multiplier", 1) or 1)
+    chosen = choose_markers(call.cin, call.cout, forbidden, (1, d))
+    if chosen is None:
+        return None
+    markers = {chosen[0]: (0, 1), chosen[1]: (1, 1)}
+    if d > 1:
+        markers[d * chosen[0]] = (0, d)
+    return chosen + (markers,)
+
+
+def _templates(calls, bar, chunk=16):
+    """A `WidthPatcher` holding the calls that have a template (converted `chunk` at a
+    time, ids `id(call)` in `patcher.ids`)."""
+    import keras
+
+    from tf_psp.tflite_widths import WidthPatcher
+
+    plans = [(call, _template(call)) for call in calls]
+    plans = [(call, plan) for call, plan in plans if plan is not None]
+    converted, templates = [], {}
+    for start in range(0, len(plans), chunk):
+        part = plans[start:start + chunk]
+        models = []
+        for k, (call, (c_in, c_out, markers)) in enumerate(part):
+            layer, weights = _layer_at(call, c_in, c_out)
+            shape = call.input_shape[:-1] + (c_in,)
+            x = keras.Input(batch_shape=shape)
+            models.append(keras.Model(x, layer(x)))
+            if weights is not None:
+                layer.set_weights(weights)
+            templates[id(call)] = (len(converted), k, markers, shape, c_out)
+        try:
+            converted.append(_convert_function(models))
+        except Exception:  # noqa: BLE001 - these layers are converted one width at a time
+            for call, _ in part:
+                templates.pop(id(call))
+            converted.append(b"")
+        if bar is not None:
+            bar.add(len(part))
+    return WidthPatcher([c for c in converted if c], _reindex(templates, converted))
+
+
+def _reindex(templates, converted):
+    """Template file indices with the failed (empty) conversions left out."""
+    kept = {}
+    for index, content in enumerate(converted):
+        if content:
+            kept[index] = len(kept)
+    return {tid: (kept[f], *rest) for tid, (f, *rest) in templates.items() if f in kept}
+
+
+def _convert_function(models):
+    """One `.tflite` (bytes): a single subgraph running each of `models` (one input, one
+    output each) on its own input, inputs and outputs in order.
+
+    The converter's graph route (freeze the variables of one traced function)
+    takes 2 s for MobileNetV2-224 where a SavedModel takes 15 s.
+    """
+    import logging
+
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec((1,) + tuple(m.inputs[0].shape[1:]), tf.float32) for m in models]
+
+    def run(*xs):
+        return [m(x, training=False) for m, x in zip(models, xs)]
+
+    concrete = tf.function(run, jit_compile=False).get_concrete_function(*specs)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "please provide trackable_obj": the route is chosen
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return converter.convert()
+    finally:
+        absl.setLevel(level)
+
+
+def _batches(items, size):
+    return [items[k:k + size] for k in range(0, len(items), size)]
+
+
+def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
                    progress=True):
     """Measured seconds of each `(KernelCall, cin, cout)` in `points` (cached on disk).
 
-    Points are converted and timed in batches; every batch also times a fixed
-    reference layer, and its points are scaled by (the reference's latency in
-    the cache's first batch / in this batch), so batches measured minutes
-    apart (the machine's speed drifts) stay comparable.
+    Each layer is converted once (`tflite_widths`: its other widths are copies
+    of that graph with other shapes; a layer whose widths cannot be told from
+    its other dimensions is converted at every width). Points are timed in
+    batches of one multi-signature file, interleaved, minimum of `runs`
+    rounds; every batch also times a fixed reference layer, and its points
+    are scaled by (the reference's latency in the cache's first batch / in
+    this batch), so batches measured apart (the machine's speed drifts) stay
+    comparable. Warns when the reference's speed changed by more than 20 %
+    between batches (other work on the machine).
     """
     _check_runtime(runtime, threads)
     machine = machine_id() + " | " + _runtime_version(runtime)
@@ -446,26 +574,61 @@ def measure_points(points, runtime="tflite", threads=1, runs=25, cache_dir=None,
     for key, point in zip(keys, points):
         if key not in cache.values:
             todo.setdefault(key, point)
-    bar = _progress(len(todo), progress)
+    if not todo:
+        return [cache.values[k] for k in keys]
     items = list(todo.items())
-    reference = _reference_call() if items else None
-    done = 0
-    for start in range(0, len(items), _BATCH_SIGNATURES):
-        batch = items[start:start + _BATCH_SIGNATURES]
-        content, signature_keys = _convert_points(
-            [p for _, p in batch] + [(reference, 64, 64)])
-        *seconds, ref = _time_signatures(content, signature_keys, threads, runs)
+    reference = _reference_call()
+    calls = list({id(c): c for _, (c, _, _) in items}.values()) + [reference]
+    bar = _progress(len(calls) + len(items), progress, unit="step")
+    patcher = _templates(calls, bar)
+    patchable = patcher.ids
+    fast = [item for item in items if id(item[1][0]) in patchable]
+    slow = [item for item in items if id(item[1][0]) not in patchable]
+    references = []
+    for batch, patched in ([(b, True) for b in _batches(fast, _BATCH_SIGNATURES)]
+                           + [(b, False) for b in _batches(slow, _BATCH_SIGNATURES)]):
+        requests = [p for _, p in batch] + [(reference, 64, 64)]
+        outputs = [cout for _, _, cout in requests]
+        seconds = None
+        if patched and id(reference) in patchable:
+            content, signature_keys = patcher.batch(
+                [(id(c), i, o) for c, i, o in requests])
+            try:
+                seconds = _time_signatures(content, signature_keys, threads, runs,
+                                           outputs=outputs)
+            except (ValueError, RuntimeError):
+                seconds = None  # the copies did not prepare: convert this batch
+        if seconds is None:
+            content, signature_keys = _convert_points(requests)
+            seconds = _time_signatures(content, signature_keys, threads, runs)
+        *seconds, ref = seconds
+        references.append(ref)
         factor = cache.values.setdefault(_REFERENCE, ref) / ref
         for (key, _), s in zip(batch, seconds):
             cache.values[key] = s * factor
         cache.save()  # a long build loses nothing when stopped
-        done += len(batch)
         if bar is not None:
-            bar.update(done)
+            bar.add(len(batch))
+    _check_drift(references)
     return [cache.values[k] for k in keys]
 
 
-def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False):
+DRIFT_WARNING = 0.2  # the reference's speed changing by more than this warns
+
+
+def _check_drift(references):
+    if len(references) < 2:
+        return
+    change = max(references) / min(references) - 1
+    if change > DRIFT_WARNING:
+        warnings.warn(
+            f"latency_table: this machine's speed changed by {change:.0%} while the table "
+            "was measured (other programs running?); the batches are scaled by a reference "
+            "layer, but the table may mispredict. Build it again on a quiet machine "
+            "(latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
+
+
+def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=20, progress=False):
     """The width step of the runtime's kernels on this machine (cached).
 
     Times a 1x1 convolution (56x56x128 input) at output widths 41..96. The
@@ -514,7 +677,7 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
         runtime: `'tflite'` (LiteRT, XNNPACK).
         threads: CPU threads of the runtime.
         points: grid points per width axis (in [0.1, 1] of the full width).
-        runs: interleaved timing rounds per point (medians).
+        runs: interleaved timing rounds per point (the minimum is kept).
         cache_dir: where measured points are cached (see `cache_directory`).
         progress: show a progress bar while measuring.
         quantum: the width step to tabulate at; None measures it
@@ -548,7 +711,10 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
     if not calls:
         raise ValueError(f"model '{model.name}' has no kernel layer with a static input "
                          "shape to tabulate.")
-    q = quantum or measure_quantum(runtime, threads, cache_dir)
+    if progress:
+        print(f"latency_table: model '{model.name}', {len(calls)} kernel layers, "
+              f"{runtime} {threads} thread(s)", file=sys.stderr)
+    q = quantum or measure_quantum(runtime, threads, cache_dir, progress=progress)
     requests, layout = [], {}
     for call in calls:
         cins = [call.cin] if call.tied else list(width_grid(call.cin, 1, points - 1))
@@ -569,8 +735,8 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
                     requests.append((call, cin, cout))
         layout[call.name] = (call, cins, steps, on, off)
     if progress:
-        print(f"latency_table: model '{model.name}', {len(calls)} kernel layers, "
-              f"{runtime} {threads} thread(s), quantum {q}", file=sys.stderr)
+        print(f"latency_table: quantum {q}; {len(requests)} layer widths "
+              "(each layer converted once)", file=sys.stderr)
     seconds = measure_points(requests, runtime, threads, runs, cache_dir, progress)
     layers = {}
     for name, (call, cins, steps, on, off) in layout.items():
@@ -584,25 +750,33 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
                          machine=machine_id(), quantum=q, layers=layers,
                          dense_seconds=0.0, fixed_seconds=0.0)
     if progress:
-        print("latency_table: calibrating on whole shrunk models", file=sys.stderr)
-    _calibrate(table, model, runtime, threads, progress=progress)
+        print(f"latency_table: calibrating on {len(CALIBRATION) + 1} whole models",
+              file=sys.stderr)
+    _calibrate(table, model, runtime, threads, progress=progress, plain=plain)
     table.build_seconds = time.perf_counter() - started
     os.makedirs(os.path.dirname(path), exist_ok=True)
     table.save(path)
     return table
 
 
-def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, runs=20,
-               progress=True):
+# The whole models the cost model is fitted on besides the dense one: (importance, keep_macs,
+# round_to); see benchmarks/README.md (latency_model.py) for how well two do.
+CALIBRATION = (("random", 0.6, 1), ("random", 0.3, "quantum"))
+
+
+def _calibrate(table, model, runtime, threads, selections=CALIBRATION, runs=50,
+               progress=True, plain=None):
     """Fits `fixed_seconds` and `scale` on whole models measured interleaved.
 
-    The models: dense; all channel spaces shrunk uniformly (l1-norm) to the
-    MAC budgets `keeps`, widths on the quantum; `randoms` random selections
-    (random channels, MAC budgets spread over [0.2, 0.9], widths on the
-    quantum or not). The fit is a least-squares line through
-    (sum of the tables, measured latency).
+    The models: dense, and one per `(importance, keep_macs, round_to)` in
+    `selections` (`'uniform'`: all channel spaces shrunk alike by l1-norm;
+    `'random'`: random channels; `round_to='quantum'`: widths on the
+    table's quantum); `plain`: the model stripped of PSP layers, if at hand. They are
+    converted together into one multi-signature
+    file and timed interleaved (minimum of `runs` rounds: a whole model takes
+    milliseconds, long enough for other work to interrupt most runs). The fit is a
+    least-squares line through (sum of the tables, measured latency).
     """
-    from tf_psp import bench, export
     from tf_psp.coupling import parameterize_groups
     from tf_psp.group_alphas import has_alphas
     from tf_psp.layers import DEFAULT_EPSILON
@@ -612,37 +786,28 @@ def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, run
     q = table.quantum
     psp = model if has_alphas(model) else parameterize_groups(
         model, DEFAULT_EPSILON, alpha_regularizer=None)[0]
-    plan = pruning_plan(psp, importance="l1")
-    selections = [("dense", plan, [])]  # (label, plan, selected units)
-    for keep in keeps:
+    bar = _progress(2 * (len(selections) + 1), progress, unit="model")
+    models = [("dense", plain if plain is not None else strip(psp))]
+    if bar is not None:
+        bar.add(1)
+    plans = {}
+    for importance, keep, round_to in selections:
+        step = q if round_to == "quantum" else int(round_to)
+        kind = "l1" if importance == "uniform" else importance
+        if kind not in plans:  # one plan per importance: a plan takes seconds to make
+            plans[kind] = pruning_plan(psp, importance=kind, seed=1000)
+        plan = plans[kind]
         try:
-            selections.append((f"uniform {keep}", plan, plan.select(keep, round_to=q)))
+            units = plan.select(keep, round_to=step)
+            models.append((f"{importance} {keep}", strip_and_shrink(plan.apply(units))))
         except ValueError:
             pass  # cannot shrink that far: fit on fewer points
-    for k in range(randoms):
-        keep = 0.2 + 0.7 * k / max(randoms - 1, 1)
-        plan_k = pruning_plan(psp, importance="random", seed=1000 + k)
-        try:
-            selections.append((f"random {keep:.2f}", plan_k,
-                               plan_k.select(keep, round_to=q if k % 2 else 1)))
-        except ValueError:
-            continue
-    bar = _progress(len(selections), progress)
-    with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as tmp:
-        timers, sums = {}, []
-        for k, (_, source, units) in enumerate(selections):
-            shrunk = strip(psp) if not units else strip_and_shrink(source.apply(units))
-            path = os.path.join(tmp, f"m{k}.tflite")
-            export.export_tflite(shrunk, path)
-            timers[k] = bench.tflite_timer(path, num_threads=threads)
-            sums.append(table.table_sum({c.name: (c.cin, c.cout)
-                                         for c in kernel_calls(shrunk)}))
-            if bar is not None:
-                bar.update(k + 1)
-        medians = bench.interleaved(timers, rounds=runs)
-    measured = np.array([medians[k] for k in range(len(selections))])
-    sums = np.array(sums)
-    if len(selections) >= 2:
+        if bar is not None:
+            bar.add(1)
+    measured = np.array(_time_models([m for _, m in models], threads, runs, bar))
+    sums = np.array([table.table_sum({c.name: (c.cin, c.cout) for c in kernel_calls(m)})
+                     for _, m in models])
+    if len(models) >= 2:
         scale, fixed = np.polyfit(sums, measured, 1)
     else:
         scale, fixed = 1.0, measured[0] - sums[0]
@@ -651,7 +816,41 @@ def _calibrate(table, model, runtime, threads, keeps=(0.5, 0.25), randoms=6, run
     table.calibration = [
         {"model": label, "table_sum": float(t), "measured": float(m),
          "predicted": float(fixed + scale * t)}
-        for (label, _, _), t, m in zip(selections, sums, measured)]
+        for (label, _), t, m in zip(models, sums, measured)]
+
+
+def _time_models(models, threads, runs, bar=None):
+    """Fastest time (seconds) of each single-input, single-output model, interleaved in one
+    multi-signature file (converted together; a SavedModel when that fails)."""
+    import keras
+    import tensorflow as tf
+
+    from tf_psp.tflite_widths import WidthPatcher
+
+    keys = [f"m{k}" for k in range(len(models))]
+    content = None
+    if all(len(m.inputs) == 1 and len(m.outputs) == 1 for m in models):
+        try:
+            patcher = WidthPatcher([_convert_function(models)], {
+                k: (0, k, {}, (1,) + tuple(int(d) for d in m.inputs[0].shape[1:]),
+                    int(m.outputs[0].shape[-1])) for k, m in enumerate(models)})
+            if len(patcher.ids) == len(models):
+                content, keys = patcher.batch([(k, 0, 0) for k in range(len(models))])
+        except Exception:  # noqa: BLE001 - converted the slow way below
+            content = None
+    if content is None:
+        archive = keras.export.ExportArchive()
+        for key, model in zip(keys, models):
+            archive.track(model)
+            archive.add_endpoint(key, _endpoint(model), input_signature=[
+                tf.TensorSpec((1,) + tuple(model.inputs[0].shape[1:]), tf.float32)])
+        content = _convert_archive(archive, keys)
+    if bar is not None:
+        bar.add(len(models) - 1)
+    seconds = _time_signatures(content, keys, threads, runs)
+    if bar is not None:
+        bar.add(1)
+    return seconds
 
 
 def table_for_budget(model, table, keep_latency, round_to, runtime="tflite", threads=1,
