@@ -241,3 +241,22 @@ def test_prune_to_a_latency_budget():
     assert "latency budget 0.500" in str(report)
     with pytest.raises(ValueError, match="not both"):
         tf_psp.prune(model, (x, y), keep_macs=0.5, keep_latency=0.5, latency_table=table)
+
+
+def test_old_tables_and_points_are_not_reused(tmp_path):
+    data = _table(_model()).to_dict()
+    data["version"] = 1  # measured before tables were timed as minima
+    with pytest.raises(ValueError, match="version 1"):
+        latency.LatencyTable.from_dict(data)
+    cache = latency._Cache(tmp_path, "tflite", 1, "cpu")
+    assert f"-v{latency.TABLE_VERSION}-" in cache.path and latency.TABLE_VERSION >= 2
+
+
+def test_the_progress_line_comes_before_any_measuring(monkeypatch, capsys, tmp_path):
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before measuring")
+
+    monkeypatch.setattr(latency, "kernel_calls", stop)
+    with pytest.raises(RuntimeError, match="stopped"):
+        tf_psp.latency_table(_model(), cache_dir=tmp_path, progress=True)
+    assert "latency_table: model 'lat_model' on tflite, 1 thread(s)" in capsys.readouterr().err

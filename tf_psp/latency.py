@@ -10,9 +10,12 @@ runtime, measured on this machine:
 
 - each grid point is the layer rebuilt at those widths by its own
   `strip_and_shrink` handler, with the layer's own input shape and
-  activation; the points of many layers are converted together into one
-  multi-signature `.tflite` file and timed signature by signature,
-  interleaved (A, B, C, A, B, C, ...), medians of `runs` rounds;
+  activation; each layer is converted once and its other widths are copies
+  of the converted graph with other shapes (`tflite_widths`; a layer whose
+  widths cannot be told apart from its other dimensions is converted at
+  every width); the points are timed in multi-signature `.tflite` files,
+  signature by signature, interleaved (A, B, C, A, B, C, ...), the fastest of
+  `runs` rounds (other work on the machine only ever adds time);
 - output widths are measured at multiples of the runtime's *quantum* `q`
   (the width step at which XNNPACK's kernels change speed, measured once per
   machine: 16 on AVX-512 CPUs) and between them, because a width of
@@ -28,8 +31,9 @@ The cost model predicts a shrunk model's latency as
 
 A layer alone is not a layer in a model (the interpreter's per-call overhead,
 the ops around it), so `fixed` and `scale` are a least-squares line through
-whole models measured interleaved with the dense one: all channel spaces
-shrunk uniformly to 0.5 and 0.25 of the MACs, and six random selections.
+whole models measured interleaved with the dense one (`CALIBRATION`: two
+random selections, at 0.6 of the MACs with any widths and at 0.3 on the
+quantum).
 It is validated against measured latencies of random shrunk variants by
 `benchmarks/latency_model.py`. Use it
 for ratios (`predict(shrunk) / predict(dense)`): the machine's speed drifts
@@ -628,7 +632,7 @@ def _check_drift(references):
             "(latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
 
 
-def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=20, progress=False):
+def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False):
     """The width step of the runtime's kernels on this machine (cached).
 
     Times a 1x1 convolution (56x56x128 input) at output widths 41..96. The
@@ -696,6 +700,9 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be an integer >= 2, got {points!r}.")
     started = time.perf_counter()
+    if progress:
+        print(f"latency_table: model '{model.name}' on {runtime}, {threads} thread(s)",
+              file=sys.stderr, flush=True)
     plain = strip(model)
     machine = machine_id() + " | " + _runtime_version(runtime)
     architecture = json.dumps([plain.to_json(), runtime, threads, points, runs, quantum,
@@ -711,9 +718,6 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
     if not calls:
         raise ValueError(f"model '{model.name}' has no kernel layer with a static input "
                          "shape to tabulate.")
-    if progress:
-        print(f"latency_table: model '{model.name}', {len(calls)} kernel layers, "
-              f"{runtime} {threads} thread(s)", file=sys.stderr)
     q = quantum or measure_quantum(runtime, threads, cache_dir, progress=progress)
     requests, layout = [], {}
     for call in calls:
@@ -735,8 +739,8 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
                     requests.append((call, cin, cout))
         layout[call.name] = (call, cins, steps, on, off)
     if progress:
-        print(f"latency_table: quantum {q}; {len(requests)} layer widths "
-              "(each layer converted once)", file=sys.stderr)
+        print(f"latency_table: {len(calls)} kernel layers at {len(requests)} widths, "
+              f"quantum {q} (each layer converted once)", file=sys.stderr)
     seconds = measure_points(requests, runtime, threads, runs, cache_dir, progress)
     layers = {}
     for name, (call, cins, steps, on, off) in layout.items():
