@@ -9,6 +9,7 @@ that its `call` runs) counts the sum of its sublayers' MACs, measured by running
 it once on zeros (`composite_macs`).
 """
 
+import inspect
 import math
 
 import keras
@@ -100,6 +101,17 @@ def attention_macs(layer, input_shapes, output_shapes):
             + heads * tq * tv * (key_dim + head_value_dim))
 
 
+def embedding_macs(layer, input_shapes, output_shapes):
+    # A lookup: 0 MACs. keras-hub's ReversibleEmbedding called with reverse=True
+    # multiplies by the transposed table instead, [.., output_dim] -> [.., input_dim]
+    # (same rank; a lookup adds an axis): one MAC per table entry and position.
+    shape_in, shape_out = input_shapes[0], output_shapes[0]
+    if (len(shape_in) == len(shape_out) and shape_in[-1] == layer.output_dim
+            and shape_out[-1] == layer.input_dim):
+        return _size(shape_out[1:-1]) * layer.input_dim * layer.output_dim
+    return 0
+
+
 def no_macs(layer, input_shapes, output_shapes):
     # Lookups (Embedding) and per-channel scales and shifts (normalizations,
     # PReLU): no multiply-accumulates by convention, like activations.
@@ -111,25 +123,75 @@ def counted_sublayers(layer):
     return [sub for sub in compat.sublayers(layer) if _own_rule(sub) is not None]
 
 
-def composite_macs(layer, input_shapes, output_shapes):
+def _bound_tensors(sub, args, kwargs):
+    """The tensors of one call of `sub`, in the order of its `call` signature.
+
+    Positional and keyword arguments alike (keras-hub calls attention as
+    `attention(query=x, value=x, attention_mask=m)`), so a rule reading
+    `input_shapes[0]` sees the first parameter (the query).
+    """
+    try:
+        bound = inspect.signature(sub.call).bind_partial(*args, **kwargs).arguments
+        values = list(bound.values())
+    except (TypeError, ValueError):  # an unusual signature: positional, then keyword order
+        values = list(args) + list(kwargs.values())
+    return [x for x in keras.tree.flatten(values) if hasattr(x, "shape")]
+
+
+def _placeholder(shape, dtype):
+    """Batch-1 input for a counting run: zeros; ones for integer or boolean inputs
+    (token ids and padding masks: every position valid)."""
+    shape = (1,) + tuple(shape[1:])
+    if "float" in str(dtype):
+        return keras.ops.zeros(shape, dtype=dtype)
+    return keras.ops.ones(shape, dtype=dtype)
+
+
+def composite_macs(layer, input_shapes, output_shapes, arguments=None):
     """MACs of a composite layer: the sum of its sublayers' MACs over one call.
 
-    Runs `layer` once on zeros of `input_shapes` (batch 1, `training=False`) and
-    counts every call of a sublayer that has a rule, with the shapes it saw (times
-    the batch it saw, when the layer folds positions into the batch).
-    None (not counted) when the layer is not built, has several inputs, or
-    fails to run.
+    Runs `layer` once (batch 1, `training=False`) and counts every call of a
+    sublayer that has a rule, with the shapes it saw (times the batch it saw,
+    when the layer folds positions into the batch); a sublayer called inside
+    another counted sublayer (a Bidirectional's LSTM) is counted by its parent.
+    With `arguments` (the `keras.src.ops.node.NodeArguments` of the layer's
+    call in a graph) the layer is called as in the graph, with every tensor
+    argument replaced by a placeholder of its shape in `input_shapes`, so a
+    layer with several inputs or tensor keywords
+    (`TransformerEncoder(x, padding_mask=m)`) is counted; without, it is
+    called on zeros of `input_shapes[0]`.
+    None (not counted) when the layer is not built, has several inputs and no
+    `arguments`, or fails to run.
     """
-    if not layer.built or len(input_shapes) != 1:
+    if not layer.built:
         return None
-    seen = []
+    if arguments is not None:
+        tensors = list(arguments.keras_tensors)
+        if len(tensors) != len(input_shapes):
+            return None
+        values = {id(t): _placeholder(shape, t.dtype) for t, shape in zip(tensors, input_shapes)}
+        call_args, call_kwargs = arguments.fill_in(values)
+    elif len(input_shapes) == 1:
+        call_args = (keras.ops.zeros((1,) + tuple(input_shapes[0][1:]),
+                                     dtype=layer.compute_dtype),)
+        call_kwargs = {}
+    else:
+        return None
+    call_kwargs = {**call_kwargs, "training": False}
+    seen, depth = [], [0]
 
     def recording(sub, call):
         def call_and_record(*args, **kwargs):
-            outputs = call(*args, **kwargs)
-            shapes_in = [tuple(x.shape) for x in keras.tree.flatten(args) if hasattr(x, "shape")]
-            shapes_out = [tuple(x.shape) for x in keras.tree.flatten(outputs)]
-            seen.append((sub, shapes_in, shapes_out))
+            depth[0] += 1
+            try:
+                outputs = call(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                shapes_in = [tuple(x.shape) for x in _bound_tensors(sub, args, kwargs)]
+                shapes_out = [tuple(x.shape) for x in keras.tree.flatten(outputs)
+                              if hasattr(x, "shape")]
+                seen.append((sub, shapes_in, shapes_out))
             return outputs
         return call_and_record
 
@@ -138,9 +200,8 @@ def composite_macs(layer, input_shapes, output_shapes):
     for sub in subs:  # an instance attribute: Layer.__call__ looks up self.call
         sub.__dict__["call"] = recording(sub, sub.call)
     try:
-        zeros = keras.ops.zeros((1,) + tuple(input_shapes[0][1:]), dtype=layer.compute_dtype)
-        layer(zeros, training=False)
-    except Exception:  # noqa: BLE001 - a layer that cannot run on zeros is not counted
+        layer(*call_args, **call_kwargs)
+    except Exception:  # noqa: BLE001 - a layer that cannot run on placeholders is not counted
         return None
     finally:
         for sub in subs:
@@ -156,6 +217,14 @@ def composite_macs(layer, input_shapes, output_shapes):
         # a sublayer may see positions folded into its batch (TimeDistributed): count them
         total += macs * int(shapes_out[0][0] or 1)
     return total
+
+
+def call_macs(rule, layer, input_shapes, output_shapes, arguments=None):
+    """`rule(layer, input_shapes, output_shapes)`; a composite layer also gets the
+    `arguments` of its call, so that it is counted with all its inputs."""
+    if rule is composite_macs:
+        return composite_macs(layer, input_shapes, output_shapes, arguments)
+    return rule(layer, input_shapes, output_shapes)
 
 
 # Checked in order with isinstance, so PSP layers use their Keras parent's rule.
@@ -176,18 +245,23 @@ MAC_RULES = (
     ((keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU), rnn_macs),
     ((keras.layers.Bidirectional,), bidirectional_macs),
     ((keras.layers.MultiHeadAttention,), attention_macs),
+    ((keras.layers.Embedding,), embedding_macs),
     (
         (
-            keras.layers.Embedding,
             keras.layers.BatchNormalization,
             keras.layers.LayerNormalization,
             keras.layers.GroupNormalization,
             keras.layers.Normalization,
             keras.layers.PReLU,
+            keras.layers.RMSNormalization,
         ),
         no_macs,
     ),
 )
+
+# keras-hub layers (matched by class name in a keras_hub module, keras-hub being
+# optional) that look up or scale: 0 MACs, like Embedding and the normalizations.
+KERAS_HUB_NO_MACS = frozenset({"PositionEmbedding", "RMSNormalization"})
 
 
 # rules of layers whose kernels `zeroed_macs` reads (`_kernel_entries`)
@@ -212,6 +286,9 @@ def _own_rule(layer):
     for classes, rule in MAC_RULES:
         if isinstance(layer, classes):
             return rule
+    for cls in type(layer).__mro__:
+        if cls.__module__.startswith("keras_hub.") and cls.__name__ in KERAS_HUB_NO_MACS:
+            return no_macs
     return None
 
 
@@ -240,5 +317,6 @@ def layer_macs(model):
         if any(d is None for shape in shapes_in + shapes_out for d in shape[1:]):
             raise ValueError(f"layer '{layer.name}': shapes {shapes_in} -> {shapes_out} have an "
                              "unknown dimension, so its MACs cannot be counted.")
-        out[layer.name] = out.get(layer.name, 0) + rule(layer, shapes_in, shapes_out)
+        macs = call_macs(rule, layer, shapes_in, shapes_out, node.arguments)
+        out[layer.name] = out.get(layer.name, 0) + (macs or 0)
     return out

@@ -462,14 +462,48 @@ def _node_shapes(graph, input_shapes=None):
         yield node, _shapes(inputs), _shapes(outputs)
 
 
-def _check_static(layer, path, shapes, rule_name):
+def unknown_inputs(model):
+    """`'name' (shape)` of each input of `model` with an unknown (None) dimension
+    besides the batch, e.g. a token input `(None, None)`."""
+    return [f"'{t.name}' {tuple(t.shape)}" for t in compat.flat_inputs(model)
+            if any(d is None for d in tuple(t.shape)[1:])]
+
+
+def unknown_dimension_error(model, where, caller="profile"):
+    """The ValueError for a count that needs a dimension `model` leaves as None:
+    names the model inputs with None dimensions and how to give their shapes."""
+    inputs = unknown_inputs(model)
+    named = (f"; model '{model.name}' has inputs with unknown dimensions: {', '.join(inputs)}"
+             if inputs else "")
+    example = ", ".join(["(16,)"] * len(inputs)) if inputs else "..."
+    example = f"[{example}]" if len(inputs) > 1 else example
+    return ValueError(
+        f"{where} has an unknown dimension, so its MACs cannot be counted{named}. Pass "
+        f"{caller}(..., input_shape=...) with one fully defined shape per input, "
+        f"batch dimension excluded (e.g. input_shape={example} for sequences of 16)."
+    )
+
+
+def node_shapes(model, input_shape=None):
+    """`{id(node): (input shapes, output shapes)}` (batched) of the nodes of `model`'s
+    own graph (nested models not entered) for inputs of `input_shape` (as for
+    `profile`); None without `input_shape` (use the shapes the graph recorded)."""
+    input_shapes = _input_shapes(input_shape)
+    if input_shapes is None:
+        return None
+    return {id(node): (shapes_in, shapes_out)
+            for node, shapes_in, shapes_out in _node_shapes(_graph_of(model), input_shapes)}
+
+
+def _check_static(layer, path, shapes, rule_name, model=None):
     for shape in shapes:
         if any(d is None for d in shape[1:]):
-            raise ValueError(
-                f"layer '{path}': {rule_name} shape {shape} has an unknown "
-                f"dimension, so its MACs cannot be counted. Pass "
-                f"profile(model, input_shape=...) with a fully defined shape."
-            )
+            where = f"layer '{path}': {rule_name} shape {shape}"
+            if model is None:
+                raise ValueError(
+                    f"{where} has an unknown dimension, so its MACs cannot be counted. "
+                    f"Pass profile(model, input_shape=...) with a fully defined shape.")
+            raise unknown_dimension_error(model, where)
 
 
 def _gate_of(node):
@@ -512,9 +546,9 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
         if rule is mac_rules.no_macs or coupling.is_group_alphas(layer):
             counted = True  # a per-channel scale counts 0 MACs (group alphas: folded away)
         elif rule is not None:
-            _check_static(layer, path, in_shapes, "input")
-            _check_static(layer, path, out_shapes, "output")
-            macs = rule(layer, in_shapes, out_shapes)
+            _check_static(layer, path, in_shapes, "input", model)
+            _check_static(layer, path, out_shapes, "output", model)
+            macs = mac_rules.call_macs(rule, layer, in_shapes, out_shapes, node.arguments)
             counted = macs is not None
             macs = int(macs or 0)
             # a transposed conv uses each kernel entry once per *input* position
