@@ -86,7 +86,7 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
                     min_keep: float = 0.1, seed: int = 0, return_report: bool = False,
                     measure: bool = False, keep_latency: float | None = None,
                     runtime: str = "tflite", threads: int = 1,
-                    latency_table: LatencyTable | None = None,
+                    latency_table: LatencyTable | None = None, input_shape=None,
                     ) -> keras.Model | tuple[keras.Model, "BudgetReport"]:
     """A copy of `model` whose lowest-scoring channel groups have alpha 0, within a budget.
 
@@ -124,6 +124,11 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
         runtime, threads: the runtime the latency budget is for (`'tflite'`).
         latency_table: a table from `tf_psp.latency_table(model, ...)`; None
             builds it (or reads it from the cache) when a latency is needed.
+        input_shape: shape of one sample, batch dimension excluded (a list of
+            shapes for several inputs), as for `tf_psp.profile`: the MACs are
+            counted for inputs of this shape. Needed when an input has a None
+            dimension besides the batch (a BERT-like `(None, None)` token
+            input); without it such a model is refused, naming the inputs.
 
     Returns:
         The pruned copy, or `(copy, report)` with `return_report=True`.
@@ -145,7 +150,7 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
     parameterized = not has_alphas(model)
     if parameterized:
         model = parameterize(model, coupling="group", alpha_regularizer=None)
-    plan = pruning_plan(model, importance=importance, seed=seed)
+    plan = pruning_plan(model, importance=importance, seed=seed, input_shape=input_shape)
     exclude = set()
     for _ in range(8):
         units = plan.select(keep_macs, min_keep=min_keep, round_to=round_to, exclude=exclude,
@@ -165,7 +170,7 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
     kept = plan.kept_fraction(units, round_to)
     if measure:
         shrunk = strip_and_shrink(pruned, round_to=round_to)
-        kept = profile_model(shrunk).total_macs / plan.dense_macs
+        kept = profile_model(shrunk, input_shape).total_macs / plan.dense_macs
     kept_latency = None
     if table is not None:
         kept_latency = plan.kept_latency(units, table, round_to) / table.predict_widths({})

@@ -164,7 +164,8 @@ class PSPMonitor(_EpochOutput, keras.callbacks.Callback):
             values["psp_removable_mac_reduction"] = float(r.mac_reduction)
             values["psp_removable_share"] = float(r.removable_share)
         if self.keep_macs is not None:
-            self._budget_kept = psp_plan.pruning_plan(self.model).kept_fraction()
+            self._budget_kept = psp_plan.pruning_plan(
+                self.model, input_shape=self.input_shape).kept_fraction()
             values["psp_budget_kept_macs"] = float(self._budget_kept)
             values["psp_budget_target"] = float(self.keep_macs)
         return values
@@ -222,6 +223,8 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
         keep_latency: a latency budget instead of `keep_macs`, in (0, 1].
         latency_table: the model's `tf_psp.LatencyTable`.
         runtime, threads: of the table built when `latency_table` is None.
+        input_shape: shape of one sample (a list for several inputs), batch
+            excluded, for models with None dimensions (see `tf_psp.profile`).
 
     Attributes:
         selected: unit indices of the current selection (in `plan.units`).
@@ -231,7 +234,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
     def __init__(self, keep_macs=None, importance="alpha", min_keep=0.1, round_to=1,
                  reselect_until=0.5, decay_until=0.5, final_shrink=1e-3, power=3.0,
                  verbose=0, keep_latency=None, latency_table=None, runtime="tflite",
-                 threads=1):
+                 threads=1, input_shape=None):
         super().__init__()
         if (keep_macs is None) == (keep_latency is None):
             raise ValueError("PruneToBudget: pass exactly one of keep_macs and keep_latency.")
@@ -251,6 +254,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
         self.keep_latency = None if keep_latency is None else float(keep_latency)
         self.latency_table = latency_table
         self.runtime, self.threads = runtime, threads
+        self.input_shape = input_shape
         self.importance = importance
         self.min_keep = min_keep
         self.round_to = round_to
@@ -286,7 +290,8 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
                            table=self.latency_table if self.keep_latency is not None else None)
 
     def _select(self):
-        self.plan = psp_plan.pruning_plan(self.model, importance=self.importance)
+        self.plan = psp_plan.pruning_plan(self.model, importance=self.importance,
+                                          input_shape=self.input_shape)
         self.selected = self._select_from(self.plan)
         layers = psp_plan.layers_by_name(self.model)
         masks = {}
@@ -361,7 +366,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
             self._scale(math.exp(self.log_shrink(after) - self.log_shrink(before)))
 
     def on_epoch_end(self, epoch, logs=None):
-        plan = psp_plan.pruning_plan(self.model)
+        plan = psp_plan.pruning_plan(self.model, input_shape=self.input_shape)
         kept = plan.kept_fraction(round_to=self.round_to)
         latency = None
         if self.keep_latency is not None:
@@ -382,7 +387,8 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._end_output()
         self._scale(0.0)
-        final = psp_plan.pruning_plan(self.model, importance=self.importance)
+        final = psp_plan.pruning_plan(self.model, importance=self.importance,
+                                      input_shape=self.input_shape)
         extra = self._select_from(final)
         if extra:
             psp_plan.zero_alphas(self.model, [h for i in extra for h in final.units[i].handles])

@@ -106,9 +106,17 @@ class GroupPlan:
 
 
 def _node_macs(node):
-    """MACs of one call of a kernel layer, from the graph's shapes."""
-    shapes_in = [tuple(t.shape) for t in node.node.input_tensors]  # not inner spaces
-    shapes_out = [tuple(t.shape) for t in node.node.output_tensors]
+    """MACs of one call of a kernel layer, from the graph's shapes.
+
+    A None dimension besides the batch (a sequence of unknown length) counts as
+    1 position: these MACs only weigh alphas against each other (`cost='macs'`),
+    and budgets count MACs at a given `input_shape` elsewhere (`tf_psp.plan`).
+    """
+    def known(shape):
+        return shape[:1] + tuple(1 if d is None else d for d in shape[1:])
+
+    shapes_in = [known(tuple(t.shape)) for t in node.node.input_tensors]  # not inner spaces
+    shapes_out = [known(tuple(t.shape)) for t in node.node.output_tensors]
     return float(mac_rule(node.layer)(node.layer, shapes_in, shapes_out))
 
 

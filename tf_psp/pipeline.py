@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 
 import keras
+import numpy as np
 
+from tf_psp import compat
 from tf_psp.batchnorm import recalibrate_batchnorm
 from tf_psp.callbacks import PruneToBudget
 from tf_psp.convert import has_alphas, parameterize
@@ -29,6 +31,7 @@ from tf_psp.functional import check_model, clone_with_weights
 from tf_psp.latency import table_for_budget
 from tf_psp.plan import budget_target
 from tf_psp.profiling import profile as profile_model
+from tf_psp.profiling import unknown_inputs
 from tf_psp.shrink import strip, strip_and_shrink
 
 
@@ -52,6 +55,8 @@ class PruneReport:
         phase_seconds: `{phase: seconds}` of every phase, in order.
         distillation: `{"teacher", "temperature", "distill_weight"}` when
             the training distilled (the teacher's name), else None.
+        input_shape: the input shape(s) the MACs were counted for (given, or
+            read from `train_data` for inputs with None dimensions), else None.
     """
 
     keep_macs: float | None
@@ -70,6 +75,7 @@ class PruneReport:
     kept_latency: float | None = None
     phase_seconds: dict = dataclasses.field(default_factory=dict)
     distillation: dict | None = None
+    input_shape: object = None
 
     @property
     def kept_macs(self):
@@ -160,6 +166,31 @@ def _inputs(data):
     return data[0] if isinstance(data, tuple) else data
 
 
+def _data_input_shape(data, model):
+    """Shapes of one sample of `data`'s inputs (its first batch), in `model`'s input order.
+
+    Raises:
+        ValueError: the inputs cannot be read from `data` (naming the model's
+            inputs with unknown dimensions and asking for `input_shape`).
+    """
+    try:
+        x = _inputs(data)
+        if not isinstance(x, (np.ndarray, list, dict)) and not hasattr(x, "shape"):
+            batch = data[0] if isinstance(data, keras.utils.PyDataset) else next(iter(data))
+            x = batch[0] if isinstance(batch, tuple) else batch
+        shapes = [tuple(int(d) for d in np.shape(a)[1:]) for a in keras.tree.flatten(x)]
+    except Exception as error:  # noqa: BLE001 - any unreadable data: ask for the shape
+        raise ValueError(
+            f"prune: model '{model.name}' has inputs with unknown dimensions "
+            f"({', '.join(unknown_inputs(model))}) and their shape could not be read from "
+            f"train_data ({type(error).__name__}: {error}); pass input_shape=...") from error
+    if len(shapes) != len(compat.flat_inputs(model)):
+        raise ValueError(
+            f"prune: model '{model.name}' has {len(compat.flat_inputs(model))} inputs but "
+            f"train_data gives {len(shapes)}; pass input_shape=... (one shape per input).")
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
 def _evaluate(model, validation_data, batch_size):
     if validation_data is None:
         return None
@@ -180,7 +211,7 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
           runtime: str = "tflite", threads: int = 1, teacher: keras.Model | None = None,
           distill: bool = False, temperature: float = DEFAULT_TEMPERATURE,
           distill_weight: float = DEFAULT_WEIGHT,
-          from_logits: bool | None = None) -> tuple[keras.Model, PruneReport]:
+          from_logits: bool | None = None, input_shape=None) -> tuple[keras.Model, PruneReport]:
     """Prunes a trained model to a MAC or latency budget with PSP; returns the small plain model.
 
     `model` is not modified. See the module docstring for the steps.
@@ -231,6 +262,12 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         distill_weight: the weight of the distillation term, in [0, 1].
         from_logits: whether the models output logits; None reads it from
             their output layers (a softmax gives probabilities).
+        input_shape: shape of one sample, batch dimension excluded (a list of
+            shapes for several inputs): the MACs are counted for inputs of
+            this shape (see `tf_psp.profile`). None: the model's own shapes,
+            or, where an input has a None dimension besides the batch (a
+            `(None, None)` token input), the shapes of the first batch of
+            `train_data` (the report's `input_shape`).
 
     Returns:
         `(small_model, PruneReport)`: `small_model` is a compiled plain Keras
@@ -258,6 +295,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
             dense.compile(loss=loss, metrics=metrics, jit_compile=jit_compile)
             evaluation["dense"] = _evaluate(dense, validation_data, batch_size)
     plain = strip(model) if has_alphas(model) else model  # a PSP model: alphas folded in
+    if input_shape is None and unknown_inputs(model):
+        input_shape = _data_input_shape(train_data, model)
     latency_table, round_to = table_for_budget(plain, latency_table, keep_latency, round_to,
                                                runtime, threads, progress=bool(verbose))
     with phase("parameterize", "one alpha per removable channel group (parameterize)"):
@@ -277,7 +316,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
                            metrics=metrics, jit_compile=jit_compile)
     budget = PruneToBudget(keep_macs, importance=importance, min_keep=min_keep,
                            round_to=round_to, verbose=int(verbose > 0),
-                           keep_latency=keep_latency, latency_table=latency_table)
+                           keep_latency=keep_latency, latency_table=latency_table,
+                           input_shape=input_shape)
     with phase("budget training", f"budget training, {epochs} epoch(s) (the first step "
                "builds the training graph)"):
         history = _fit(budget_trainer, train_data, epochs, batch_size, [budget, *callbacks],
@@ -318,7 +358,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         # saved untrained, an optimizer without its slots makes load_model warn
         # ("Skipping variable loading for optimizer"): build them now
         small.optimizer.build(small.trainable_variables)
-    dense_profile, small_profile = profile_model(model), profile_model(small)
+    dense_profile = profile_model(model, input_shape)
+    small_profile = profile_model(small, input_shape)
     report = PruneReport(
         keep_macs=None if keep_macs is None else float(keep_macs),
         keep_latency=None if keep_latency is None else float(keep_latency),
@@ -331,7 +372,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         evaluation=evaluation, shrink_report=shrink_report, seconds=time.time() - start,
         phase_seconds=phase.seconds,
         distillation=({"teacher": teacher.name, "temperature": float(temperature),
-                       "distill_weight": float(distill_weight)} if distill else None))
+                       "distill_weight": float(distill_weight)} if distill else None),
+        input_shape=input_shape)
     if verbose:
         print(report)
     return small, report

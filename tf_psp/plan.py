@@ -59,6 +59,7 @@ from tf_psp import graph as psp_graph
 from tf_psp.functional import check_model, clone_with_weights, layers_by_name
 from tf_psp.layers import is_psp_layer
 from tf_psp.macs import mac_rule
+from tf_psp.profiling import node_shapes, unknown_dimension_error
 from tf_psp.profiling import profile as profile_model
 from tf_psp.shrink import _apply_rounding, strip
 
@@ -114,11 +115,17 @@ class Unit:
 class _MacTerm:
     """MACs of one kernel-layer call as a function of its kept input/output channels."""
 
-    def __init__(self, node, g):
+    def __init__(self, node, g, shapes=None):
         layer = node.layer
         rule = mac_rule(layer)
-        shapes_in = [tuple(t.shape) for t in node.node.input_tensors]  # not inner spaces
-        shapes_out = [tuple(t.shape) for t in node.node.output_tensors]
+        if shapes is not None and id(node.node) in shapes:  # propagated from input_shape
+            shapes_in, shapes_out = shapes[id(node.node)]
+        else:
+            shapes_in = [tuple(t.shape) for t in node.node.input_tensors]  # not inner spaces
+            shapes_out = [tuple(t.shape) for t in node.node.output_tensors]
+        if any(d is None for shape in shapes_in + shapes_out for d in shape[1:]):
+            raise unknown_dimension_error(
+                g.model, f"layer '{node.name}': shapes {shapes_in} -> {shapes_out}")
         self.name = node.name
         self.macs = float(rule(layer, shapes_in, shapes_out))
         self.roots_in = np.array([g.group(s) for s in node.inputs[0].slots()], int)
@@ -482,7 +489,7 @@ def _alpha_pruned(layers, handles):
 
 
 def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
-                 seed: int = 0) -> PruningPlan:
+                 seed: int = 0, input_shape=None) -> PruningPlan:
     """The `PruningPlan` of `model` (per-layer PSP, group PSP or plain).
 
     Args:
@@ -490,9 +497,17 @@ def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
         importance: `'alpha'`, `'l1'`, `'l2'`, `'bn'`, `'random'` or a callable
             `(unit, plain_model) -> float` (see the module docstring).
         seed: seed of `importance='random'`.
+        input_shape: shape of one sample, batch dimension excluded (a list of
+            shapes for several inputs), as for `tf_psp.profile`: needed when an
+            input has a None dimension besides the batch (a `(None, None)`
+            token input); the MACs are counted for inputs of this shape.
 
     Returns:
         A `PruningPlan`.
+
+    Raises:
+        ValueError: a MAC count needs a dimension the model leaves as None and
+            no `input_shape` is given (the message names the inputs).
     """
     check_model(model)
     if not callable(importance) and importance not in IMPORTANCES:
@@ -500,7 +515,8 @@ def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
             f"importance must be one of {IMPORTANCES} or a callable, got {importance!r}.")
     plain = strip(model)
     g = psp_graph.ChannelGraph(plain)
-    dense_macs = profile_model(model).total_macs
+    dense_macs = profile_model(model, input_shape).total_macs
+    shapes = node_shapes(g.model, input_shape)
     frozen_roots = {g.group(s) for s in g.frozen}
     psp = _psp_handles(model)
     gates = _gate_handles(model)
@@ -533,7 +549,7 @@ def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
             continue
         if kind != "producer" and not depthwise:
             continue
-        terms.append(_MacTerm(node, g))
+        terms.append(_MacTerm(node, g, shapes))
         layer = psp.get(node.name)
         inner = hasattr(node.handler, "inner_spaces")  # attention heads: read and written inside
         for c, s in enumerate(node.inputs[0].slots()):

@@ -65,6 +65,8 @@ def _pruned_costs(layer, positions, mask):
         return _separable_pruned_costs(layer, positions, mask)
     if isinstance(layer, keras.layers.MultiHeadAttention):  # `positions`: its MACs
         return _heads_pruned_costs(layer, positions, mask)
+    if isinstance(layer, keras.layers.RNN):  # `positions`: its MACs
+        return _units_pruned_costs(layer, positions, mask)
     total, dead = mask.size, int(mask.size - np.count_nonzero(mask))
     kernel = _variable_size(layer.kernel)
     # Every structure covers the same number of kernel entries (and biases).
@@ -86,6 +88,22 @@ def _heads_pruned_costs(layer, macs, mask):
     per_head = layer.count_params() - mask.size - (
         _variable_size(output_bias) if output_bias is not None else 0)
     return macs * dead // heads, per_head * dead // heads
+
+
+def _units_pruned_costs(layer, macs, mask):
+    """MACs and parameters of the dead units of a PSP SimpleRNN/LSTM/GRU.
+
+    A dead unit takes its columns of every gate block (kernel and recurrent
+    kernel, bias) and its recurrent-kernel row: with `in` inputs and `u` units
+    of which `k` live, the kernels keep `(in + k) * k / ((in + u) * u)`.
+    """
+    units, kept = mask.size, int(np.count_nonzero(mask))
+    inputs = int(layer.cell.kernel.shape[0])
+    kept_share = (inputs + kept) * kept / ((inputs + units) * units)
+    weights = layer.count_params() - units
+    bias = _variable_size(layer.cell.bias) if layer.cell.use_bias else 0
+    pruned_params = (weights - bias) * (1 - kept_share) + bias * (units - kept) / units
+    return int(round(macs * (1 - kept_share))), int(round(pruned_params))
 
 
 def _group_pruned_costs(readers, mask):
@@ -469,7 +487,7 @@ def unknown_inputs(model):
             if any(d is None for d in tuple(t.shape)[1:])]
 
 
-def unknown_dimension_error(model, where, caller="profile"):
+def unknown_dimension_error(model, where):
     """The ValueError for a count that needs a dimension `model` leaves as None:
     names the model inputs with None dimensions and how to give their shapes."""
     inputs = unknown_inputs(model)
@@ -479,8 +497,9 @@ def unknown_dimension_error(model, where, caller="profile"):
     example = f"[{example}]" if len(inputs) > 1 else example
     return ValueError(
         f"{where} has an unknown dimension, so its MACs cannot be counted{named}. Pass "
-        f"{caller}(..., input_shape=...) with one fully defined shape per input, "
-        f"batch dimension excluded (e.g. input_shape={example} for sequences of 16)."
+        f"input_shape=... (profile, prune_to_budget, PruneToBudget and tf_psp.prune take "
+        f"it) with one fully defined shape per input, batch dimension excluded (e.g. "
+        f"input_shape={example} for token sequences of 16)."
     )
 
 
@@ -518,6 +537,9 @@ def _gate_of(node):
 def _kernel_entries(layer):
     kernels = [getattr(layer, name) for name in ("depthwise_kernel", "pointwise_kernel")
                if getattr(layer, name, None) is not None]
+    cell = getattr(layer, "cell", None)
+    if not kernels and getattr(layer, "kernel", None) is None and cell is not None:
+        return [cell.kernel]  # an RNN reads its input through its cell's kernel
     return kernels or [layer.kernel]
 
 
@@ -554,7 +576,7 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
             # a transposed conv uses each kernel entry once per *input* position
             transposed = rule is mac_rules.conv_transpose_macs
             positions = _positions(layer, in_shapes if transposed else out_shapes)
-            if isinstance(layer, keras.layers.MultiHeadAttention):
+            if isinstance(layer, (keras.layers.MultiHeadAttention, keras.layers.RNN)):
                 positions = macs  # its pruned cost is a share of its MACs
             gate, gate_index = _gate_of(node)
             if gate is not None:
