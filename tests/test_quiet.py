@@ -185,7 +185,8 @@ def test_setup_reads_the_version_from_the_package():
 
 
 @pytest.mark.slow  # loads TensorFlow in a fresh interpreter
-def test_a_psp_model_loads_after_import_tf_psp_before_keras(tmp_path):
+@pytest.mark.parametrize("first_import", ["tf_psp", "tf_psp.compat"])
+def test_a_psp_model_loads_after_import_tf_psp_before_keras(tmp_path, first_import):
     import keras
 
     inputs = keras.Input((6, 6, 3))
@@ -193,7 +194,7 @@ def test_a_psp_model_loads_after_import_tf_psp_before_keras(tmp_path):
     psp = tf_psp.parameterize(keras.Model(inputs, outputs), structure="channel")
     path = tmp_path / "psp.keras"
     psp.save(path)
-    code = ("import tf_psp, keras; "
+    code = (f"import {first_import}, keras; "
             f"model = keras.models.load_model({str(path)!r}); "
             "print(type(model.get_layer('c')).__name__)")
     assert _python(code).strip() == type(psp.get_layer("c")).__name__ == "PSPConv2D"

@@ -82,63 +82,76 @@ def __dir__():
 _registered = []
 
 
-def _register_serializables():
+def _register_serializables(finished=None):
     """Imports the modules that register classes with Keras, once Keras is loaded.
 
-    Skipped while a tf_psp module is half-imported (its `import keras` loaded
-    Keras): importing more tf_psp modules then could see it incomplete; the
-    next public name looked up registers them.
+    Waits while Keras, TensorFlow or a tf_psp module is half-imported (a tf_psp
+    module's `import keras` may have loaded Keras; importing more modules then
+    could see it incomplete): the import hook below calls again when each of
+    them has run (`finished`, its name), so the outermost one registers.
     """
     if _registered or "keras" not in sys.modules:
         return
     for name, module in list(sys.modules.items()):
-        if name.startswith(f"{__name__}.") and getattr(
+        watched = name in ("keras", "tensorflow") or name.startswith(f"{__name__}.")
+        if watched and name != finished and getattr(
                 getattr(module, "__spec__", None), "_initializing", False):
             return
+    _registered.append(True)
     for module in _SERIALIZABLE_MODULES:
         importlib.import_module(f"{__name__}.{module}")
-    _registered.append(True)
 
 
-class _QuietFirstImport(importlib.abc.MetaPathFinder):
-    """Wraps the first `import tensorflow` and `import keras` of the process.
+class _ImportHook(importlib.abc.MetaPathFinder):
+    """Quiets the first `import tensorflow`/`import keras`; registers the layers after.
 
     TensorFlow prints a oneDNN banner at import that ignores
-    `TF_CPP_MIN_LOG_LEVEL`: the import runs inside
-    `quiet.native_stderr_filtered()`. Once Keras has loaded, the tf_psp layers
-    are registered with it: `import tf_psp` does not load Keras (seconds), yet
-    a saved PSP model must load with `keras.models.load_model` after it.
+    `TF_CPP_MIN_LOG_LEVEL`: that import runs inside
+    `quiet.native_stderr_filtered()`. `import tf_psp` does not load Keras
+    (seconds), yet a saved PSP model must load with `keras.models.load_model`
+    after `import tf_psp`, or after `import tf_psp.compat` alone: each import
+    of Keras or of a tf_psp module ends with `_register_serializables`. The
+    hook removes itself once the layers are registered.
     """
 
     def __init__(self):
-        self._pending = {"tensorflow", "keras"}
+        self._quiet_pending = {"tensorflow", "keras"}
+        self._resolving = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self._pending:
+        quiet_import = fullname in self._quiet_pending
+        ours = fullname.startswith(f"{__name__}.")
+        if not (quiet_import or ours) or fullname in self._resolving:
             return None
-        self._pending.discard(fullname)  # also keeps the next line from recursing
-        if not self._pending:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._quiet_pending.discard(fullname)
+        self._resolving.add(fullname)  # find the real spec, without us
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._resolving.discard(fullname)
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
         exec_module = loader.exec_module
 
-        def exec_quietly(module):
-            with quiet.native_stderr_filtered():
+        def exec_and_register(module):
+            if quiet_import:
+                with quiet.native_stderr_filtered():
+                    exec_module(module)
+            else:
                 exec_module(module)
-            if fullname == "keras":
-                _register_serializables()
+            _register_serializables(finished=fullname)
+            if _registered and not self._quiet_pending and self in sys.meta_path:
+                sys.meta_path.remove(self)
 
-        loader.exec_module = exec_quietly
+        loader.exec_module = exec_and_register
         return spec
 
 
 if "keras" in sys.modules:
     _register_serializables()
 else:
-    sys.meta_path.insert(0, _QuietFirstImport())
+    sys.meta_path.insert(0, _ImportHook())
 
 __version__ = "0.1.0"  # setup.py and `tf-psp --version` read it from here
 
