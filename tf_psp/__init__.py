@@ -55,7 +55,7 @@ _NAMES = {
 
 # The modules that register tf_psp classes with Keras's serialization, so that
 # `keras.models.load_model` finds them after `import tf_psp`.
-_SERIALIZABLE_MODULES = ("layers", "group_alphas", "regularizers", "attention")
+_SERIALIZABLE_MODULES = ("layers", "group_alphas", "regularizers", "attention", "recurrent")
 
 
 def __getattr__(name):

@@ -123,7 +123,8 @@ def _node_macs(node):
 def _read_write_costs(node):
     """(MACs per input channel read, MACs per output channel written)."""
     layer = node.layer
-    cin, cout = node.inputs[0].channels, node.outputs[0].channels
+    cin = node.inputs[getattr(node.handler, "read_input", 0)].channels
+    cout = node.outputs[0].channels
     if isinstance(node.handler, psp_graph.SeparableConvHandler):
         positions = math.prod(int(d) for d in node.outputs[0].tensor.shape[1:-1])
         dw = positions * math.prod(layer.depthwise_kernel.shape)
@@ -151,6 +152,8 @@ def plan_groups(model):
     spaces_uf = psp_graph._UnionFind()  # union keeps the smallest id: the first producer
     order, names = [], {}
     for node in producers:
+        if getattr(node.handler, "units_are_outputs", False):
+            continue  # recurrent units: the layer's PSP twin holds their alphas
         roots = [graph.group(s) for s in node.outputs[0].slots()]
         spaces = {spaces_uf.find(space_of[r]) for r in roots if r in space_of}
         if spaces:
@@ -187,7 +190,8 @@ def plan_groups(model):
         if handler.kind != "producer" and not is_depthwise:
             continue
         read, write = _read_write_costs(node)
-        for s in node.inputs[0].slots():
+        reads = node.inputs[getattr(handler, "read_input", 0)]  # an RNN: the sequence
+        for s in reads.slots():
             r = graph.group(s)
             if r in costs:
                 costs[r] += read
@@ -196,7 +200,7 @@ def plan_groups(model):
             if r in costs:
                 costs[r] += write
         if handler.kind == "producer":
-            index = [position.get(graph.group(s), -1) for s in node.inputs[0].slots()]
+            index = [position.get(graph.group(s), -1) for s in reads.slots()]
             if any(i >= 0 for i in index):
                 readers[node.name] = index
 

@@ -132,6 +132,15 @@ class _MacTerm:
         self.roots_out = np.array([g.group(s) for s in node.outputs[0].slots()], int)
         self.kind = "bilinear"
         self.split = 0.0
+        read_input = getattr(node.handler, "read_input", 0)
+        if read_input:  # an RNN: T*G*u*(in + u), its units both the rows and columns
+            self.roots_in = np.array([g.group(s) for s in node.inputs[read_input].slots()], int)
+            recurrent = getattr(getattr(layer, "cell", None), "recurrent_kernel", None)
+            kernel = getattr(getattr(layer, "cell", None), "kernel", None)
+            if recurrent is not None and kernel is not None:
+                self.kind = "recurrent"
+                self.split = self.macs * math.prod(kernel.shape) / (
+                    math.prod(kernel.shape) + math.prod(recurrent.shape))
         if isinstance(node.handler, psp_graph.DepthwiseHandler):
             self.kind = "linear"
         elif isinstance(node.handler, psp_graph.SeparableConvHandler):
@@ -155,6 +164,8 @@ class _MacTerm:
                 if len(self.roots_out) else 1.0)
         if self.kind == "linear":
             return self.macs * fin
+        if self.kind == "recurrent":  # kernel [in, G*u] and recurrent kernel [u, G*u]
+            return self.split * fin * fout + (self.macs - self.split) * fout * fout
         if self.kind == "separable":
             return self.split * fin + (self.macs - self.split) * fin * fout
         return self.macs * fin * fout
@@ -552,6 +563,7 @@ def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
         terms.append(_MacTerm(node, g, shapes))
         layer = psp.get(node.name)
         inner = hasattr(node.handler, "inner_spaces")  # attention heads: read and written inside
+        read_input = getattr(node.handler, "read_input", 0)  # an RNN: 1, its sequence
         for c, s in enumerate(node.inputs[0].slots()):
             u = unit_of(g.group(s))
             if u is None:
@@ -564,10 +576,16 @@ def pruning_plan(model: keras.Model, importance: str | Callable = "alpha",
                 if idx is not None:
                     u.handles.append((node.name, "alpha", idx))
             locate = gates.get(node.name)
-            if locate is not None:
+            if locate is not None and read_input == 0:
                 found = locate(c)
                 if found is not None:
                     u.handles.append((found[0], found[1], np.array([found[2]])))
+        locate = gates.get(node.name) if read_input else None
+        for c, s in enumerate(node.inputs[read_input].slots() if locate else ()):
+            u = unit_of(g.group(s))  # an RNN's sequence: gated, its kernel rows not scored
+            found = locate(c) if u is not None else None
+            if found is not None:
+                u.handles.append((found[0], found[1], np.array([found[2]])))
         if not depthwise:
             for c, s in enumerate(node.outputs[0].slots()):
                 u = unit_of(g.group(s))
