@@ -158,7 +158,10 @@ def _fit(model, data, epochs, batch_size, callbacks, verbose):
         history = model.fit(data[0], data[1], epochs=epochs, batch_size=batch_size,
                             callbacks=callbacks, verbose=verbose)
     else:
-        history = model.fit(data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+        # a tf.data set shuffles itself (Keras warns when shuffle=True meets one); a
+        # PyDataset's batch order is shuffled by fit
+        history = model.fit(data, epochs=epochs, callbacks=callbacks, verbose=verbose,
+                            shuffle=isinstance(data, keras.utils.PyDataset))
     return dict(history.history)
 
 
