@@ -9,9 +9,10 @@ TFLite/XNNPACK, `--threads`), then make `--variants` random shrunk variants:
 variant `i` is `prune_to_budget(model, keep_macs=U(0.25, 0.95),
 importance='random', seed=i, round_to=r)` with `r` drawn from {1, 8, 16},
 then `strip_and_shrink`. Every variant and the dense model are exported to
-TFLite and timed in one interleaved run (the fastest of `--runs` rounds: the
-table measures minima too, and a minimum does not move with other work on the
-machine); the table's prediction is compared with the measurement. Tables are
+TFLite and timed in one interleaved run, as the table times: the fastest of
+`--runs` rounds of the invoking thread's CPU time (`--threads=1`; wall clock
+otherwise), which does not move with other work on the machine (wall-clock
+medians are recorded too); the table's prediction is compared with that. Tables are
 built from an empty cache (a new `--cache_dir` per run unless given); with
 `--busy_during_build` another process keeps one core busy while they are. For
 reference, the MAC proxy (dense latency x kept MAC fraction) is scored the same way.
@@ -115,16 +116,19 @@ def measure_model(name, work_dir):
                          "kept_macs": tf_psp.profile(shrunk).total_macs / dense_macs,
                          "predicted_s": table.predict(shrunk), "path": path})
         log(f"{name}: variant {i} keep {keep:.2f} round_to {round_to}")
-    timers = {"dense": bench.tflite_timer(dense_path, num_threads=FLAGS.threads)}
-    for v in variants:
-        timers[v["variant"]] = bench.tflite_timer(v["path"], num_threads=FLAGS.threads)
-    medians, samples = bench.interleaved(timers, rounds=FLAGS.runs, return_samples=True)
+    paths = {"dense": dense_path, **{v["variant"]: v["path"] for v in variants}}
+    cpu = FLAGS.threads == 1  # the table's clock: CPU time of the invoking thread
+    timers = {k: bench.tflite_timer(p, num_threads=FLAGS.threads, cpu_time=cpu)
+              for k, p in paths.items()}
+    _, samples = bench.interleaved(timers, rounds=FLAGS.runs, return_samples=True)
     fastest = {k: min(v) for k, v in samples.items()}  # robust to other work, as the table
+    walls = {k: bench.tflite_timer(p, num_threads=FLAGS.threads) for k, p in paths.items()}
+    medians = bench.interleaved(walls, rounds=FLAGS.runs)  # wall-clock medians, for the record
     dense = fastest["dense"]
     predicted_dense = table.predict(model)
     for v in variants:
         v["measured_s"] = fastest[v["variant"]]
-        v["measured_median_s"] = medians[v["variant"]]
+        v["measured_wall_median_s"] = medians[v["variant"]]
         v["error"] = abs(v["predicted_s"] - v["measured_s"]) / v["measured_s"]
         # the speed-up predicted against the one measured (both relative to dense)
         v["ratio_error"] = abs(v["predicted_s"] / predicted_dense * dense
@@ -138,7 +142,7 @@ def measure_model(name, work_dir):
         "model": name, "table_seconds": table.build_seconds, "quantum": table.quantum,
         "busy_during_build": FLAGS.busy_during_build, "load_before": os.getloadavg()[0],
         "layers": len(table.layers), "dense_measured_s": dense,
-        "dense_table_s": table.dense_seconds,
+        "dense_table_s": table.dense_seconds, "dense_wall_median_s": medians["dense"],
         "median_error": float(np.median(errors)), "worst_error": float(np.max(errors)),
         "ratio_median_error": float(np.median(ratios)), "ratio_worst_error": float(np.max(ratios)),
         "mac_proxy_median_error": float(np.median(proxy)),

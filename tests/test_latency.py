@@ -260,3 +260,23 @@ def test_the_progress_line_comes_before_any_measuring(monkeypatch, capsys, tmp_p
     with pytest.raises(RuntimeError, match="stopped"):
         tf_psp.latency_table(_model(), cache_dir=tmp_path, progress=True)
     assert "latency_table: model 'lat_model' on tflite, 1 thread(s)" in capsys.readouterr().err
+
+
+def test_one_thread_is_timed_by_its_cpu_time(tmp_path):
+    """Time the core was taken away (here: a sleep) does not count with one thread."""
+    import time
+
+    from tf_psp import bench, export
+
+    clock = latency._clock(1)
+    start = clock()
+    time.sleep(0.05)
+    assert clock() - start < 0.01
+    assert latency._clock(2) is time.perf_counter
+    x = keras.Input((4,))
+    path = str(tmp_path / "m.tflite")
+    export.export_tflite(keras.Model(x, L.Dense(3)(x)), path)
+    timer = bench.tflite_timer(path, cpu_time=True)
+    assert all(0 < timer() < 0.05 for _ in range(3))
+    with pytest.raises(ValueError, match="one thread"):
+        bench.tflite_timer(path, num_threads=2, cpu_time=True)

@@ -30,7 +30,7 @@ _PROBE_SEED = 0
 # --- timers -------------------------------------------------------------------
 
 
-def tflite_timer(path, probe=None, num_threads=1):
+def tflite_timer(path, probe=None, num_threads=1, cpu_time=False):
     """A timer for one LiteRT interpreter invocation of a `.tflite` file.
 
     The interpreter uses its default delegate (XNNPACK for float models). The
@@ -42,10 +42,16 @@ def tflite_timer(path, probe=None, num_threads=1):
             model's input order or a dict keyed by input name. None: a seeded
             random-normal batch of one, shaped like the model's inputs.
         num_threads: CPU threads of the interpreter.
+        cpu_time: time the CPU time of the calling thread instead of the
+            wall clock (`num_threads=1` only: the interpreter then runs in
+            it): what an invocation costs without the time other processes
+            held the core, i.e. its latency on a quiet machine.
 
     Returns:
         A callable `() -> seconds`.
     """
+    if cpu_time and num_threads != 1:
+        raise ValueError(f"cpu_time=True times one thread; got num_threads={num_threads}.")
     interpreter = export.litert_interpreter(path, num_threads=num_threads)
     if probe is None:
         probe = tflite_probe(path)
@@ -62,11 +68,12 @@ def tflite_timer(path, probe=None, num_threads=1):
     # Sets (and quantizes) the inputs and resizes the interpreter to the probe.
     export.run_tflite(interpreter, probe)
     invoke = interpreter.invoke
+    clock = time.thread_time if cpu_time else time.perf_counter
 
     def timer():
-        start = time.perf_counter()
+        start = clock()
         invoke()
-        return time.perf_counter() - start
+        return clock() - start
 
     return timer
 
