@@ -8,7 +8,7 @@ import numpy as np
 
 from tf_psp import compat, coupling, regularizers, structures
 from tf_psp import layers as psp_layers
-from tf_psp.functional import check_model, clone_layer, reuses, walk_layers
+from tf_psp.functional import check_model, clone_layer, fresh_inputs, reuses, walk_layers
 from tf_psp.group_alphas import has_alphas, is_group_alphas  # noqa: F401 (re-export)
 from tf_psp.macs import layer_macs
 
@@ -161,7 +161,7 @@ def parameterize(
         return new
 
     new_model = keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True
+        model, clone_function=clone_function, recursive=True, input_tensors=fresh_inputs(model)
     )
     _copy_weights(new_model, originals)
     if return_report:

@@ -45,7 +45,7 @@ from tf_psp import (
 from tf_psp import graph as psp_graph
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
-from tf_psp.functional import clone_layer
+from tf_psp.functional import clone_layer, fresh_inputs
 
 # The layer lives in tf_psp.group_alphas; re-exported for existing imports.
 from tf_psp.group_alphas import (  # noqa: F401
@@ -282,8 +282,8 @@ def parameterize_groups(model, epsilon, cost=None, cost_weights=None, **psp_kwar
         return layer(*args, **kwargs)
 
     new_model = keras.models.clone_model(
-        functional, clone_function=clone_function, call_function=call_function
-    )
+        functional, clone_function=clone_function, call_function=call_function,
+        input_tensors=fresh_inputs(functional))
     for new in new_model.layers:
         old = originals.get(id(new))
         if old is not None and old is not new:

@@ -63,15 +63,47 @@ def layers_by_name(model):
     return {layer.name: layer for layer in compat.flatten_layers(model)}
 
 
+def from_config(cls, config):
+    """`cls.from_config(config)` named `config['name']`, so names stay the user's.
+
+    Some constructors change the name they are given (keras-hub 0.32's MobileNet
+    `DepthwiseConvBlock` appends `'_0'`, and names its sublayers after the result),
+    so every clone would drift (`block_0_0` -> `block_0_0_0` -> ...). When the
+    constructor appends a suffix that `config['name']` already ends with, the
+    layer is built from the name without it, which gives back the same layer
+    and sublayer names; any other change is undone by renaming the layer.
+    """
+    new = cls.from_config(config)
+    name = config.get("name") if isinstance(config, dict) else None
+    if not isinstance(name, str) or new.name == name:
+        return new
+    suffix = new.name[len(name):] if new.name.startswith(name) else ""
+    if suffix and name.endswith(suffix) and len(name) > len(suffix):
+        again = cls.from_config({**config, "name": name[:-len(suffix)]})
+        if again.name == name:
+            return again
+    new.name = name
+    return new
+
+
 def clone_layer(layer):
     """A fresh copy of `layer` from its config; a Lambda or a keras.ops operation is reused.
 
     A Python lambda cannot round-trip a config safely, and an op node (`x + 3.0`)
-    is stateless, so both are returned as they are.
+    is stateless, so both are returned as they are. The copy has `layer`'s name
+    (`from_config`).
     """
     if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
         return layer
-    return type(layer).from_config(layer.get_config())
+    return from_config(type(layer), layer.get_config())
+
+
+def input_name(tensor):
+    """The name of the `InputLayer` of a model input `tensor` (what the user named it,
+    or Keras's `input_layer_N`), else the tensor's name. Rebuilding a model with
+    `keras.Input(name=tensor.name)` would rename an unnamed input `keras_tensor_N`."""
+    layer = compat.producer(tensor)
+    return layer.name if isinstance(layer, keras.layers.InputLayer) else tensor.name
 
 
 def reuses(layer):
@@ -79,9 +111,23 @@ def reuses(layer):
     return isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer)
 
 
+def fresh_inputs(model):
+    """New `keras.Input`s like a functional model's inputs, with their input layers' names
+    (for `keras.models.clone_model(input_tensors=...)`, which would otherwise rename an
+    unnamed `input_layer` after its tensor, `keras_tensor_N`); None for a Sequential model."""
+    if not compat.is_functional(model) or isinstance(model, keras.Sequential):
+        return None
+    return keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=input_name(t)),
+        model.input)
+
+
 def clone_with_weights(model):
-    """A new model of the same architecture holding copies of `model`'s weights."""
-    copy = keras.models.clone_model(model)
+    """A new model of the same architecture holding copies of `model`'s weights (same
+    layer names: `from_config`)."""
+    copy = keras.models.clone_model(
+        model, input_tensors=fresh_inputs(model),
+        clone_function=lambda layer: from_config(type(layer), layer.get_config()))
     copy.set_weights(model.get_weights())
     return copy
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from tf_psp import compat, registry
 from tf_psp import macs as mac_rules
-from tf_psp.functional import functional_view
+from tf_psp.functional import from_config, functional_view, input_name
 
 # --- small helpers ------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def _new_layer(layer, **changes):
     config = layer.get_config()
     config.pop("build_config", None)
     config.update(changes)
-    return type(layer).from_config(config)
+    return from_config(type(layer), config)
 
 
 def _channels_last(layer):
@@ -1019,7 +1019,8 @@ def inline_nested(model):
             return op(*args, **kwargs)
         return compat.run_through_graph(inner, args[0], operation_fn, call_fn)
 
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in model.inputs]
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=input_name(t))
+              for t in model.inputs]
     outputs = compat.run_through_graph(model, inputs, operation_fn, call_fn)
     flat = keras.Model(keras.tree.pack_sequence_as(compat.inputs_struct(model), inputs), outputs,
                        name=model.name)

@@ -34,6 +34,7 @@ from tf_psp.functional import (
     check_model,
     clone_layer,
     functional_view,
+    input_name,
     layers_by_name,
     probe_inputs,
     relative_error,
@@ -356,7 +357,7 @@ def _rebuild(g, keep):
     tensor_map = {}
     new_inputs = []
     for t in model.inputs:
-        new = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name)
+        new = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=input_name(t))
         tensor_map[id(t)] = new
         new_inputs.append(new)
     for node in g.nodes:
