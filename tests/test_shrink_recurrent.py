@@ -164,3 +164,35 @@ def test_units_kept_with_the_reason(options, reason):
     graph = tf_psp.graph.ChannelGraph(model)
     node = next(n for n in graph.nodes if n.name == "rnn")
     assert reason in node.frozen_reason
+
+
+def _export_model(steps):
+    inputs = keras.Input((steps,), dtype="int32")
+    h = L.Embedding(VOCAB, DIMS, name="emb")(inputs)
+    h = L.Bidirectional(L.GRU(6, return_sequences=True), name="bi")(h)  # kept whole
+    h = L.LSTM(UNITS, name="rnn")(h)
+    return randomize_weights(keras.Model(inputs, L.Dense(5, name="head")(h)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TFLite export needs TF")
+@pytest.mark.parametrize("steps", [STEPS, None])
+def test_recurrent_models_export_to_tflite(steps):
+    # static steps: an unrolled clone (any batch); None: a static batch of 1, probed per sample
+    from tf_psp import export, recurrent_export
+
+    model = _export_model(steps)
+    psp = tf_psp.parameterize(model, coupling="group")
+    _zero_units(psp, [1, 2])
+    shrunk = tf_psp.strip_and_shrink(psp)
+    assert shrunk.get_layer("rnn").units == UNITS - 2
+    _, batch = recurrent_export.tflite_ready(shrunk)
+    assert batch == (None if steps else 1)
+    x = _ids(5)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export.export_tflite(shrunk, os.path.join(tmp, "rnn.tflite"), probe=x)
+        outputs = export.run_tflite(result.path, x[:1])[0]
+    assert result.max_rel_error <= 1e-5
+    np.testing.assert_allclose(outputs, keras.ops.convert_to_numpy(shrunk(x[:1])),
+                               rtol=1e-5, atol=1e-5)
+    assert not shrunk.get_layer("rnn").unroll  # the model itself is not changed

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from tf_psp import atomic, compat, nchw, quiet
+from tf_psp import atomic, compat, nchw, quiet, recurrent_export
 
 FORMATS = ("saved_model", "tflite", "onnx")
 TFLITE_QUANTIZATIONS = (None, "float16", "int8")
@@ -130,7 +130,10 @@ def export_tflite(model, path, quantization=None, representative_data=None, prob
     """Exports `model` as a TFLite (LiteRT) flatbuffer.
 
     Conversion goes through a temporary SavedModel (the Keras-model route of
-    the converter does not work with Keras 3).
+    the converter does not work with Keras 3). Recurrent layers (SimpleRNN,
+    LSTM, GRU, also in Bidirectional) are converted unrolled when their
+    sequence length is static, else the file gets a static batch of 1 (see
+    `tf_psp.recurrent_export`); the model itself is not changed.
 
     Args:
         model: A built `keras.Model` (TensorFlow backend).
@@ -168,13 +171,19 @@ def export_tflite(model, path, quantization=None, representative_data=None, prob
         )
     _check_file_target(path)
     inputs = _probe_inputs(model, probe)
-    content = _convert_tflite(model, quantization, representative_data)
+    ready, batch = recurrent_export.tflite_ready(model)  # RNNs: unrolled, or batch 1
+    content = _convert_tflite(ready, quantization, representative_data, batch)
     if len(model.inputs) > 1:
         content = _with_tflite_metadata(
             content, TFLITE_INPUT_NAMES_METADATA, json.dumps(_input_names(model)).encode()
         )
     atomic.write_bytes(path, content)
-    outputs = run_tflite(path, inputs)
+    if batch is None:
+        outputs = run_tflite(path, inputs)
+    else:  # a static batch of 1: one probe sample per invoke
+        runs = [run_tflite(path, [a[k:k + 1] for a in inputs])
+                for k in range(len(inputs[0]))]
+        outputs = [np.concatenate(parts) for parts in zip(*runs)]
     return dataclasses.replace(
         _result(model, path, "tflite", inputs, outputs), quantization=quantization)
 
@@ -353,11 +362,12 @@ def _input_names(model):
     return names
 
 
-def _input_specs(model):
+def _input_specs(model, batch=None):
     import tensorflow as tf
 
     return [
-        tf.TensorSpec(tensor.shape, tensor.dtype, name=name)
+        tf.TensorSpec(tuple(tensor.shape) if batch is None else (batch,) + tuple(tensor.shape[1:]),
+                      tensor.dtype, name=name)
         for tensor, name in zip(model.inputs, _input_names(model))
     ]
 
@@ -493,12 +503,12 @@ def _result(model, path, format, inputs, outputs):  # pylint: disable=redefined-
 # --- TFLite ---------------------------------------------------------------
 
 
-def _convert_tflite(model, quantization, representative_data):
-    """Converts `model` to a TFLite flatbuffer (bytes)."""
+def _convert_tflite(model, quantization, representative_data, batch=None):
+    """Converts `model` to a TFLite flatbuffer (bytes); `batch`: a static batch size."""
     import keras
     import tensorflow as tf
 
-    specs = _input_specs(model)
+    specs = _input_specs(model, batch)
     with tempfile.TemporaryDirectory(prefix="tf_psp_export_") as saved_model:
         archive = keras.export.ExportArchive()
         archive.track(model)
@@ -515,8 +525,12 @@ def _convert_tflite(model, quantization, representative_data):
             dtypes = [_numpy_dtype(spec.dtype) for spec in specs]
 
             def dataset():
-                for batch in _calibration_batches(representative_data, names):
-                    yield {n: np.asarray(a, dtype=d) for n, a, d in zip(names, batch, dtypes)}
+                for arrays in _calibration_batches(representative_data, names):
+                    arrays = [np.asarray(a, dtype=d) for a, d in zip(arrays, dtypes)]
+                    starts = range(0, len(arrays[0]), batch) if batch else [None]
+                    for k in starts:  # a static batch: calibrate sample by sample
+                        part = arrays if k is None else [a[k:k + batch] for a in arrays]
+                        yield dict(zip(names, part))
 
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = dataset
