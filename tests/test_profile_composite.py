@@ -173,3 +173,99 @@ def test_keras_hub_vit_backbone_is_counted_by_hand():
     patches = 16 * 8 * 8 * 3 * 16
     block = _attention_macs(tokens, tokens, 16, 2, 8) + _mlp_macs(tokens, 16, 32)
     assert prof.total_macs == patches + 2 * block
+
+
+def test_einsum_dense_counts_its_contraction():
+    x = keras.Input((T, D))
+    layer = L.EinsumDense("btd,dnh->btnh", output_shape=(T, HEADS, KEY_DIM), name="proj")
+    prof = tf_psp.profile(keras.Model(x, layer(x)))
+    assert prof.uncounted == []
+    assert prof.total_macs == T * D * HEADS * KEY_DIM
+
+
+class OwnAttention(L.Layer):
+    """Attention written with keras.ops (as keras-hub's Gemma/Llama attention): EinsumDense
+    projections, scores and weighted sums by `keras.ops.einsum` and `keras.ops.matmul`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.q = L.EinsumDense("btd,dnh->btnh", output_shape=(None, HEADS, KEY_DIM))
+        self.k = L.EinsumDense("bsd,dnh->bsnh", output_shape=(None, HEADS, KEY_DIM))
+        self.v = L.EinsumDense("bsd,dnh->bsnh", output_shape=(None, HEADS, KEY_DIM))
+        self.o = L.EinsumDense("btnh,nhd->btd", output_shape=(None, D))
+
+    def build(self, shape):
+        for layer in (self.q, self.k, self.v):
+            layer.build(shape)
+        self.o.build(tuple(shape[:-1]) + (HEADS, KEY_DIM))
+
+    def call(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        scores = keras.ops.einsum("btnh,bsnh->bnts", q, k)
+        weights = keras.ops.softmax(scores, axis=-1)
+        v = keras.ops.transpose(v, (0, 2, 1, 3))  # b n s h
+        context = keras.ops.transpose(keras.ops.matmul(weights, v), (0, 2, 1, 3))
+        position = keras.ops.einsum("i,j->ij", keras.ops.arange(4.0), keras.ops.ones(3))
+        return self.o(context) + 0.0 * keras.ops.sum(position)  # an outer product: 0 MACs
+
+
+def test_attention_written_with_ops_counts_scores_and_sums():
+    x = keras.Input((T, D))
+    prof = tf_psp.profile(keras.Model(x, OwnAttention(name="own")(x)))
+    assert prof.uncounted == []
+    assert prof.total_macs == _attention_macs(T, T)
+
+
+class Unruled(L.Layer):
+    """A sublayer with a kernel and no MAC rule."""
+
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(shape[-1], shape[-1]))
+
+    def call(self, x):
+        return x * keras.ops.sum(self.kernel)
+
+
+class HalfKnown(L.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(D)
+        self.unruled = Unruled()
+
+    def build(self, shape):
+        self.dense.build(shape)
+        self.unruled.build(tuple(shape[:-1]) + (D,))
+
+    def call(self, x):
+        return self.unruled(self.dense(x))
+
+
+def test_a_composite_with_a_sublayer_no_rule_counts_is_not_counted():
+    x = keras.Input((T, D))
+    prof = tf_psp.profile(keras.Model(x, HalfKnown(name="half")(x)))
+    assert prof.uncounted == ["half"]  # rather than the Dense alone, a silent undercount
+
+
+def _decoder_macs(layers, t, d, query_heads, kv_heads, head_dim, projections):
+    """Grouped-query attention (keys and values per kv head) and a gated MLP of
+    `projections` Dense-like kernels of d x width each (width folded into `projections`)."""
+    attention = t * d * head_dim * (2 * query_heads + 2 * kv_heads)
+    scores = 2 * query_heads * t * t * head_dim
+    return layers * (attention + scores + t * projections)
+
+
+def test_gemma_and_llama_backbones_are_counted_by_hand():
+    keras_hub = pytest.importorskip("keras_hub")
+    gemma = keras_hub.models.GemmaBackbone(
+        vocabulary_size=100, num_layers=2, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=32, intermediate_dim=64, head_dim=8)
+    prof = tf_psp.profile(gemma, input_shape=[(16,)] * 2)
+    assert prof.uncounted == []
+    # Gemma's gated MLP: gate and up d -> intermediate/2, down intermediate/2 -> d
+    assert prof.total_macs == _decoder_macs(2, 16, 32, 4, 2, 8, 3 * 32 * 32)
+    llama = keras_hub.models.LlamaBackbone(
+        vocabulary_size=100, num_layers=2, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=32, intermediate_dim=64)
+    prof = tf_psp.profile(llama, input_shape=[(16,)] * 2)
+    assert prof.uncounted == []
+    assert prof.total_macs == _decoder_macs(2, 16, 32, 4, 2, 8, 3 * 32 * 64)

@@ -101,6 +101,41 @@ def attention_macs(layer, input_shapes, output_shapes):
             + heads * tq * tv * (key_dim + head_value_dim))
 
 
+def _letter_sizes(term, shape):
+    """`[(index letter, size)]` of one einsum operand (`'...'` covers the middle axes)."""
+    shape = tuple(shape)
+    if "..." not in term:
+        return list(zip(term, shape))
+    head, tail = term.split("...")
+    return list(zip(head, shape[:len(head)])) + list(zip(tail, shape[len(shape) - len(tail):]))
+
+
+def einsum_macs(equation, output_shape, operand_shapes):
+    """MACs of `einsum(equation, *operands)` for one sample: every output entry sums over
+    the contracted indices (in an operand, not in the output), so `size(output) * prod(their
+    sizes)`; the output's first axis (the batch) is left out. 0 without contracted indices
+    (an elementwise or outer product, like gate products); None for a one-operand einsum or
+    an equation without `->`."""
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if len(terms) < 2 or not arrow:
+        return None
+    sizes = dict(pair for term, shape in zip(terms, operand_shapes)
+                 for pair in _letter_sizes(term, shape))
+    contracted = {c for c in inputs if c.isalpha() and c not in output}
+    if not contracted:
+        return 0
+    if any(sizes.get(c) is None for c in contracted):
+        return None
+    return _size(output_shape[1:]) * math.prod(int(sizes[c]) for c in contracted)
+
+
+def einsum_dense_macs(layer, input_shapes, output_shapes):
+    # EinsumDense: einsum(equation, input, kernel) (bias not counted)
+    return einsum_macs(layer.equation, output_shapes[0],
+                       [input_shapes[0], tuple(layer.kernel.shape)])
+
+
 def embedding_macs(layer, input_shapes, output_shapes):
     # A lookup: 0 MACs. keras-hub's ReversibleEmbedding called with reverse=True
     # multiplies by the transposed table instead, [.., output_dim] -> [.., input_dim]
@@ -147,6 +182,12 @@ def _placeholder(shape, dtype):
     return keras.ops.ones(shape, dtype=dtype)
 
 
+def _own_weights(layer):
+    """The weights `layer` created itself (not its sublayers')."""
+    inner = {id(v) for sub in compat.sublayers(layer) for v in sub.weights}
+    return [v for v in layer.weights if id(v) not in inner]
+
+
 def composite_macs(layer, input_shapes, output_shapes, arguments=None):
     """MACs of a composite layer: the sum of its sublayers' MACs over one call.
 
@@ -178,7 +219,11 @@ def composite_macs(layer, input_shapes, output_shapes, arguments=None):
     else:
         return None
     call_kwargs = {**call_kwargs, "training": False}
-    seen, depth = [], [0]
+    subs = counted_sublayers(layer)
+    covered = {id(v) for sub in subs for v in sub.weights}
+    if any(id(v) not in covered for sub in compat.sublayers(layer) for v in _own_weights(sub)):
+        return None  # a sublayer with weights and no rule: not counted rather than a silent 0
+    seen, depth, op_macs = [], [0], []
 
     def recording(sub, call):
         def call_and_record(*args, **kwargs):
@@ -195,21 +240,35 @@ def composite_macs(layer, input_shapes, output_shapes, arguments=None):
             return outputs
         return call_and_record
 
-    subs = counted_sublayers(layer)
+    def recording_op(name, op):
+        def op_and_record(*args, **kwargs):
+            outputs = op(*args, **kwargs)
+            if depth[0] == 0:  # not inside a counted sublayer (which counts its own)
+                op_macs.append(OP_RULES[name](outputs, *args, **kwargs))
+            return outputs
+        return op_and_record
+
     own = {id(sub): sub.__dict__["call"] for sub in subs if "call" in sub.__dict__}
     for sub in subs:  # an instance attribute: Layer.__call__ looks up self.call
         sub.__dict__["call"] = recording(sub, sub.call)
+    ops = {name: getattr(keras.ops, name) for name in OP_RULES}
+    for name, op in ops.items():  # keras-hub attention: `from keras import ops; ops.einsum`
+        setattr(keras.ops, name, recording_op(name, op))
     try:
         layer(*call_args, **call_kwargs)
     except Exception:  # noqa: BLE001 - a layer that cannot run on placeholders is not counted
         return None
     finally:
+        for name, op in ops.items():
+            setattr(keras.ops, name, op)
         for sub in subs:
             if id(sub) in own:
                 sub.__dict__["call"] = own[id(sub)]
             else:
                 sub.__dict__.pop("call", None)
-    total = 0
+    if any(macs is None for macs in op_macs):
+        return None
+    total = sum(op_macs)
     for sub, shapes_in, shapes_out in seen:
         macs = _own_rule(sub)(sub, shapes_in, shapes_out)
         if macs is None:
@@ -217,6 +276,32 @@ def composite_macs(layer, input_shapes, output_shapes, arguments=None):
         # a sublayer may see positions folded into its batch (TimeDistributed): count them
         total += macs * int(shapes_out[0][0] or 1)
     return total
+
+
+# In a counting run the batch is 1, so an op's whole output is one sample's (an op on
+# positions alone, without a batch axis, runs once per sample too).
+def _einsum_op_macs(output, equation, *operands, **kwargs):
+    return einsum_macs(equation, (1,) + tuple(output.shape), [tuple(x.shape) for x in operands])
+
+
+def _matmul_op_macs(output, a, b, **kwargs):
+    # [..., m, k] @ [..., k, n]: k MACs per output entry
+    return _size(tuple(output.shape)) * int(tuple(a.shape)[-1]) if len(a.shape) > 1 else None
+
+
+def _attention_op_macs(output, query, key, value, *args, **kwargs):
+    # [B, T, H, D] queries on [B, S, K, D] keys and [B, S, K, Dv] values: scores and sums
+    q, k, v = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    return int(q[1]) * int(k[1]) * int(q[2]) * (int(q[3]) + int(v[3]))
+
+
+# keras.ops functions a composite layer's `call` may multiply with (keras-hub attention
+# scores and weighted sums): op name -> (output, *args, **kwargs) -> MACs per sample
+OP_RULES = {
+    "einsum": _einsum_op_macs,
+    "matmul": _matmul_op_macs,
+    "dot_product_attention": _attention_op_macs,
+}
 
 
 def call_macs(rule, layer, input_shapes, output_shapes, arguments=None):
@@ -242,6 +327,7 @@ MAC_RULES = (
     ((keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D), depthwise_macs),
     ((keras.layers.SeparableConv1D, keras.layers.SeparableConv2D), separable_macs),
     ((keras.layers.Dense,), dense_macs),
+    ((keras.layers.EinsumDense,), einsum_dense_macs),
     ((keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU), rnn_macs),
     ((keras.layers.Bidirectional,), bidirectional_macs),
     ((keras.layers.MultiHeadAttention,), attention_macs),
@@ -262,6 +348,7 @@ MAC_RULES = (
 # keras-hub layers (matched by class name in a keras_hub module, keras-hub being
 # optional) that look up or scale: 0 MACs, like Embedding and the normalizations.
 KERAS_HUB_NO_MACS = frozenset({"PositionEmbedding", "RMSNormalization"})
+KERAS_HUB_NORM_SUFFIXES = ("LayerNorm", "LayerNormalization", "RMSNorm")  # LlamaLayerNorm ...
 
 
 # rules of layers whose kernels `zeroed_macs` reads (`_kernel_entries`)
@@ -287,7 +374,9 @@ def _own_rule(layer):
         if isinstance(layer, classes):
             return rule
     for cls in type(layer).__mro__:
-        if cls.__module__.startswith("keras_hub.") and cls.__name__ in KERAS_HUB_NO_MACS:
+        name = cls.__name__
+        if cls.__module__.startswith("keras_hub.") and (
+                name in KERAS_HUB_NO_MACS or name.endswith(KERAS_HUB_NORM_SUFFIXES)):
             return no_macs
     return None
 

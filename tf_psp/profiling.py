@@ -493,13 +493,13 @@ def unknown_dimension_error(model, where):
     inputs = unknown_inputs(model)
     named = (f"; model '{model.name}' has inputs with unknown dimensions: {', '.join(inputs)}"
              if inputs else "")
-    example = ", ".join(["(16,)"] * len(inputs)) if inputs else "..."
-    example = f"[{example}]" if len(inputs) > 1 else example
+    example = ", ".join(["(16,)"] * len(inputs))
+    example = (f" (e.g. input_shape={f'[{example}]' if len(inputs) > 1 else example} for "
+               "token sequences of 16)" if inputs else "")
     return ValueError(
         f"{where} has an unknown dimension, so its MACs cannot be counted{named}. Pass "
         f"input_shape=... (profile, prune_to_budget, PruneToBudget and tf_psp.prune take "
-        f"it) with one fully defined shape per input, batch dimension excluded (e.g. "
-        f"input_shape={example} for token sequences of 16)."
+        f"it) with one fully defined shape per input, batch dimension excluded{example}."
     )
 
 
