@@ -5,8 +5,10 @@ shapes, batch dimension excluded from the count). The built-in rules cover
 Conv1D/2D/3D, their transposes, DepthwiseConv, SeparableConv and Dense;
 `tf_psp.register_layer` adds rules for other layer types (a handler's
 `macs` method). A composite layer (no rule of its own, but Conv/Dense... sublayers
-that its `call` runs) counts the sum of its sublayers' MACs, measured by running
-it once on zeros (`composite_macs`).
+that its `call` runs) counts the sum of its sublayers' MACs, measured by calling
+it once as its graph node does, on placeholders (`composite_macs`), plus the
+`keras.ops.einsum`/`matmul`/`dot_product_attention` its own code runs (attention
+scores written with ops); a weighted sublayer without a rule leaves it not counted.
 """
 
 import inspect
