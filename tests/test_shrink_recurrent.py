@@ -55,7 +55,8 @@ def test_dead_units_shrink_exactly(kind, options, sequences):
     assert isinstance(psp.get_layer("rnn"), recurrent_layers.PSP_RECURRENT[type(
         model.get_layer("rnn"))])
     _zero_units(psp, [0, 3, 7, 11])
-    shrunk, _ = _shrink_and_compare(psp, x, {"rnn": UNITS - 4})
+    shrunk, report = _shrink_and_compare(psp, x, {"rnn": UNITS - 4})
+    assert "heads" not in str(report)  # units are the layer's channels
     rnn = shrunk.get_layer("rnn")
     gates = {"SimpleRNN": 1, "LSTM": 4, "GRU": 3}[kind]
     assert tuple(rnn.cell.kernel.shape) == (FILTERS, gates * (UNITS - 4))
@@ -155,9 +156,10 @@ def test_psp_recurrent_twin_saves_and_loads():
 @pytest.mark.parametrize("options, reason", [
     ({"return_state": True}, "returns its states"),
     ({"activation": "sigmoid"}, "does not map 0 to 0"),
+    ({"stateful": True}, "is stateful"),
 ])
 def test_units_kept_with_the_reason(options, reason):
-    inputs = keras.Input((STEPS, 4))
+    inputs = keras.Input((STEPS, 4), batch_size=2 if options.get("stateful") else None)
     out = L.LSTM(6, name="rnn", **options)(inputs)
     out = out[0] if isinstance(out, (list, tuple)) else out
     model = randomize_weights(keras.Model(inputs, L.Dense(2, name="head")(out)))
@@ -196,3 +198,26 @@ def test_recurrent_models_export_to_tflite(steps):
     np.testing.assert_allclose(outputs, keras.ops.convert_to_numpy(shrunk(x[:1])),
                                rtol=1e-5, atol=1e-5)
     assert not shrunk.get_layer("rnn").unroll  # the model itself is not changed
+
+
+def test_bidirectional_is_kept_with_the_reason():
+    inputs = keras.Input((STEPS, 4))
+    h = L.Dense(8, name="pre")(inputs)
+    h = L.Bidirectional(L.GRU(6), name="bi")(h)
+    model = randomize_weights(keras.Model(inputs, L.Dense(2, name="head")(h)))
+    _, report = _shrink_and_compare(model, np.ones((2, STEPS, 4), "float32"), {"pre": 8})
+    assert "is a Bidirectional RNN" in str(report) or not report.blocked
+    assert tf_psp.profile(model).uncounted == []
+
+
+def test_masked_sequences_shrink_exactly():
+    # Embedding(mask_zero=True): masked steps carry the state; a dead unit stays 0
+    inputs = keras.Input((STEPS,), dtype="int32")
+    h = L.Embedding(VOCAB, DIMS, mask_zero=True, name="emb")(inputs)
+    h = L.LSTM(UNITS, name="rnn")(h)
+    model = randomize_weights(keras.Model(inputs, L.Dense(3, name="head")(h)))
+    psp = tf_psp.parameterize(model, coupling="group")
+    _zero_units(psp, [2, 9])
+    x = _ids(6)
+    x[:, -4:] = 0  # padding
+    _shrink_and_compare(psp, x, {"rnn": UNITS - 2})

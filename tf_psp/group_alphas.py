@@ -54,6 +54,7 @@ class PSPGroupAlphas(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True  # a per-channel scale: a sequence mask passes unchanged
         self.group_sizes = [int(n) for n in group_sizes]
         if not self.group_sizes or min(self.group_sizes) < 1:
             raise ValueError(

@@ -16,9 +16,11 @@ Registered through the public `tf_psp.register_layer` when tf_psp is imported:
   kernel's rows and the bias (GRU `reset_after`: `[2, 3*units]`) with them.
   The input channels are an ordinary reader's: kernel rows, a constant input
   folded into the (input) bias. `return_sequences` either way, `go_backwards`,
-  masks. Kept whole, with the reason: an initial state given, `return_state`,
-  `stateful`, an activation with `act(0) != 0`, a subclass with its own cell.
-  `Bidirectional` is not handled yet (its channels are kept).
+  masks (`mask=`, e.g. from `Embedding(mask_zero=True)`). Kept whole, with
+  the reason: an initial state given, `return_state`, `stateful`, an
+  activation with `act(0) != 0`, a subclass with its own cell.
+  `Bidirectional` is kept whole, with that reason (not handled yet: its
+  twin would hold PSP layers inside a wrapper that `strip` does not open).
 - `keras.layers.Embedding`: its output dims are a producer's channels (the
   columns of `embeddings`); the token ids are no channels (kept).
 """
@@ -63,8 +65,12 @@ class RecurrentUnitsHandler(LayerHandler):
         if type(layer.cell).__name__.replace("PSP", "") not in (
                 "SimpleRNNCell", "LSTMCell", "GRUCell"):
             return f"has a custom cell ({type(layer.cell).__name__})"
-        if len(node.inputs) != 2:
+        kwargs = node.node.arguments.kwargs
+        if kwargs.get("initial_state") is not None or len(node.node.arguments.args) > 1:
             return "is given an initial state (its units would need the state's channels too)"
+        mask = kwargs.get("mask")
+        if len(node.inputs) != 2 + (mask is not None and hasattr(mask, "shape")):
+            return "has several inputs"
         if len(node.outputs) != 1:
             return "returns its states (return_state=True)"
         if layer.stateful:
@@ -115,7 +121,7 @@ class RecurrentUnitsHandler(LayerHandler):
                 break
             needed = grown
         x_needed = np.any(_blocks(kernel, gates, layer.units)[:, :, needed] != 0, axis=(1, 2))
-        return [needed, x_needed]
+        return [needed, x_needed] + [np.ones(t.channels or 0, bool) for t in node.inputs[2:]]
 
     def absorbs(self, node, value):
         return value == 0 or bool(node.layer.cell.use_bias)
@@ -190,7 +196,17 @@ class EmbeddingHandler(LayerHandler):
         return _new_layer(node.layer, output_dim=int(len(keep))), [table]
 
 
+class BidirectionalHandler(LayerHandler):
+    """`keras.layers.Bidirectional`: kept whole, with the reason (its units are not handled yet)."""
+
+    def couple(self, graph, node):
+        for t in node.inputs + node.outputs:
+            graph.freeze(t, node, "is a Bidirectional RNN: its units and inputs are kept "
+                                  "(tf_psp removes units of SimpleRNN/LSTM/GRU layers only)")
+
+
 for _cls in PSP_RECURRENT:
     registry.register_layer(_cls, RecurrentUnitsHandler)
 registry.register_layer(keras.layers.Embedding, EmbeddingHandler)
+registry.register_layer(keras.layers.Bidirectional, BidirectionalHandler)
 del _cls

@@ -528,7 +528,8 @@ def _report(g, plan, keep, round_to, readmitted):
                 "removed": not live,
             }
         )
-        if hasattr(node.handler, "inner_spaces") and node.inputs:  # attention: its heads
+        if (hasattr(node.handler, "inner_spaces") and node.inputs  # attention: its heads
+                and not getattr(node.handler, "units_are_outputs", False)):  # RNN: channels
             heads = node.inputs[0]
             layers[-1]["heads_before"] = int(heads.channels or 0)
             layers[-1]["heads_after"] = int(len(keep[id(heads.tensor)])) if live else 0
