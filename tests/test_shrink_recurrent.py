@@ -221,3 +221,21 @@ def test_masked_sequences_shrink_exactly():
     x = _ids(6)
     x[:, -4:] = 0  # padding
     _shrink_and_compare(psp, x, {"rnn": UNITS - 2})
+
+
+@pytest.mark.parametrize("importance", ["alpha", "l1", "l2"])
+def test_every_weight_importance_prunes_a_recurrent_model(importance):
+    model = _model("GRU")
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance=importance)
+    shrunk, _ = _shrink_and_compare(pruned, _ids(7), {})
+    assert tf_psp.profile(model).total_macs / tf_psp.profile(shrunk).total_macs >= 1.6
+
+
+def test_balance_alphas_keeps_outputs_with_an_rnn_reading_group_alphas():
+    psp = tf_psp.parameterize(_model("LSTM"), coupling="group")
+    balanced = tf_psp.balance_alphas(psp, kernel_decay=1e-4)
+    x = _ids(8)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(balanced(x)),
+                               keras.ops.convert_to_numpy(psp(x)), rtol=1e-5, atol=1e-5)
+    gate = next(layer for layer in balanced.layers if tf_psp.coupling.is_group_alphas(layer))
+    assert not np.allclose(gate.alphas(), 1.0)  # it did rebalance the conv channels' alphas

@@ -17,7 +17,7 @@ to the paper's method (which starts at `alpha = 1`).
 import keras
 import numpy as np
 
-from tf_psp import compat, coupling
+from tf_psp import compat, coupling, recurrent_layers
 from tf_psp import layers as psp_layers
 from tf_psp import regularizers as psp_regularizers
 
@@ -118,7 +118,8 @@ def _balance_groups(model, calls, kappa, min_alpha):
     for name, (_, index) in calls.items():
         reader = model.get_layer(name)
         separable = hasattr(reader, "pointwise_kernel")
-        kernel_var = reader.depthwise_kernel if separable else reader.kernel
+        kernel_var = reader.depthwise_kernel if separable else reader.kernel if hasattr(
+            reader, "kernel") else recurrent_layers.input_kernel_variable(reader)  # an RNN
         kernel = _np(kernel_var)
         index = np.asarray(index)
         per_channel = np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1)

@@ -190,6 +190,15 @@ class EmbeddingHandler(LayerHandler):
         same = np.all(table == table[:1], axis=0)
         return [np.where(same, table[0], np.nan).astype(np.float64)]
 
+    def read_kernels(self, layer):
+        """(weights reading, weights writing each dim on axis -1): the columns, both.
+
+        For importance scores (`tf_psp.plan`): token ids are no channels, so
+        only the writing side is ever read.
+        """
+        table = _np(layer.embeddings)
+        return table, table
+
     def rebuild(self, node, keep_in, keep_out, in_consts, in_needed):
         keep = np.asarray(keep_out[0], int)
         table = _np(node.layer.embeddings)[:, keep]

@@ -88,6 +88,12 @@ for _name in ("kernel", "recurrent_kernel", "bias"):
 del _name
 
 
+def input_kernel_variable(layer):
+    """The kernel variable `[in, G*units]` of an RNN layer (unscaled in a PSP twin)."""
+    cell = layer.cell
+    return cell.__dict__.get("_raw_kernel", None) if isinstance(cell, _ScaledCell) else cell.kernel
+
+
 class PSPSimpleRNNCell(_ScaledCell, keras.layers.SimpleRNNCell):
     """A SimpleRNNCell whose weights read alpha-scaled (see `_ScaledCell`)."""
 
