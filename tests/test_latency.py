@@ -262,6 +262,8 @@ def test_the_progress_line_comes_before_any_measuring(monkeypatch, capsys, tmp_p
     assert "latency_table: model 'lat_model' on tflite, 1 thread(s)" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="exports to TFLite need the TensorFlow backend")
 def test_one_thread_is_timed_by_its_cpu_time(tmp_path):
     """Time the core was taken away (here: a sleep) does not count with one thread."""
     import time

@@ -637,9 +637,9 @@ def _check_drift(references):
     if change > DRIFT_WARNING:
         warnings.warn(
             f"latency_table: this machine's speed changed by {change:.0%} while the table "
-            "was measured (other programs running?); the batches are scaled by a reference "
-            "layer, but the table may mispredict. Build it again on a quiet machine "
-            "(latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
+            "was measured (other programs running?); the batches were scaled by a reference "
+            "layer, but if budgets on this table miss their latency, build it again on a "
+            "quiet machine (latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
 
 
 def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False):
