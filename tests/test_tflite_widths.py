@@ -92,13 +92,16 @@ def test_a_layer_without_markers_is_converted_per_width(tmp_path):
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
 
 
-def test_drift_warns_once_in_our_words():
-    with pytest.warns(RuntimeWarning, match="speed changed by 30%"):
-        latency._check_drift([1.0, 1.1, 1.3])
+def test_load_warns_once_in_our_words(monkeypatch):
     import warnings
 
+    monkeypatch.setattr(latency, "_warned", [])
+    with pytest.warns(RuntimeWarning, match="other programs held this core 70% of the time"):
+        latency._check_share(3.0, 10.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        latency._check_drift([1.0, 1.15])
-        latency._check_drift([1.0])
-    assert np.isclose(latency.DRIFT_WARNING, 0.2)
+        latency._check_share(2.0, 10.0)  # said once
+        monkeypatch.setattr(latency, "_warned", [])
+        latency._check_share(6.0, 10.0)  # a core of our own for most of it
+        latency._check_share(0.1, 0.5)  # too short to tell
+    assert np.isclose(latency.SHARE_WARNING, 0.5)

@@ -577,8 +577,8 @@ def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
     rounds; every batch also times a fixed reference layer, and its points
     are scaled by (the reference's latency in the cache's first batch / in
     this batch), so batches measured apart (the machine's speed drifts) stay
-    comparable. Warns when the reference's speed changed by more than 20 %
-    between batches (other work on the machine).
+    comparable. With one thread, warns when other programs held the core
+    more than half of the time (`SHARE_WARNING`).
     """
     _check_runtime(runtime, threads)
     machine = machine_id() + " | " + _runtime_version(runtime)
@@ -598,12 +598,13 @@ def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
     patchable = patcher.ids
     fast = [item for item in items if id(item[1][0]) in patchable]
     slow = [item for item in items if id(item[1][0]) not in patchable]
-    references = []
+    shares = [0.0, 0.0]  # CPU and wall-clock seconds of converting and timing
     for batch, patched in ([(b, True) for b in _batches(fast, _BATCH_SIGNATURES)]
                            + [(b, False) for b in _batches(slow, _BATCH_SIGNATURES)]):
         requests = [p for _, p in batch] + [(reference, 64, 64)]
         outputs = [cout for _, _, cout in requests]
         seconds = None
+        cpu, wall = time.thread_time(), time.perf_counter()
         if patched and id(reference) in patchable:
             content, signature_keys = patcher.batch(
                 [(id(c), i, o) for c, i, o in requests])
@@ -616,30 +617,35 @@ def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
             content, signature_keys = _convert_points(requests)
             seconds = _time_signatures(content, signature_keys, threads, runs)
         *seconds, ref = seconds
-        references.append(ref)
+        shares[0] += time.thread_time() - cpu
+        shares[1] += time.perf_counter() - wall
         factor = cache.values.setdefault(_REFERENCE, ref) / ref
         for (key, _), s in zip(batch, seconds):
             cache.values[key] = s * factor
         cache.save()  # a long build loses nothing when stopped
         if bar is not None:
             bar.add(len(batch))
-    _check_drift(references)
+    if threads == 1:
+        _check_share(*shares)
     return [cache.values[k] for k in keys]
 
 
-DRIFT_WARNING = 0.2  # the reference's speed changing by more than this warns
+SHARE_WARNING = 0.5  # measuring with less than this share of a core warns
+_warned = []  # the load warning is said once per process
 
 
-def _check_drift(references):
-    if len(references) < 2:
+def _check_share(cpu, wall):
+    """Warns (once) when other programs held the core for most of the measuring: one thread
+    is timed in CPU time, which does not count that, but the caches they share still do."""
+    if wall <= 1.0 or cpu / wall >= SHARE_WARNING or _warned:
         return
-    change = max(references) / min(references) - 1
-    if change > DRIFT_WARNING:
-        warnings.warn(
-            f"latency_table: this machine's speed changed by {change:.0%} while the table "
-            "was measured (other programs running?); the batches were scaled by a reference "
-            "layer, but if budgets on this table miss their latency, build it again on a "
-            "quiet machine (latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
+    _warned.append(True)
+    warnings.warn(
+        f"latency_table: other programs held this core {1 - cpu / wall:.0%} of the time "
+        "while the table was measured; it is timed in CPU time, which does not count that, "
+        "but caches shared with them may still slow some layers. If budgets on this table "
+        "miss their latency, build it again on a quiet machine "
+        "(latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
 
 
 def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False):
