@@ -376,15 +376,17 @@ def _time_signatures(content, keys, threads, runs, warmup=3, outputs=None):
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    from tf_psp import compat
+    from tf_psp import compat, quiet
 
-    interpreter = Interpreter(model_content=content, num_threads=threads)
-    rng = np.random.default_rng(0)
+    with quiet.native_stderr_filtered():  # "Created TensorFlow Lite XNNPACK delegate"
+        interpreter = Interpreter(model_content=content, num_threads=threads)
+        runners = [interpreter.get_signature_runner(key) for key in keys]
+        rng = np.random.default_rng(0)
+        for runner in runners:  # the first call prepares the signature (and the delegate)
+            (name, detail), = runner.get_input_details().items()
+            runner(**{name: rng.standard_normal(detail["shape"]).astype(np.float32)})
     invokes = []
-    for k, key in enumerate(keys):
-        runner = interpreter.get_signature_runner(key)
-        (name, detail), = runner.get_input_details().items()
-        runner(**{name: rng.standard_normal(detail["shape"]).astype(np.float32)})
+    for k, (key, runner) in enumerate(zip(keys, runners)):
         if outputs is not None:
             (out,) = runner.get_output_details().values()
             if int(out["shape"][-1]) != outputs[k]:
@@ -438,10 +440,12 @@ def _convert_points(points):
 def _convert_archive(archive, keys):
     import tensorflow as tf
 
+    from tf_psp import quiet
+
     with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as saved:
         archive.write_out(saved, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet.native_stderr_filtered():
             warnings.simplefilter("ignore")
             return converter.convert()
 
@@ -544,6 +548,8 @@ def _convert_function(models):
 
     import tensorflow as tf
 
+    from tf_psp import quiet
+
     specs = [tf.TensorSpec((1,) + tuple(m.inputs[0].shape[1:]), tf.float32) for m in models]
 
     def run(*xs):
@@ -555,7 +561,7 @@ def _convert_function(models):
     level = absl.level
     absl.setLevel(logging.ERROR)  # "please provide trackable_obj": the route is chosen
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet.native_stderr_filtered():
             warnings.simplefilter("ignore")
             return converter.convert()
     finally:
@@ -596,6 +602,8 @@ def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
     bar = _progress(len(calls) + len(items), progress, unit="step")
     patcher = _templates(calls, bar)
     patchable = patcher.ids
+    if bar is not None:
+        bar.update(len(calls))  # layers without a template are converted with their points
     fast = [item for item in items if id(item[1][0]) in patchable]
     slow = [item for item in items if id(item[1][0]) not in patchable]
     shares = [0.0, 0.0]  # CPU and wall-clock seconds of converting and timing
