@@ -23,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+import tf_psp  # noqa: E402 - before TensorFlow loads: it keeps TensorFlow's banner off the console
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
 import datasets  # noqa: E402
 import models  # noqa: E402
@@ -53,7 +55,6 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    import tf_psp
     from tf_psp import atomic
 
     (x, y), _ = datasets.load_mnist5k()
