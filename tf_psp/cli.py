@@ -747,8 +747,9 @@ def build_parser():
     p.add_argument("--threads", type=int, default=1, help="runtime threads (default: 1)")
     p.add_argument("--points", type=int, default=5,
                    help="grid points per width axis (default: 5)")
-    p.add_argument("--runs", type=int, default=25,
-                   help="interleaved timing rounds per point (default: 25)")
+    p.add_argument("--runs", type=int, default=15,
+                   help="timing rounds per point (default: 15, as tf_psp.latency_table, so "
+                   "the CLI and prune(keep_latency=...) share cached tables)")
     p.add_argument("--output", metavar="FILE.json", help="write the table as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot latency vs width per layer")
     p.add_argument("--cache-dir", help="cache directory (default: $TF_PSP_CACHE/latency)")
