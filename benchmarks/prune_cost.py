@@ -14,7 +14,6 @@ of their median wall times and prune's time per phase. Writes JSON to --output.
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,17 +37,6 @@ flags.DEFINE_integer("verbose", 1, "Verbosity of fit and prune.")
 flags.DEFINE_string("output", "benchmarks/results/prune_cost.json", "Where to write JSON.")
 
 
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv):
     del argv
     import keras
@@ -56,6 +44,7 @@ def main(argv):
     import tensorflow as tf
 
     from tf_psp import atomic
+    from tf_psp.latency import machine_id
 
     (x, y), _ = datasets.load_mnist5k()
     x = tf.image.resize(np.repeat(x[:FLAGS.samples], 3, -1), (32, 32)).numpy() * 2.0 - 1.0
@@ -90,8 +79,8 @@ def main(argv):
     fit = statistics.median(r["fit_seconds"] for r in rows)
     pruned = statistics.median(r["prune_seconds"] for r in rows)
     result = {"model": "MobileNetV2 0.35, 32x32x3, random init", "samples": FLAGS.samples,
-              "epochs": FLAGS.epochs, "keep_macs": FLAGS.keep_macs, "cpu": _cpu(),
-              "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+              "epochs": FLAGS.epochs, "keep_macs": FLAGS.keep_macs, "cpu": machine_id(),
+              "load_average_at_end": os.getloadavg(),
               "median_fit_seconds": fit, "median_prune_seconds": pruned,
               "ratio": pruned / fit, "rounds": rows}
     print(f"prune / fit = {pruned / fit:.2f} (median of {len(rows)} round(s); "

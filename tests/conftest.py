@@ -4,6 +4,8 @@ Model builders call the plain functions (`from conftest import randomize_weights
 test bodies take the oracle that shrinks and compares as the `check_shrink` fixture.
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -70,6 +72,17 @@ def assert_weights_unchanged(before, model):
     assert len(before) == len(after)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def assert_loads_the_same(model, x, tmp_dir):
+    """Saves `model` as `.keras` in `tmp_dir`, loads it back and fails unless the loaded
+    model computes what `model` computes on `x`; returns the loaded model."""
+    path = os.path.join(tmp_dir, f"{model.name}.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
+                               keras.ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6)
+    return loaded
 
 
 def _shrink_and_compare(model, x, expected):

@@ -4,8 +4,6 @@ Oracle: the PSP model itself in inference mode (`strip_and_shrink` must compute
 the same outputs); head and unit counts and MACs counted by hand.
 """
 
-import os
-import tempfile
 
 import keras
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import tf_psp
 from tf_psp import attention_layers, graph
 
-from conftest import _shrink_and_compare, randomize_weights
+from conftest import _shrink_and_compare, assert_loads_the_same, randomize_weights
 
 L = keras.layers
 D, HEADS, KEY_DIM, MLP, TOKENS = 32, 4, 8, 64, 16
@@ -72,7 +70,7 @@ def _zero_group_units(psp, reader, units):
 
 
 @pytest.mark.parametrize("select", ["token", "gap"])
-def test_heads_and_mlp_units_shrink_exactly(select):
+def test_heads_and_mlp_units_shrink_exactly(select, tmp_path):
     model = _vit(select)
     psp = tf_psp.parameterize(model, coupling="group")
     x = _x()
@@ -97,13 +95,7 @@ def test_heads_and_mlp_units_shrink_exactly(select):
     original = model.get_layer("mha_0")._query_dense.kernel
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel),
                                   keras.ops.convert_to_numpy(original)[:, [0, 2]])
-    # the saved shrunk model loads and computes the same
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "shrunk.keras")
-        shrunk.save(path)
-        loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
-                               keras.ops.convert_to_numpy(shrunk(x)), rtol=1e-6, atol=1e-6)
+    assert_loads_the_same(shrunk, x, tmp_path)  # the saved shrunk model computes the same
 
 
 def test_cross_attention_heads_shrink_exactly():
@@ -149,16 +141,10 @@ def test_zero_value_projection_removes_a_head_of_a_plain_model():
     assert shrunk.get_layer("mha_0").num_heads == 3
 
 
-def test_psp_attention_twin_saves_and_loads():
+def test_psp_attention_twin_saves_and_loads(tmp_path):
     psp = tf_psp.parameterize(_vit("token", blocks=1), coupling="group")
     _zero_alphas(_gates(psp)["mha_0"], [2])
-    x = _x(3)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "psp.keras")
-        psp.save(path)
-        loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
-                               keras.ops.convert_to_numpy(psp(x)), rtol=1e-6, atol=1e-6)
+    loaded = assert_loads_the_same(psp, _x(3), tmp_path)
     assert isinstance(loaded.get_layer("mha_0"), attention_layers.PSPMultiHeadAttention)
 
 

@@ -14,7 +14,7 @@ import pytest
 import tf_psp
 from tf_psp import recurrent_layers
 
-from conftest import _shrink_and_compare, randomize_weights
+from conftest import _shrink_and_compare, assert_loads_the_same, randomize_weights
 
 L = keras.layers
 VOCAB, DIMS, FILTERS, UNITS, STEPS = 50, 16, 24, 20, 12
@@ -123,7 +123,7 @@ def test_profile_counts_rnn_macs_and_dead_units():
                                                  - head_rows)
 
 
-def test_prune_to_budget_halves_the_macs_exactly_and_saves():
+def test_prune_to_budget_halves_the_macs_exactly_and_saves(tmp_path):
     model = _model("LSTM")
     pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance="random")
     shrunk = tf_psp.strip_and_shrink(pruned)
@@ -133,23 +133,13 @@ def test_prune_to_budget_halves_the_macs_exactly_and_saves():
     assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref))
     assert tf_psp.profile(model).total_macs / tf_psp.profile(shrunk).total_macs >= 1.6
     assert shrunk.get_layer("rnn").units < UNITS
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "shrunk.keras")
-        shrunk.save(path)
-        loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), out, rtol=1e-6, atol=1e-6)
+    assert_loads_the_same(shrunk, x, tmp_path)
 
 
-def test_psp_recurrent_twin_saves_and_loads():
+def test_psp_recurrent_twin_saves_and_loads(tmp_path):
     psp = tf_psp.parameterize(_model("GRU"), coupling="group")
     _zero_units(psp, [4])
-    x = _ids(4)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "psp.keras")
-        psp.save(path)
-        loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
-                               keras.ops.convert_to_numpy(psp(x)), rtol=1e-6, atol=1e-6)
+    loaded = assert_loads_the_same(psp, _ids(4), tmp_path)
     assert isinstance(loaded.get_layer("rnn"), recurrent_layers.PSPGRU)
 
 

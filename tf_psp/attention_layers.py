@@ -57,13 +57,7 @@ class PSPMultiHeadAttention(PSPMixin, keras.layers.MultiHeadAttention):
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
         if self.alpha is None:
-            heads = int(self.num_heads)
-            # handles of the pruning plan index alpha like a kernel's input axis
-            self._alpha_broadcast = (heads, 1)
-            self.alpha = self.add_weight(
-                name="alpha", shape=(heads,), initializer=self.alpha_initializer,
-                regularizer=self.alpha_regularizer, constraint=self.alpha_constraint,
-                trainable=True, dtype="float32")
+            self._build_alpha_per_unit(int(self.num_heads))
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None,
                            return_attention_scores=False, use_causal_mask=False):
@@ -71,19 +65,6 @@ class PSPMultiHeadAttention(PSPMixin, keras.layers.MultiHeadAttention):
             query, key, value, attention_mask, training, return_attention_scores)
         alpha = ops.reshape(self.thresholded_alpha(), (self.num_heads, 1))
         return output * ops.cast(alpha, output.dtype), scores
-
-    def _plain_variables(self):
-        return [v for v in self.weights if v is not self.alpha]
-
-    def set_plain_weights(self, weights):
-        """Sets every weight but alpha from the plain layer's `get_weights()`."""
-        variables = self._plain_variables()
-        if len(variables) != len(weights):
-            raise ValueError(
-                f"layer '{self.name}': expected {len(variables)} plain weights, "
-                f"got {len(weights)}.")
-        for variable, value in zip(variables, weights):
-            variable.assign(value)
 
     def folded_weights(self):
         """The plain layer's weights with the thresholded alphas folded into the output kernel."""

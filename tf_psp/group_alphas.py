@@ -111,38 +111,41 @@ class PSPGroupAlphas(keras.layers.Layer):
         return np.where(index < 0, self._total, index)
 
     def call(self, inputs, index):
-        positions = self._positions(index)
-        groups, local = self._local_positions(positions)
+        groups, local = self._local_positions(index)
         parts = [psp_layers.threshold(self.group_alphas[g], self.epsilon, self.straight_through)
                  for g in groups]
-        if len(groups) == 1 and np.array_equal(local, np.arange(self.group_sizes[groups[0]])):
+        if local is None:
             scale = parts[0]  # the common call: one whole group, in order
         else:
             table = ops.concatenate(parts + [ops.ones((1,), "float32")], axis=0)
             scale = ops.take(table, local, axis=0)
         return inputs * ops.cast(scale, inputs.dtype)
 
-    def _local_positions(self, positions):
-        """The groups `positions` read, and the positions in those groups' table alone.
+    def _local_positions(self, index):
+        """The groups a call with `index` reads, and its positions in those groups' table alone
+        (None when it reads one whole group in order). Cached per index.
 
         A call reads one or a few groups of the (often hundreds of) groups:
         thresholding only those keeps the training graph small (thresholding
         every group at every call made a MobileNetV2's graph ~50x larger and
         its first training step minutes long). The values are the same.
         """
-        ends = np.cumsum(self.group_sizes)
-        real = positions < self._total
-        group_of = np.searchsorted(ends, positions[real], side="right")
-        groups = sorted(set(group_of.tolist()))
-        starts = ends - np.asarray(self.group_sizes)
-        local_start, offset = {}, 0
-        for g in groups:
-            local_start[g] = offset
-            offset += self.group_sizes[g]
-        local = np.full(positions.shape, offset, dtype="int32")  # offset: the constant 1
-        local[real] = [local_start[g] + p - starts[g]
-                       for g, p in zip(group_of.tolist(), positions[real].tolist())]
-        return groups, local
+        positions = self._positions(index)
+        key = positions.tobytes()
+        cache = self.__dict__.setdefault("_local_cache", {})  # not tracked by Keras
+        if key not in cache:
+            sizes = np.asarray(self.group_sizes)
+            starts = np.cumsum(sizes) - sizes
+            real = positions < self._total
+            group_of = np.searchsorted(starts + sizes, positions[real], side="right")
+            groups = np.unique(group_of)
+            local_start = np.zeros(len(sizes), "int64")
+            local_start[groups] = np.cumsum(sizes[groups]) - sizes[groups]
+            local = np.full(positions.shape, sizes[groups].sum(), "int32")  # the constant 1
+            local[real] = local_start[group_of] + positions[real] - starts[group_of]
+            whole = len(groups) == 1 and np.array_equal(local, np.arange(sizes[groups[0]]))
+            cache[key] = (groups.tolist(), None if whole else local)
+        return cache[key]
 
     def compute_output_spec(self, inputs, index=None):
         return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)

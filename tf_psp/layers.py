@@ -112,6 +112,29 @@ class PSPMixin:
             dtype="float32",
         )
 
+    def _build_alpha_per_unit(self, units):
+        """One alpha per head or unit of a twin layer (attention, recurrent), indexed by the
+        pruning plan's handles like a kernel's input axis."""
+        self._alpha_broadcast = (units, 1)
+        self.alpha = self.add_weight(
+            name="alpha", shape=(units,), initializer=self.alpha_initializer,
+            regularizer=self.alpha_regularizer, constraint=self.alpha_constraint,
+            trainable=True, dtype="float32")
+
+    def _plain_variables(self):
+        """Every weight but alpha, in the plain twin's order."""
+        return [v for v in self.weights if v is not self.alpha]
+
+    def set_plain_weights(self, weights):
+        """Sets every weight but alpha from the plain layer's `get_weights()`."""
+        variables = self._plain_variables()
+        if len(variables) != len(weights):
+            raise ValueError(
+                f"layer '{self.name}': expected {len(variables)} plain weights, "
+                f"got {len(weights)}.")
+        for variable, value in zip(variables, weights):
+            variable.assign(value)
+
     def thresholded_alpha(self):
         """Alpha with `|alpha| < epsilon` set to exactly zero (a tensor).
 

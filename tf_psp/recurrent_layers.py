@@ -129,32 +129,13 @@ class _PSPRecurrent(PSPMixin):
     def build(self, sequences_shape, initial_state_shape=None):
         super().build(sequences_shape, initial_state_shape)
         if self.alpha is None:
-            units = int(self.units)
-            # handles of the pruning plan index alpha like a kernel's input axis (the units
-            # space is the first input of the channel graph's node, as for attention heads)
-            self._alpha_broadcast = (units, 1)
-            self.alpha = self.add_weight(
-                name="alpha", shape=(units,), initializer=self.alpha_initializer,
-                regularizer=self.alpha_regularizer, constraint=self.alpha_constraint,
-                trainable=True, dtype="float32")
+            # the units space is the first input of the channel graph's node, as for heads
+            self._build_alpha_per_unit(int(self.units))
 
     def get_config(self):
         config = super().get_config()
         config.pop("use_cudnn", None)
         return config
-
-    def _plain_variables(self):
-        return [v for v in self.weights if v is not self.alpha]
-
-    def set_plain_weights(self, weights):
-        """Sets every weight but alpha from the plain layer's `get_weights()`."""
-        variables = self._plain_variables()
-        if len(variables) != len(weights):
-            raise ValueError(
-                f"layer '{self.name}': expected {len(variables)} plain weights, "
-                f"got {len(weights)}.")
-        for variable, value in zip(variables, weights):
-            variable.assign(value)
 
     def folded_weights(self):
         """The plain layer's weights with the thresholded alphas folded into the candidate."""
