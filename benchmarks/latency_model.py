@@ -68,9 +68,9 @@ def build(name):
 def to_tflite(model, path):
     """`model` as a `.tflite` file, converted as the latency table converts (the converter's
     graph route: 2 s for MobileNetV2-224 where `export_tflite`'s SavedModel takes 15 s)."""
-    from tf_psp import atomic, latency
+    from tf_psp import atomic, latency_targets
 
-    atomic.write_bytes(path, latency._convert_function([model]))  # pylint: disable=protected-access
+    atomic.write_bytes(path, latency_targets.convert_function([model]))
 
 
 def measure_model(name, work_dir):

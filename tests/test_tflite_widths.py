@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from tf_psp import latency
+from tf_psp import latency, latency_targets
 from tf_psp.tflite_widths import choose_markers
 
 L = keras.layers
@@ -20,7 +20,12 @@ def _structure(content, key):
     graph = model.subgraphs[sig.subgraphIndex]
 
     def shape(t):
-        return tuple(int(d) for d in graph.tensors[t].shape) if t >= 0 else None
+        if t < 0:
+            return None
+        tensor = graph.tensors[t]
+        q = tensor.quantization
+        scales = 0 if q is None or q.scale is None else len(q.scale)
+        return tuple(int(d) for d in tensor.shape) + (tensor.type, scales)
 
     return [(model.operatorCodes[op.opcodeIndex].builtinCode,
              [shape(int(t)) for t in op.inputs], [shape(int(t)) for t in op.outputs])
@@ -38,28 +43,47 @@ def _model():
     return keras.Model(x, L.Dense(10, name="fc")(h))
 
 
-def _check_copies(points):
+def _converted(points, quantization):
+    """The oracle: each point's layer converted by the TFLite converter at its widths."""
+    models = latency.layer_models(points)
+    if quantization is None:
+        return latency_targets.convert_archive(models)
+    content = latency_targets.convert_function(models, quantization)  # one subgraph
+    where = latency_targets.target(quantization=quantization)
+    return where.patcher([content], latency_targets._identity(models)).batch(  # split only
+        [(k, 0, 0) for k in range(len(models))])
+
+
+def _check_copies(points, quantization=None):
     calls = list({id(c): c for c, _, _ in points}.values())
-    patcher = latency._templates(calls, None)
+    patcher = latency._templates(calls, None, latency_targets.target(quantization=quantization))
     assert patcher.ids == {id(c) for c in calls}
     copied, keys = patcher.batch([(id(c), i, o) for c, i, o in points])
-    converted, converted_keys = latency._convert_points(points)
+    converted, converted_keys = _converted(points, quantization)
     for (call, cin, cout), key, other in zip(points, keys, converted_keys):
         ours, theirs = _structure(copied, key), _structure(converted, other)
         assert ours == theirs, (call.name, cin, cout)
-        assert theirs[-1][2][0][-1] == cout  # the oracle has the width we asked for
+        assert theirs[-1][2][0][-3] == cout  # the oracle has the width we asked for
     # the copies run, one output each at the asked width
-    seconds = latency._time_signatures(copied, keys, 1, 2,
-                                       outputs=[o for _, _, o in points])
+    seconds = latency_targets.time_signatures(copied, keys, 1, 2,
+                                              outputs=[o for _, _, o in points])
     assert all(s > 0 for s in seconds)
     with pytest.raises(ValueError, match="output width"):
-        latency._time_signatures(copied, keys[:1], 1, 1, outputs=[99])
+        latency_targets.time_signatures(copied, keys[:1], 1, 1, outputs=[99])
 
 
 def test_copies_match_the_converter():
     calls = {c.name: c for c in latency.kernel_calls(_model())}
     assert set(calls) == {"conv", "dw", "dw2", "sep", "up", "fc"}
     _check_copies([(calls["conv"], 11, 20), (calls["dw2"], 13, 26)])
+
+
+def test_int8_copies_match_the_converter():
+    """Int8 weights, int32 biases and one quantization scale per output channel at the new
+    width, as the converter's own full-integer conversion at that width has them."""
+    calls = {c.name: c for c in latency.kernel_calls(_model())}
+    _check_copies([(calls["conv"], 11, 20), (calls["dw2"], 13, 26), (calls["fc"], 6, 10)],
+                  quantization="int8")
 
 
 @pytest.mark.slow
@@ -85,7 +109,7 @@ def test_a_layer_without_markers_is_converted_per_width(tmp_path):
     x = keras.Input((6, 6, 3))
     model = keras.Model(x, L.Conv2D(8, 3, name="stem")(x))
     (call,) = latency.kernel_calls(model)
-    patcher = latency._templates([call], None)
+    patcher = latency._templates([call], None, latency_targets.target())
     assert not patcher.ids
     seconds = latency.measure_points([(call, 3, 8), (call, 3, 7)], runs=2, cache_dir=tmp_path,
                                      progress=False)

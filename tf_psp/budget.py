@@ -44,7 +44,7 @@ class BudgetReport:
         keep_latency: the target fraction of the dense latency, or None.
         kept_latency: the fraction of the dense latency the latency table
             predicts for the shrunk model (None without a table).
-        runtime, threads: where the latency table was measured.
+        runtime, threads, quantization: where the latency table was measured.
     """
 
     keep_macs: float | None
@@ -62,6 +62,7 @@ class BudgetReport:
     kept_latency: float | None = None
     runtime: str | None = None
     threads: int | None = None
+    quantization: str | None = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -70,7 +71,8 @@ class BudgetReport:
         target = (f"target {self.keep_macs:.3f}" if self.keep_macs is not None
                   else f"latency target {self.keep_latency:.3f}")
         latency = ("" if self.kept_latency is None else
-                   f", predicted latency {self.kept_latency:.3f} of dense ({self.runtime}, "
+                   f", predicted latency {self.kept_latency:.3f} of dense ({self.runtime}"
+                   f"{' ' + self.quantization if self.quantization else ''}, "
                    f"{self.threads} thread(s))")
         return (
             f"prune_to_budget: keeps {self.kept_macs:.3f} of {self.dense_macs:,} MACs "
@@ -87,6 +89,7 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
                     measure: bool = False, keep_latency: float | None = None,
                     runtime: str = "tflite", threads: int = 1,
                     latency_table: LatencyTable | None = None, input_shape=None,
+                    quantization: str | None = None,
                     ) -> keras.Model | tuple[keras.Model, "BudgetReport"]:
     """A copy of `model` whose lowest-scoring channel groups have alpha 0, within a budget.
 
@@ -121,7 +124,8 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
         measure: with `return_report`, shrink the result and count its MACs
             (else the plan's prediction, which equals it).
         keep_latency: fraction of the dense latency to keep, in (0, 1].
-        runtime, threads: the runtime the latency budget is for (`'tflite'`).
+        runtime, threads: the runtime the latency budget is for: `'tflite'`
+            (LiteRT/XNNPACK) or `'onnxruntime'` (CPU), with `threads` threads.
         latency_table: a table from `tf_psp.latency_table(model, ...)`; None
             builds it (or reads it from the cache) when a latency is needed.
         input_shape: shape of one sample, batch dimension excluded (a list of
@@ -129,6 +133,8 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
             counted for inputs of this shape. Needed when an input has a None
             dimension besides the batch (a BERT-like `(None, None)` token
             input); without it such a model is refused, naming the inputs.
+        quantization: the number format the latency budget is for: None
+            (float32) or `'int8'` (full-integer TFLite; `runtime='tflite'`).
 
     Returns:
         The pruned copy, or `(copy, report)` with `return_report=True`.
@@ -146,7 +152,7 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
     if not isinstance(min_keep, (int, float)) or not 0 <= min_keep < 1:
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep!r}.")
     table, round_to = table_for_budget(model, latency_table, keep_latency, round_to,
-                                       runtime, threads)
+                                       runtime, threads, quantization=quantization)
     parameterized = not has_alphas(model)
     if parameterized:
         model = parameterize(model, coupling="group", alpha_regularizer=None)
@@ -186,7 +192,8 @@ def prune_to_budget(model: keras.Model, keep_macs: float | None = None,
         keep_latency=None if keep_latency is None else float(keep_latency),
         kept_latency=None if kept_latency is None else float(kept_latency),
         runtime=table.runtime if table is not None else None,
-        threads=table.threads if table is not None else None)
+        threads=table.threads if table is not None else None,
+        quantization=table.quantization if table is not None else None)
     return pruned, report
 
 

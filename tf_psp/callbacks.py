@@ -5,7 +5,7 @@ import math
 import keras
 import numpy as np
 
-from tf_psp import compat
+from tf_psp import compat, latency_targets
 from tf_psp import plan as psp_plan
 from tf_psp.profiling import profile as profile_model
 
@@ -222,7 +222,8 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
         verbose: 1 prints one line per selection and per epoch.
         keep_latency: a latency budget instead of `keep_macs`, in (0, 1].
         latency_table: the model's `tf_psp.LatencyTable`.
-        runtime, threads: of the table built when `latency_table` is None.
+        runtime, threads, quantization: of the table built when `latency_table`
+            is None (`'tflite'` float32 or `'int8'`, or `'onnxruntime'`).
         input_shape: shape of one sample (a list for several inputs), batch
             excluded, for models with None dimensions (see `tf_psp.profile`).
 
@@ -234,8 +235,9 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
     def __init__(self, keep_macs=None, importance="alpha", min_keep=0.1, round_to=1,
                  reselect_until=0.5, decay_until=0.5, final_shrink=1e-3, power=3.0,
                  verbose=0, keep_latency=None, latency_table=None, runtime="tflite",
-                 threads=1, input_shape=None):
+                 threads=1, input_shape=None, quantization=None):
         super().__init__()
+        latency_targets.target(runtime, threads, quantization)  # a bad one fails here
         if (keep_macs is None) == (keep_latency is None):
             raise ValueError("PruneToBudget: pass exactly one of keep_macs and keep_latency.")
         if keep_macs is not None:
@@ -253,7 +255,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
         self.keep_macs = None if keep_macs is None else float(keep_macs)
         self.keep_latency = None if keep_latency is None else float(keep_latency)
         self.latency_table = latency_table
-        self.runtime, self.threads = runtime, threads
+        self.runtime, self.threads, self.quantization = runtime, threads, quantization
         self.input_shape = input_shape
         self.importance = importance
         self.min_keep = min_keep
@@ -342,7 +344,7 @@ class PruneToBudget(_EpochOutput, keras.callbacks.Callback):
 
         self.latency_table, self.round_to = table_for_budget(
             self.model, self.latency_table, self.keep_latency, self.round_to, self.runtime,
-            self.threads)
+            self.threads, quantization=self.quantization)
         self._select()
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -4,7 +4,8 @@
     tf-psp shrink model.keras small.keras [--round-to 8] [--approximate] [--report report.json]
     tf-psp export small.keras small.tflite [--format tflite-int8 --calibration x.npy]
     tf-psp bench model.keras --compare small.keras [--threads 1 2] [--runs 50]
-    tf-psp latency-table model.keras [--runtime tflite] [--threads 1] [--output t.json]
+    tf-psp latency-table model.keras [--runtime tflite|onnxruntime] [--quantization int8]
+                                     [--threads 1] [--output t.json]
     tf-psp prune model.keras --data DIR|data.npz --keep-macs 0.5 --epochs 10 -o small.keras
     tf-psp --version
 
@@ -434,15 +435,17 @@ def _cmd_latency_table(args, out):
         raise CLIError(f"--points must be at least 2, got {args.points}", status=2)
     if args.runs < 1:
         raise CLIError(f"--runs must be at least 1, got {args.runs}", status=2)
+    _check_runtime_arguments(args)
     model = _load_keras(args.model)
     try:
         table = latency.latency_table(model, runtime=args.runtime, threads=args.threads,
                                       points=args.points, runs=args.runs,
-                                      cache_dir=args.cache_dir, refresh=args.refresh)
+                                      cache_dir=args.cache_dir, refresh=args.refresh,
+                                      quantization=args.quantization)
     except ValueError as error:
         raise CLIError(f"cannot build the latency table: {_first_line(error)}",
                        args.model) from error
-    print(f"latency table of '{table.model}': {table.runtime}, {table.threads} thread(s), "
+    print(f"latency table of '{table.model}': {table.describe()}, "
           f"{len(table.layers)} kernel layers, quantum {table.quantum} (round_to='auto'), "
           f"built in {table.build_seconds:.0f} s", file=out)
     print(f"dense latency {_ms(table.dense_seconds)}; cost model: "
@@ -486,6 +489,7 @@ def _cmd_prune(args, out, err):
         raise CLIError(f"--epochs must be at least 1, got {args.epochs}", status=2)
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}", status=2)
+    _check_runtime_arguments(args)
     if not args.output.lower().endswith(".keras"):
         raise CLIError("the output must be a .keras file", args.output, status=2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
@@ -525,7 +529,8 @@ def _cmd_prune(args, out, err):
                 epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
                 validation_data=validation, optimizer=_optimizer(args), loss=loss,
                 metrics=metrics, batch_size=args.batch_size, round_to=args.round_to,
-                threads=args.threads, verbose=2 if args.quiet_training else 1)
+                runtime=args.runtime, threads=args.threads, quantization=args.quantization,
+                verbose=2 if args.quiet_training else 1)
     except ValueError as error:
         raise CLIError(f"cannot prune: {_first_line(error)}", args.model) from error
     _save_keras_atomic(small, args.output)
@@ -601,12 +606,29 @@ def _add_prune_parser(commands, common):
     p.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
                    help="keep widths multiples of N; auto: the latency table's quantum "
                    "(default: 1)")
+    _add_runtime_arguments(p, "of the latency budget")
     p.add_argument("--threads", type=int, default=1,
                    help="runtime threads of the latency budget (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     p.add_argument("--quiet-training", action="store_true",
                    help="one line per epoch instead of progress bars")
+
+
+def _check_runtime_arguments(args):
+    if args.quantization is not None and args.runtime != "tflite":
+        raise CLIError(f"--quantization {args.quantization} is tabulated for runtime='tflite' "
+                       f"only, not --runtime {args.runtime}", status=2)
+
+
+def _add_runtime_arguments(p, what):
+    # Literal choices (tf_psp.latency_targets.RUNTIMES): --help imports nothing heavy.
+    p.add_argument("--runtime", choices=["tflite", "onnxruntime"], default="tflite",
+                   help=f"runtime {what}: tflite (LiteRT/XNNPACK) or onnxruntime (CPU) "
+                   "(default: tflite)")
+    p.add_argument("--quantization", choices=["int8"], default=None,
+                   help="int8: full-integer TFLite, as `tf-psp export --format tflite-int8` "
+                   "writes it (default: float32)")
 
 
 # --- the parser ---------------------------------------------------------------
@@ -742,8 +764,7 @@ def build_parser():
         "disk ($TF_PSP_CACHE or ~/.cache/tf_psp), so a second run is instant.",
     )
     p.add_argument("model", metavar="MODEL.keras", help="the Keras model file")
-    p.add_argument("--runtime", choices=["tflite"], default="tflite",
-                   help="runtime to measure on (default: tflite, LiteRT/XNNPACK)")
+    _add_runtime_arguments(p, "to measure on")
     p.add_argument("--threads", type=int, default=1, help="runtime threads (default: 1)")
     p.add_argument("--points", type=int, default=5,
                    help="grid points per width axis (default: 5)")

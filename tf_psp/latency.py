@@ -39,8 +39,10 @@ It is validated against measured latencies of random shrunk variants by
 for ratios (`predict(shrunk) / predict(dense)`): the machine's speed drifts
 by 10-20 % between runs here, and a ratio measured in one run does not.
 
-Runtimes: `'tflite'` (LiteRT with its default XNNPACK delegate, `threads`
-CPU threads). ONNX Runtime and JAX on a GPU are not tabulated yet.
+Runtimes (`tf_psp.latency_targets`): `'tflite'` (LiteRT with its default
+XNNPACK delegate, `threads` CPU threads), float32 or `quantization='int8'`
+(full-integer); `'onnxruntime'` (CPU execution provider, float32). JAX on a
+GPU is not tabulated yet.
 """
 
 import dataclasses
@@ -59,9 +61,10 @@ import numpy as np
 from tf_psp import atomic
 from tf_psp import graph as psp_graph
 from tf_psp.functional import check_model
+from tf_psp.latency_targets import QUANTIZATIONS, RUNTIMES, target
 from tf_psp.macs import mac_rule
 
-RUNTIMES = ("tflite",)
+__all__ = ["QUANTIZATIONS", "RUNTIMES"]  # re-exported: the runtimes a table is built for
 TABLE_VERSION = 2
 QUANTA = (32, 16, 8, 4, 2)  # widths tried as the runtime's quantum, largest first
 _BATCH_SIGNATURES = 60  # grid points converted into one .tflite file
@@ -89,23 +92,6 @@ def machine_id():
     except OSError:
         pass
     return f"{model} x{os.cpu_count()}"
-
-
-def _runtime_version(runtime):
-    import importlib.metadata
-
-    if runtime == "tflite":
-        return "ai-edge-litert " + importlib.metadata.version("ai-edge-litert")
-    raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
-
-
-def _check_runtime(runtime, threads):
-    if runtime not in RUNTIMES:
-        raise ValueError(
-            f"runtime must be one of {RUNTIMES}, got {runtime!r} (ONNX Runtime and JAX "
-            "tables are not built yet).")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
 
 
 # --- the kernel layers of a model ---------------------------------------------------
@@ -165,6 +151,7 @@ def _layer_at(call, cin, cout):
 
 
 def _point_key(call, cin, cout, runtime, threads, machine):
+    """`runtime`: the target's label (`'tflite'`, `'tflite-int8'`, `'onnxruntime'`)."""
     config = dict(call.node.layer.get_config())
     config.pop("name", None)
     text = json.dumps([type(call.node.layer).__name__, config, call.input_shape[:-1],
@@ -254,6 +241,7 @@ class LatencyTable:
         model: the model's name.
         runtime, threads: where the latencies were measured.
         machine: `machine_id()` of the machine that measured them.
+        quantization: the number format (None: float32; `'int8'`).
         quantum: the width step of the runtime's kernels (`round_to='auto'`).
         layers: layer name -> `LayerLatency`.
         dense_seconds: the measured latency of the whole model at full width.
@@ -274,6 +262,11 @@ class LatencyTable:
     scale: float = 1.0
     calibration: list = dataclasses.field(default_factory=list)
     build_seconds: float = 0.0
+    quantization: str | None = None
+
+    def describe(self):
+        """`'tflite int8, 1 thread(s)'`: where the table was measured."""
+        return target(self.runtime, self.threads, self.quantization).describe()
 
     def layer_seconds(self, name, cin, cout):
         """Predicted latency of layer `name` at (cin, cout); 0 for an untabled layer."""
@@ -363,98 +356,19 @@ def _progress(total, enabled, unit="point"):
     return bar
 
 
-def _time_signatures(content, keys, threads, runs, warmup=3, outputs=None):
-    """Fastest time (seconds) of each signature of a multi-signature `.tflite`, interleaved.
-
-    The minimum over `runs` rounds of `_clock(threads)`: with one thread the
-    CPU time of this thread, which does not count the time other processes
-    held the core (on these 2 cores at load 5 the wall-clock minimum of
-    MobileNetV2-224 was 14.5 ms, its CPU time 6.8 ms, as on the idle
-    machine); a run that is interrupted anyway only takes longer, so the
-    minimum is what the layer costs on a quiet core. `outputs`: the expected
-    size of each signature's output on its last axis (checked; ValueError if not).
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    from tf_psp import compat, quiet
-
-    with quiet.native_stderr_filtered():  # "Created TensorFlow Lite XNNPACK delegate"
-        interpreter = Interpreter(model_content=content, num_threads=threads)
-        runners = [interpreter.get_signature_runner(key) for key in keys]
-        rng = np.random.default_rng(0)
-        for runner in runners:  # the first call prepares the signature (and the delegate)
-            (name, detail), = runner.get_input_details().items()
-            runner(**{name: rng.standard_normal(detail["shape"]).astype(np.float32)})
-    invokes = []
-    for k, (key, runner) in enumerate(zip(keys, runners)):
-        if outputs is not None:
-            (out,) = runner.get_output_details().values()
-            if int(out["shape"][-1]) != outputs[k]:
-                raise ValueError(f"signature {key}: output width {out['shape'][-1]}, "
-                                 f"expected {outputs[k]}")
-        invokes.append(compat.litert_invoker(runner))
-    for _ in range(warmup):
-        for invoke in invokes:
-            invoke()
-    # One invoke per sample, signatures interleaved: between two calls of a
-    # layer the others evict its weights from the caches, as the other layers
-    # of a model do (repeating a layer back to back would time it hot).
-    clock = _clock(threads)
-    samples = [[] for _ in keys]
-    for _ in range(runs):
-        for k, invoke in enumerate(invokes):
-            start = clock()
-            invoke()
-            samples[k].append(clock() - start)
-    return [float(np.min(s)) for s in samples]
-
-
-def _clock(threads):
-    """The calling thread's CPU time with one runtime thread (the interpreter runs in
-    it), else wall-clock time (other threads work too; other processes then count)."""
-    return time.thread_time if threads == 1 else time.perf_counter
-
-
-def _convert_points(points):
-    """One multi-signature `.tflite` (bytes) with a signature per (call, cin, cout)."""
+def layer_models(points):
+    """One-layer Keras models of each `(KernelCall, cin, cout)`: the layer rebuilt at those
+    widths by its own shrink handler, on the call's input shape at `cin` (batch 1)."""
     import keras
-    import tensorflow as tf
 
-    archive = keras.export.ExportArchive()
-    keys = []
-    for k, (call, cin, cout) in enumerate(points):
+    models = []
+    for call, cin, cout in points:
         layer, weights = _layer_at(call, cin, cout)
-        shape = call.input_shape[:-1] + (cin,)
-        x = keras.Input(batch_shape=shape)
-        model = keras.Model(x, layer(x))
+        x = keras.Input(batch_shape=call.input_shape[:-1] + (cin,))
+        models.append(keras.Model(x, layer(x)))
         if weights is not None:
             layer.set_weights(weights)
-        archive.track(model)
-        key = f"p{k}"
-        archive.add_endpoint(key, _endpoint(model), input_signature=[
-            tf.TensorSpec(shape, tf.float32)])
-        keys.append(key)
-    return _convert_archive(archive, keys), keys
-
-
-def _convert_archive(archive, keys):
-    import tensorflow as tf
-
-    from tf_psp import quiet
-
-    with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as saved:
-        archive.write_out(saved, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
-        with warnings.catch_warnings(), quiet.native_stderr_filtered():
-            warnings.simplefilter("ignore")
-            return converter.convert()
-
-
-def _endpoint(model):
-    def call(x):
-        return model(x, training=False)
-
-    return call
+    return models
 
 
 def _reference_call():
@@ -496,12 +410,10 @@ def _template(call):
     return chosen + (markers,)
 
 
-def _templates(calls, bar, chunk=16):
-    """A `WidthPatcher` holding the calls that have a template (converted `chunk` at a
-    time, ids `id(call)` in `patcher.ids`)."""
+def _templates(calls, bar, where, chunk=16):
+    """A width patcher of target `where` holding the calls that have a template
+    (converted `chunk` at a time, ids `id(call)` in `patcher.ids`)."""
     import keras
-
-    from tf_psp.tflite_widths import WidthPatcher
 
     plans = [(call, _template(call)) for call in calls]
     plans = [(call, plan) for call, plan in plans if plan is not None]
@@ -518,54 +430,24 @@ def _templates(calls, bar, chunk=16):
                 layer.set_weights(weights)
             templates[id(call)] = (len(converted), k, markers, shape, c_out)
         try:
-            converted.append(_convert_function(models))
+            converted.append(where.convert_layers(models))
         except Exception:  # noqa: BLE001 - these layers are converted one width at a time
             for call, _ in part:
                 templates.pop(id(call))
-            converted.append(b"")
+            converted.append(None)
         if bar is not None:
             bar.add(len(part))
-    return WidthPatcher([c for c in converted if c], _reindex(templates, converted))
+    return where.patcher([c for c in converted if c is not None],
+                         _reindex(templates, converted))
 
 
 def _reindex(templates, converted):
     """Template file indices with the failed (empty) conversions left out."""
     kept = {}
     for index, content in enumerate(converted):
-        if content:
+        if content is not None:
             kept[index] = len(kept)
     return {tid: (kept[f], *rest) for tid, (f, *rest) in templates.items() if f in kept}
-
-
-def _convert_function(models):
-    """One `.tflite` (bytes): a single subgraph running each of `models` (one input, one
-    output each) on its own input, inputs and outputs in order.
-
-    The converter's graph route (freeze the variables of one traced function)
-    takes 2 s for MobileNetV2-224 where a SavedModel takes 15 s.
-    """
-    import logging
-
-    import tensorflow as tf
-
-    from tf_psp import quiet
-
-    specs = [tf.TensorSpec((1,) + tuple(m.inputs[0].shape[1:]), tf.float32) for m in models]
-
-    def run(*xs):
-        return [m(x, training=False) for m, x in zip(models, xs)]
-
-    concrete = tf.function(run, jit_compile=False).get_concrete_function(*specs)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # "please provide trackable_obj": the route is chosen
-    try:
-        with warnings.catch_warnings(), quiet.native_stderr_filtered():
-            warnings.simplefilter("ignore")
-            return converter.convert()
-    finally:
-        absl.setLevel(level)
 
 
 def _batches(items, size):
@@ -573,23 +455,23 @@ def _batches(items, size):
 
 
 def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
-                   progress=True):
+                   progress=True, quantization=None):
     """Measured seconds of each `(KernelCall, cin, cout)` in `points` (cached on disk).
 
-    Each layer is converted once (`tflite_widths`: its other widths are copies
-    of that graph with other shapes; a layer whose widths cannot be told from
-    its other dimensions is converted at every width). Points are timed in
-    batches of one multi-signature file, interleaved, minimum of `runs`
+    Each layer is converted once (`tflite_widths`, `onnx_widths`: its other
+    widths are copies of that graph with other shapes; a layer whose widths
+    cannot be told from its other dimensions is converted at every width).
+    Points are timed in batches (`latency_targets`), interleaved, minimum of `runs`
     rounds; every batch also times a fixed reference layer, and its points
     are scaled by (the reference's latency in the cache's first batch / in
     this batch), so batches measured apart (the machine's speed drifts) stay
     comparable. With one thread, warns when other programs held the core
     more than half of the time (`SHARE_WARNING`).
     """
-    _check_runtime(runtime, threads)
-    machine = machine_id() + " | " + _runtime_version(runtime)
-    cache = _Cache(cache_directory(cache_dir), runtime, threads, machine)
-    keys = [_point_key(c, i, o, runtime, threads, machine) for c, i, o in points]
+    where = target(runtime, threads, quantization)
+    machine = machine_id() + " | " + where.version()
+    cache = _Cache(cache_directory(cache_dir), where.label, threads, machine)
+    keys = [_point_key(c, i, o, where.label, threads, machine) for c, i, o in points]
     todo = {}
     for key, point in zip(keys, points):
         if key not in cache.values:
@@ -600,7 +482,7 @@ def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
     reference = _reference_call()
     calls = list({id(c): c for _, (c, _, _) in items}.values()) + [reference]
     bar = _progress(len(calls) + len(items), progress, unit="step")
-    patcher = _templates(calls, bar)
+    patcher = _templates(calls, bar, where)
     patchable = patcher.ids
     if bar is not None:
         bar.update(len(calls))  # layers without a template are converted with their points
@@ -614,16 +496,13 @@ def measure_points(points, runtime="tflite", threads=1, runs=15, cache_dir=None,
         seconds = None
         cpu, wall = time.thread_time(), time.perf_counter()
         if patched and id(reference) in patchable:
-            content, signature_keys = patcher.batch(
-                [(id(c), i, o) for c, i, o in requests])
             try:
-                seconds = _time_signatures(content, signature_keys, threads, runs,
-                                           outputs=outputs)
+                seconds = where.time_copies(patcher, [(id(c), i, o) for c, i, o in requests],
+                                            runs, outputs=outputs)
             except (ValueError, RuntimeError):
                 seconds = None  # the copies did not prepare: convert this batch
         if seconds is None:
-            content, signature_keys = _convert_points(requests)
-            seconds = _time_signatures(content, signature_keys, threads, runs)
+            seconds = where.time_models(layer_models(requests), runs, layers=True)
         *seconds, ref = seconds
         shares[0] += time.thread_time() - cpu
         shares[1] += time.perf_counter() - wall
@@ -656,7 +535,8 @@ def _check_share(cpu, wall):
         "(latency_table(..., refresh=True)).", RuntimeWarning, stacklevel=4)
 
 
-def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False):
+def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progress=False,
+                    quantization=None):
     """The width step of the runtime's kernels on this machine (cached).
 
     Times a 1x1 convolution (56x56x128 input) at output widths 41..96. The
@@ -673,7 +553,8 @@ def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progre
     (call,) = kernel_calls(probe)
     widths = list(range(41, top + 1))
     seconds = dict(zip(widths, measure_points([(call, 128, w) for w in widths], runtime,
-                                              threads, runs, cache_dir, progress)))
+                                              threads, runs, cache_dir, progress,
+                                              quantization)))
     for q in QUANTA:
         costs = [seconds[_round_up(w, q)] / seconds[w] - 1 for w in widths
                  if _round_up(w, q) <= top]
@@ -682,27 +563,40 @@ def measure_quantum(runtime="tflite", threads=1, cache_dir=None, runs=40, progre
     return 1
 
 
-def measure_latency(model, runtime="tflite", threads=1, runs=30):
-    """Median latency (seconds) of a whole model (stripped of PSP layers) on `runtime`."""
+def measure_latency(model, runtime="tflite", threads=1, runs=30, quantization=None):
+    """Median latency (seconds) of a whole model (stripped of PSP layers) on `runtime`,
+    exported as `tf_psp.export` writes it (int8: calibrated on random inputs)."""
     from tf_psp import bench, export
     from tf_psp.shrink import strip
 
-    _check_runtime(runtime, threads)
+    target(runtime, threads, quantization)
+    plain = strip(model)
     with tempfile.TemporaryDirectory(prefix="tf_psp_latency_") as tmp:
+        if runtime == "onnxruntime":
+            path = os.path.join(tmp, "model.onnx")
+            export.export_onnx(plain, path)
+            return float(np.median(bench.time_onnx(path, threads=threads, runs=runs)))
         path = os.path.join(tmp, "model.tflite")
-        export.export_tflite(strip(model), path)
+        data = None
+        if quantization == "int8":
+            rng = np.random.default_rng(0)
+            data = [rng.standard_normal((1,) + tuple(plain.inputs[0].shape[1:])).astype(
+                np.float32) for _ in range(3)]
+        export.export_tflite(plain, path, quantization=quantization, representative_data=data)
         return float(np.median(bench.time_tflite(path, num_threads=threads, runs=runs)))
 
 
 def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int = 5,
                   runs: int = 15, cache_dir=None, progress: bool = True,
-                  quantum: int | None = None, refresh: bool = False) -> LatencyTable:
+                  quantum: int | None = None, refresh: bool = False,
+                  quantization: str | None = None) -> LatencyTable:
     """Measures the latency table of `model`'s kernel layers on `runtime`.
 
     Args:
         model: a built functional or Sequential model (PSP or plain); not
             modified. Its input shape must be static (batch 1 is measured).
-        runtime: `'tflite'` (LiteRT, XNNPACK).
+        runtime: `'tflite'` (LiteRT, XNNPACK) or `'onnxruntime'` (CPU
+            execution provider); see `tf_psp.latency_targets`.
         threads: CPU threads of the runtime.
         points: grid points per width axis (in [0.1, 1] of the full width).
         runs: interleaved timing rounds per point (the minimum is kept).
@@ -713,6 +607,10 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
         refresh: measure again even when the cache holds a table of a model
             with this very architecture (weights do not matter to a float
             runtime's latency).
+        quantization: None (float32) or `'int8'` (full-integer TFLite, as
+            `export.export_tflite(quantization='int8')` writes it; the table
+            is measured on random calibration inputs: weights and data do not
+            change an int8 kernel's speed).
 
     Returns:
         A `LatencyTable`.
@@ -720,16 +618,16 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
     from tf_psp.shrink import strip
 
     check_model(model)
-    _check_runtime(runtime, threads)
+    where = target(runtime, threads, quantization)
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be an integer >= 2, got {points!r}.")
     started = time.perf_counter()
     if progress:
-        print(f"latency_table: model '{model.name}' on {runtime}, {threads} thread(s)",
+        print(f"latency_table: model '{model.name}' on {where.describe()}",
               file=sys.stderr, flush=True)
     plain = strip(model)
-    machine = machine_id() + " | " + _runtime_version(runtime)
-    architecture = json.dumps([plain.to_json(), runtime, threads, points, runs, quantum,
+    machine = machine_id() + " | " + where.version()
+    architecture = json.dumps([plain.to_json(), where.label, threads, points, runs, quantum,
                                machine, TABLE_VERSION])
     path = os.path.join(cache_directory(cache_dir), "tables",
                         hashlib.sha1(architecture.encode()).hexdigest() + ".json")
@@ -742,7 +640,8 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
     if not calls:
         raise ValueError(f"model '{model.name}' has no kernel layer with a static input "
                          "shape to tabulate.")
-    q = quantum or measure_quantum(runtime, threads, cache_dir, progress=progress)
+    q = quantum or measure_quantum(runtime, threads, cache_dir, progress=progress,
+                                   quantization=quantization)
     requests, layout = [], {}
     for call in calls:
         cins = [call.cin] if call.tied else list(width_grid(call.cin, 1, points - 1))
@@ -765,7 +664,8 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
     if progress:
         print(f"latency_table: {len(calls)} kernel layers at {len(requests)} widths, "
               f"quantum {q} (each layer converted once)", file=sys.stderr)
-    seconds = measure_points(requests, runtime, threads, runs, cache_dir, progress)
+    seconds = measure_points(requests, runtime, threads, runs, cache_dir, progress,
+                             quantization)
     layers = {}
     for name, (call, cins, steps, on, off) in layout.items():
         shape = (len(cins), len(steps))
@@ -776,11 +676,11 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
             off=np.reshape([seconds[k] for k in off], shape).tolist())
     table = LatencyTable(model=model.name, runtime=runtime, threads=threads,
                          machine=machine_id(), quantum=q, layers=layers,
-                         dense_seconds=0.0, fixed_seconds=0.0)
+                         dense_seconds=0.0, fixed_seconds=0.0, quantization=quantization)
     if progress:
         print(f"latency_table: calibrating on {len(CALIBRATION) + 1} whole models",
               file=sys.stderr)
-    _calibrate(table, model, runtime, threads, progress=progress, plain=plain)
+    _calibrate(table, model, where, progress=progress, plain=plain)
     table.build_seconds = time.perf_counter() - started
     os.makedirs(os.path.dirname(path), exist_ok=True)
     table.save(path)
@@ -792,17 +692,17 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
 CALIBRATION = (("random", 0.6, 1), ("random", 0.3, "quantum"))
 
 
-def _calibrate(table, model, runtime, threads, selections=CALIBRATION, runs=50,
-               progress=True, plain=None):
+def _calibrate(table, model, where, selections=CALIBRATION, runs=50, progress=True,
+               plain=None):
     """Fits `fixed_seconds` and `scale` on whole models measured interleaved.
 
     The models: dense, and one per `(importance, keep_macs, round_to)` in
     `selections` (`'uniform'`: all channel spaces shrunk alike by l1-norm;
     `'random'`: random channels; `round_to='quantum'`: widths on the
     table's quantum); `plain`: the model stripped of PSP layers, if at hand. They are
-    converted together into one multi-signature
-    file and timed interleaved (minimum of `runs` rounds: a whole model takes
-    milliseconds, long enough for other work to interrupt most runs). The fit is a
+    converted together (as target `where` deploys a model) and timed
+    interleaved (minimum of `runs` rounds: a whole model takes milliseconds,
+    long enough for other work to interrupt most runs). The fit is a
     least-squares line through (sum of the tables, measured latency).
     """
     from tf_psp.coupling import parameterize_groups
@@ -832,7 +732,11 @@ def _calibrate(table, model, runtime, threads, selections=CALIBRATION, runs=50,
             pass  # cannot shrink that far: fit on fewer points
         if bar is not None:
             bar.add(1)
-    measured = np.array(_time_models([m for _, m in models], threads, runs, bar))
+    if bar is not None:
+        bar.add(len(models) - 1)
+    measured = np.array(where.time_models([m for _, m in models], runs))
+    if bar is not None:
+        bar.add(1)
     sums = np.array([table.table_sum({c.name: (c.cin, c.cout) for c in kernel_calls(m)})
                      for _, m in models])
     if len(models) >= 2:
@@ -847,47 +751,15 @@ def _calibrate(table, model, runtime, threads, selections=CALIBRATION, runs=50,
         for (label, _), t, m in zip(models, sums, measured)]
 
 
-def _time_models(models, threads, runs, bar=None):
-    """Fastest time (seconds) of each single-input, single-output model, interleaved in one
-    multi-signature file (converted together; a SavedModel when that fails)."""
-    import keras
-    import tensorflow as tf
-
-    from tf_psp.tflite_widths import WidthPatcher
-
-    keys = [f"m{k}" for k in range(len(models))]
-    content = None
-    if all(len(m.inputs) == 1 and len(m.outputs) == 1 for m in models):
-        try:
-            patcher = WidthPatcher([_convert_function(models)], {
-                k: (0, k, {}, (1,) + tuple(int(d) for d in m.inputs[0].shape[1:]),
-                    int(m.outputs[0].shape[-1])) for k, m in enumerate(models)})
-            if len(patcher.ids) == len(models):
-                content, keys = patcher.batch([(k, 0, 0) for k in range(len(models))])
-        except Exception:  # noqa: BLE001 - converted the slow way below
-            content = None
-    if content is None:
-        archive = keras.export.ExportArchive()
-        for key, model in zip(keys, models):
-            archive.track(model)
-            archive.add_endpoint(key, _endpoint(model), input_signature=[
-                tf.TensorSpec((1,) + tuple(model.inputs[0].shape[1:]), tf.float32)])
-        content = _convert_archive(archive, keys)
-    if bar is not None:
-        bar.add(len(models) - 1)
-    seconds = _time_signatures(content, keys, threads, runs)
-    if bar is not None:
-        bar.add(1)
-    return seconds
-
-
 def table_for_budget(model, table, keep_latency, round_to, runtime="tflite", threads=1,
-                     progress=True):
+                     progress=True, quantization=None):
     """`(table, round_to)` for a budget: `table`, or the model's (built or read from the
     cache) when `keep_latency` or `round_to='auto'` needs one, else None; `round_to='auto'`
     resolved to the table's quantum."""
+    target(runtime, threads, quantization)  # a bad runtime fails before any training
     if table is None and (keep_latency is not None or round_to == "auto"):
-        table = latency_table(model, runtime=runtime, threads=threads, progress=progress)
+        table = latency_table(model, runtime=runtime, threads=threads, progress=progress,
+                              quantization=quantization)
     if round_to == "auto":
         round_to = int(table.quantum)
     return table, round_to

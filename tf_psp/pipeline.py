@@ -214,7 +214,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
           runtime: str = "tflite", threads: int = 1, teacher: keras.Model | None = None,
           distill: bool = False, temperature: float = DEFAULT_TEMPERATURE,
           distill_weight: float = DEFAULT_WEIGHT,
-          from_logits: bool | None = None, input_shape=None) -> tuple[keras.Model, PruneReport]:
+          from_logits: bool | None = None, input_shape=None,
+          quantization: str | None = None) -> tuple[keras.Model, PruneReport]:
     """Prunes a trained model to a MAC or latency budget with PSP; returns the small plain model.
 
     `model` is not modified. See the module docstring for the steps.
@@ -250,9 +251,10 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
         verbose: Keras `fit` verbosity; 1 also prints the budget progress.
         jit_compile: passed to `compile`.
         keep_latency: instead of `keep_macs`, the fraction of the dense
-            model's latency on `runtime` (`threads` threads) the result keeps,
-            predicted by `latency_table` (`tf_psp.latency_table`; None builds
-            it, or reads it from the cache).
+            model's latency on `runtime` (`'tflite'` or `'onnxruntime'`,
+            `threads` threads, `quantization` None or `'int8'` for TFLite) the
+            result keeps, predicted by `latency_table` (`tf_psp.latency_table`;
+            None builds it, or reads it from the cache).
         teacher: distil from this model in budget training and fine-tuning
             (`tf_psp.distill.Distiller`); it is called in inference mode and
             not modified. Giving a teacher implies `distill=True`.
@@ -301,7 +303,8 @@ def prune(model: keras.Model, train_data, keep_macs: float | None = None, epochs
     if input_shape is None and unknown_inputs(model):
         input_shape = _data_input_shape(train_data, model)
     latency_table, round_to = table_for_budget(plain, latency_table, keep_latency, round_to,
-                                               runtime, threads, progress=bool(verbose))
+                                               runtime, threads, progress=bool(verbose),
+                                               quantization=quantization)
     with phase("parameterize", "one alpha per removable channel group (parameterize)"):
         psp = parameterize(plain, coupling="group", alpha_regularizer=None)
     if distill and teacher is None:

@@ -3,14 +3,17 @@
 Converting a Keras layer to TFLite takes 0.1-0.2 s (tracing, a SavedModel,
 the MLIR converter); a latency table needs hundreds of widths of each layer.
 The converted graph of one layer does not depend on its widths, only the
-tensor shapes and the constant buffers do. So each layer is converted once, at
+tensor shapes and the constant buffers do (and, in an int8 model, the
+per-channel quantization scales). So each layer is converted once, at
 *marker* widths (`c_in`, `c_out` chosen so that no other dimension of its
 tensors takes those values), and every other width is a copy of that
 subgraph with each marker dimension replaced (`c_in -> w_in`,
 `c_out -> w_out`, `m * c_in -> m * w_in` for depth multipliers) and the
 constant float buffers refilled with random values at their new sizes
-(latency does not depend on the values of float weights). Integer constants
-holding a marker (an output shape) are rewritten the same way.
+(latency does not depend on the values of float weights), int8 weights and
+int32 biases of an int8 model likewise, with as many per-channel scales as the
+new width has. Integer constants holding a marker (an output shape) are
+rewritten the same way.
 
 `WidthPatcher` holds the converted templates; `batch(points)` returns one
 multi-signature `.tflite` (bytes) with a signature `p<k>` per point. The
@@ -197,20 +200,41 @@ class WidthPatcher:
         if tensor.shapeSignature is not None and len(tensor.shapeSignature):
             new.shapeSignature = np.array(
                 [mapping.get(int(d), int(d)) for d in tensor.shapeSignature], np.int32)
+        quantized = _per_channel(tensor.quantization)
+        if quantized:  # one scale per channel: as many as the new shape has
+            new.quantization = copy.copy(tensor.quantization)
+            size = int(new.shape[tensor.quantization.quantizedDimension])
+            new.quantization.scale = np.resize(tensor.quantization.scale, size)
+            if tensor.quantization.zeroPoint is not None:
+                new.quantization.zeroPoint = np.resize(tensor.quantization.zeroPoint, size)
         data = buffer.data
         fresh = schema.BufferT()
         if data is not None and len(data):
             kind = tensor.type
+            size = int(np.prod(new.shape)) if new.shape is not None else 0
             if kind == schema.TensorType.FLOAT32:
-                size = int(np.prod(new.shape)) if new.shape is not None else 0
                 fresh.data = (rng.standard_normal(size).astype(np.float32) * 0.1).view(np.uint8)
+            elif kind == schema.TensorType.INT32 and _is_quantized(tensor.quantization):
+                # an int8 layer's bias: values do not change its latency either
+                fresh.data = rng.integers(-512, 512, size, dtype=np.int32).view(np.uint8)
             elif kind == schema.TensorType.INT32:
                 values = np.frombuffer(bytes(bytearray(data)), np.int32)
                 values = np.array([mapping.get(int(v), int(v)) for v in values], np.int32)
                 fresh.data = values.view(np.uint8)
+            elif kind == schema.TensorType.INT8:  # int8 weights
+                fresh.data = rng.integers(-127, 128, size, dtype=np.int8).view(np.uint8)
             else:
                 raise ValueError(f"constant tensor '{tensor.name}' of type {kind}: "
                                  "cannot rewrite its widths")
         new.buffer = len(buffers)
         buffers.append(fresh)
         return new
+
+
+def _is_quantized(quantization):
+    return quantization is not None and quantization.scale is not None and len(
+        quantization.scale) > 0
+
+
+def _per_channel(quantization):
+    return _is_quantized(quantization) and len(quantization.scale) > 1
