@@ -94,6 +94,17 @@ def test_sublayers_of_a_composite_layer():
     assert compat.sublayers(keras.Operation()) == []  # an op node, not a layer
 
 
+def test_node_counts_are_restored_after_a_symbolic_call():
+    a, b = L.Dense(3, name="a"), L.Dense(2, name="b")
+    b(a(keras.Input((4,))))
+    counts = compat.node_counts([a, b])
+    assert [c[1:] for c in counts] == [(1, 1), (1, 0)]  # a feeds b once
+    b(a(keras.Input((4,))))
+    assert len(a._inbound_nodes) == 2 and len(a._outbound_nodes) == 2
+    compat.restore_node_counts(counts)
+    assert [c[1:] for c in compat.node_counts([a, b])] == [(1, 1), (1, 0)]
+
+
 def test_callback_list_of_finds_the_running_list_and_its_order():
     found = {}
 

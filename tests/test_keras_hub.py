@@ -1,11 +1,12 @@
-"""keras-hub image backbones through parameterize -> prune_to_budget -> strip_and_shrink.
+"""keras-hub backbones through parameterize -> prune_to_budget -> strip_and_shrink.
 
 Tiny random configurations built from the constructors (no presets, no downloads). Each
-flat backbone is pruned to 60 % of its MACs with random importance, shrunk, and compared
+backbone is pruned to 60 % of its MACs with random importance, shrunk, and compared
 with the pruned PSP model; the shrunk model is saved to .keras and loaded back. Backbones
-built from composite layers (MobileNet's blocks: a layer whose `call` runs its own Conv
-sublayers) cannot be pruned through those blocks: the errors and the shrink report say so,
-and `tf_psp.profile` counts their MACs from their sublayers. The slow
+built from composite layers (a layer whose `call` runs its own sublayers: MobileNetV3's
+and EfficientNetV2's blocks, ViT's encoder, BERT's TransformerEncoder) are inlined
+(`tf_psp.inline`): their sublayers' channels and attention heads are pruned like a flat
+model's, and the shrunk model is one flat functional model. The slow
 `test_print_the_readme_table` prints the README's keras-hub table (run it with `pytest -s`).
 
 keras-hub is installed without its dependencies (see setup.py's `hub` extra).
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 import tf_psp
+from tf_psp import compat
 from tf_psp.functional import relative_error
 
 from conftest import randomize_biases_and_batchnorm
@@ -100,8 +102,33 @@ def _mobilenet_v3():
 
 
 def _vit():
-    return K.ViTBackbone(image_shape=SHAPE, patch_size=8, num_layers=1, num_heads=2,
-                         hidden_dim=16, mlp_dim=32)
+    return K.ViTBackbone(image_shape=SHAPE, patch_size=8, num_layers=2, num_heads=4,
+                         hidden_dim=32, mlp_dim=64)
+
+
+def _bert():
+    return K.BertBackbone(vocabulary_size=50, num_layers=2, num_heads=4, hidden_dim=32,
+                          intermediate_dim=64, max_sequence_length=16)
+
+
+def _bert_probe(model, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((2, 16), "int32")
+    mask[1, 10:] = 0  # the second sequence is padded: the attention mask matters
+    return {"token_ids": rng.integers(0, 50, (2, 16)).astype("int32"),
+            "segment_ids": rng.integers(0, 2, (2, 16)).astype("int32"), "padding_mask": mask}
+
+
+def _randomize_deep(model, seed=0):
+    """Random biases and BatchNorm statistics in every layer, composites' sublayers too."""
+    rng = np.random.default_rng(seed)
+    for layer in compat.flatten_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 1, c),
+                               rng.normal(0, 0.5, c), rng.uniform(0.5, 2.0, c)])
+        elif isinstance(getattr(layer, "bias", None), keras.Variable):
+            layer.bias.assign(rng.normal(0, 0.5, layer.bias.shape))
 
 
 # name -> builder, for the backbones that prune and shrink exactly (flat graphs of Keras
@@ -115,6 +142,8 @@ FLAT = {
     "cspnet_csp": lambda: _cspnet("csp"),
     "cspnet_cs3": lambda: _cspnet("cs3"),
     "efficientnet_v1": _efficientnet_v1,
+    "mobilenet_v3": _mobilenet_v3,  # composite blocks, inlined
+    "efficientnet_v2": _efficientnet_v2,  # composite blocks, inlined
 }
 SLOW = {"resnet_basic", "resnet_v2_bottleneck", "cspnet_dark", "cspnet_csp", "cspnet_cs3"}
 
@@ -127,8 +156,7 @@ def _assert_saves_and_loads(model, x, tmp_path):
     path = str(tmp_path / "shrunk.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)),
-                                  keras.ops.convert_to_numpy(loaded(x)))
+    assert relative_error(model(x), loaded(x)) <= 1e-6
 
 
 @pytest.mark.parametrize("coupling", ["layer", "group"])
@@ -136,7 +164,7 @@ def _assert_saves_and_loads(model, x, tmp_path):
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FLAT])
 def test_flat_backbone_prunes_to_budget_and_shrinks_exactly(name, coupling, tmp_path):
     model = FLAT[name]()
-    randomize_biases_and_batchnorm(model)
+    _randomize_deep(model)
     psp = tf_psp.parameterize(model, coupling=coupling)
     dense = tf_psp.profile(psp).total_macs
     pruned = tf_psp.prune_to_budget(psp, 0.6, importance="random")
@@ -170,39 +198,84 @@ def test_image_classifier_comes_back_flat_with_the_backbone_shrunk(tmp_path):
 # --- composite layers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, block", [
-    (_mobilenet_v3, r"block_1_0' \(InvertedResidualBlock\)"),
-    (_efficientnet_v2, r"block2a_' \(MBConvBlock\)"),
-])
-def test_composite_blocks_cannot_be_pruned_and_the_errors_say_so(make, block):
-    """MobileNetV3's and EfficientNetV2's blocks are layers whose call runs Conv2D
-    sublayers: every channel space touches one (or the output), so nothing is prunable."""
+# name -> (builder, probe, input_shape): the issue-19 goal models, pruned to half their MACs.
+HALF = {
+    "bert": (_bert, _bert_probe, [(16,)] * 3),
+    "vit": (_vit, _probe, None),
+    "mobilenet_v3": (_mobilenet_v3, _probe, None),
+    "efficientnet_v2": (_efficientnet_v2, _probe, None),
+}
+
+
+def _query_weights(model):
+    return sum(int(np.prod(w.shape)) for w in model.weights if "query" in w.path)
+
+
+@pytest.mark.parametrize("name", list(HALF))
+def test_composite_backbone_prunes_to_half_its_macs_and_shrinks_exactly(name, tmp_path):
+    """The composite blocks are inlined, so their channels, MLP units and heads go:
+    >= 1.6x fewer MACs by profile (nothing uncounted), the shrunk model computes what the
+    pruned model computes, the group PSP model what the original computes."""
+    make, probe, shape = HALF[name]
     model = make()
-    with pytest.raises(ValueError, match="at most 0.0% of the MACs can go.*composite layer "
-                                         "whose call runs its own sublayers"):
-        tf_psp.prune_to_budget(tf_psp.parameterize(model), 0.6, importance="random")
-    with pytest.raises(ValueError, match="has no channel that PSP can prune.*" + block
-                                         + " is a composite layer"):
-        tf_psp.prune_to_budget(model, 0.6, importance="random")  # group alphas
-    assert tf_psp.profile(model).uncounted == []  # their MACs are counted from the sublayers
+    _randomize_deep(model)
+    x = probe(model)
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance="random", input_shape=shape)
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    dense_profile = tf_psp.profile(model, input_shape=shape)
+    shrunk_profile = tf_psp.profile(shrunk, input_shape=shape)
+    assert dense_profile.uncounted == [] and shrunk_profile.uncounted == []
+    assert dense_profile.total_macs / shrunk_profile.total_macs >= 1.6
+    assert relative_error(model(x), pruned(x)) > 1e-6  # pruned: not the dense function
+    assert relative_error(pruned(x), shrunk(x)) <= 1e-5
+    psp = tf_psp.parameterize(model, coupling="group", alpha_regularizer=None)
+    assert relative_error(model(x), psp(x)) <= 1e-5
+    blocks = {"TransformerEncoder", "ViTEncoder", "ViTEncoderBlock", "MLP",
+              "InvertedResidualBlock", "SqueezeAndExcite2D", "MBConvBlock", "FusedMBConvBlock"}
+    assert not blocks & {type(layer).__name__ for layer in shrunk.layers}
+    if name in ("bert", "vit"):
+        assert _query_weights(shrunk) < _query_weights(model)
+    _assert_saves_and_loads(shrunk, x, tmp_path)
 
 
-def test_mobilenet_random_alpha_mask_shrinks_exactly_and_reports_the_composite_block(tmp_path):
-    """With per-layer alphas only the stem conv is a PSP layer; a random 50 % mask of its
-    filters cannot be removed (the next block is composite) but stays exact."""
+def test_vit_patch_embedding_is_kept_whole_with_the_reason():
+    """ViTPatchingAndEmbedding reads its class token (a weight of its own) in its call, so
+    it stays one layer (its output is the LayerNorm'd residual stream, kept anyway); the
+    encoder blocks are inlined with names prefixed by their block."""
+    model = _vit()
+    plan = tf_psp.pruning_plan(model, importance="random")
+    assert any("'vit_patching_and_embedding' (ViTPatchingAndEmbedding) is a composite layer"
+               in reason and "class_token" in reason for reason in plan.frozen), plan.frozen
+    spaces = {u.space for u in plan.units}
+    assert "heads of 'vit_encoder_transformer_block_1_mha'" in spaces, spaces
+    assert "output of 'vit_encoder_transformer_block_1_mlp_dense_1'" in spaces, spaces
+    # per-layer alphas: keras-hub's get_config of the patch embedding returns keys its
+    # constructor rejects (num_patches); tf_psp's copy leaves them out, also when saved
+    psp = tf_psp.parameterize(model)
+    x = _probe(model)
+    assert relative_error(model(x), psp(x)) <= 1e-5
+    assert "num_patches" not in psp.get_layer("vit_patching_and_embedding").get_config()
+
+
+def test_mobilenet_random_alpha_mask_of_the_stem_shrinks_exactly_and_reports_the_reader(
+        tmp_path):
+    """Per-layer alphas reach into the inlined blocks. A random 50 % mask of the stem conv's
+    filters leaves constant channels that block_0_0's 1x1 conv reads through zero padding
+    and a depthwise conv (not constant at the borders): they are kept, and exact."""
     model = _mobilenet_v3()
-    randomize_biases_and_batchnorm(model)
+    _randomize_deep(model)
     psp = tf_psp.parameterize(model, structure="filter")
+    assert type(psp.get_layer("block_0_0_conv2")).__name__ == "PSPConv2D"
     stem = psp.get_layer("input_conv")
     alive = np.random.default_rng(0).permutation(stem.alpha.shape[0]) % 2 == 0
     stem.alpha.assign(alive.astype("float32"))
     shrunk, report = tf_psp.strip_and_shrink(psp, return_report=True)
     x = _probe(model)
     assert relative_error(psp(x), shrunk(x)) <= 1e-5
+    assert relative_error(model(x), psp(x)) > 1e-6
     assert tf_psp.profile(shrunk).total_macs == tf_psp.profile(psp).total_macs
-    reasons = " ".join(row["reason"] for row in report.blocked)
-    assert "composite layer" in reasons and "Conv2D" in reasons, str(report)
-    assert "composite layer" in str(report)
+    assert any(row["layer"] == "block_0_0_conv2" and "output of 'input_conv'" in row["space"]
+               for row in report.blocked), str(report)
     _assert_saves_and_loads(shrunk, x, tmp_path)
 
 
@@ -263,11 +336,21 @@ def test_a_composite_layer_that_cannot_run_is_listed_as_not_counted():
     assert "fails" in str(profile)
 
 
-def test_a_composite_layer_keeps_the_channels_it_reads_and_the_report_says_why():
+class _ScaledConvs(_TwoConvs):
+    """A composite layer that also reads a weight of its own in its call: kept whole."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
+
+    def call(self, x):
+        return super().call(x) * self.scale
+
+
+def test_a_composite_layer_kept_whole_keeps_the_channels_it_reads_and_says_why():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(6, 3, name="c1")(inputs)
     x = keras.layers.Conv2D(3, 1, name="c2")(x)
-    outputs = _TwoConvs(name="two")(x)
+    outputs = _ScaledConvs(name="two")(x)
     psp = tf_psp.parameterize(keras.Model(inputs, outputs), structure="filter")
     psp.get_layer("c1").alpha.assign(np.array([1, 0, 1, 0, 1, 1], "float32"))
     psp.get_layer("c2").alpha.assign(np.array([1, 0, 1], "float32"))
@@ -275,25 +358,10 @@ def test_a_composite_layer_keeps_the_channels_it_reads_and_the_report_says_why()
     widths = {row["name"]: row["channels_after"] for row in report.layers}
     assert widths["c1"] == 4 and widths["c2"] == 3
     text = str(report)
-    assert "layer 'two' (_TwoConvs) is a composite layer" in text
-    assert "(Conv2D, Dense)" in text
+    assert "layer 'two' (_ScaledConvs) is a composite layer" in text
+    assert "(Conv2D, Dense)" in text and "reads weights of its own (scale)" in text
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     assert relative_error(psp(x), shrunk(x)) <= 1e-5
-
-
-# --- what does not work ---------------------------------------------------------------
-
-
-def test_vit_is_refused_with_the_reason():
-    """ViT: per-layer coupling cannot clone ViTPatchingAndEmbedding (keras-hub 0.32's
-    get_config returns keys its __init__ rejects); with group coupling its two layers
-    are composite layers, so nothing is prunable."""
-    model = _vit()
-    with pytest.raises(TypeError, match="num_patches"):
-        tf_psp.parameterize(model)
-    with pytest.raises(ValueError, match="ViTEncoder.*composite layer"):
-        tf_psp.parameterize(model, coupling="group")
-
 
 
 @pytest.mark.slow
@@ -303,7 +371,7 @@ def test_print_the_readme_table():
              "|---|---|---|---|---|"]
     for name, make in FLAT.items():
         model = make()
-        randomize_biases_and_batchnorm(model)
+        _randomize_deep(model)
         x = _probe(model)
         kept, errors = [], []
         for coupling in ("layer", "group"):
@@ -316,4 +384,22 @@ def test_print_the_readme_table():
         dense = tf_psp.profile(model).total_macs
         lines.append(f"| {name} | {dense:,} | {kept[0]:.3f} | {kept[1]:.3f} | "
                      f"{max(errors):.1e} |")
+    lines += ["", "| backbone (keep_macs=0.5, plain model) | dense MACs | shrunk MACs | dense / "
+              "shrunk | max rel. error | heads | params |", "|---|---|---|---|---|---|---|"]
+    for name, (make, probe, shape) in HALF.items():
+        model = make()
+        _randomize_deep(model)
+        x = probe(model)
+        pruned = tf_psp.prune_to_budget(model, 0.5, importance="random", input_shape=shape)
+        shrunk = tf_psp.strip_and_shrink(pruned)
+        dense = tf_psp.profile(model, input_shape=shape).total_macs
+        small = tf_psp.profile(shrunk, input_shape=shape).total_macs
+
+        def heads(m):
+            return sum(layer.num_heads for layer in compat.flatten_layers(m)
+                       if isinstance(layer, keras.layers.MultiHeadAttention))
+
+        lines.append(f"| {name} | {dense:,} | {small:,} | {dense / small:.2f}x | "
+                     f"{relative_error(pruned(x), shrunk(x)):.1e} | {heads(model)} -> "
+                     f"{heads(shrunk)} | {model.count_params():,} -> {shrunk.count_params():,} |")
     print("\n".join(lines))

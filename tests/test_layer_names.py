@@ -18,7 +18,8 @@ L = keras.layers
 
 class SuffixingBlock(L.Layer):
     """A composite layer whose constructor appends '_0' to its name and names its sublayer
-    after the result, as keras-hub 0.32's MobileNet DepthwiseConvBlock does."""
+    after the result, as keras-hub 0.32's MobileNet DepthwiseConvBlock does. It reads a
+    weight of its own, so tf_psp keeps it whole (`tf_psp.inline`) and copies it."""
 
     def __init__(self, units, name=None, **kwargs):
         super().__init__(name=f"{name}_0", **kwargs)
@@ -27,9 +28,10 @@ class SuffixingBlock(L.Layer):
 
     def build(self, input_shape):
         self.dense.build(input_shape)
+        self.gain = self.add_weight(shape=(), initializer="ones", name="gain")
 
     def call(self, x):
-        return self.dense(x)
+        return self.dense(x) * self.gain
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
@@ -93,14 +95,21 @@ def test_keras_hub_mobilenet_block_names_do_not_drift():
         depthwise_residual=False, last_layer_filter=32, image_shape=(32, 32, 3))
 
     def named(m):  # top-level layers, and the sublayers keras-hub names after its blocks
-        # (the blocks' unnamed ReLUs get fresh Keras names `re_lu_N` at every construction)
         return ([layer.name for layer in m.layers],
                 sorted(layer.name for layer in compat.flatten_layers(m)
                        if layer.name.startswith("block_")))
 
-    expected = named(model)
-    assert "block_0_0" in expected[0] and "block_0_0_conv1" in expected[1]
-    x = model
+    blocks, _ = named(model)
+    sublayers = [layer.name for layer in compat.flatten_layers(model)
+                 if layer.name.startswith("block_") and not compat.sublayers(layer)]
+    assert "block_0_0" in blocks and "block_0_0_conv1" in sublayers
+    x, rounds = model, []
     for _ in range(2):
         x = tf_psp.strip_and_shrink(tf_psp.parameterize(x, coupling="layer"))
-        assert named(x) == expected  # the unnamed input too: 'input_layer...'
+        rounds.append(named(x))
+    # the blocks are inlined: their sublayers are the flat model's layers, named as
+    # keras-hub named them (its unnamed ReLUs `re_lu_N` get their block's prefix)
+    assert rounds[0] == rounds[1]
+    flat = set(rounds[0][0])
+    assert set(sublayers) <= flat and not flat & {"block_0_0", "block_1_0", "block_2_0_se"}
+    assert any(name.startswith("block_0_0_re_lu") for name in flat), flat  # re_lu_N

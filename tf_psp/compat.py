@@ -92,6 +92,19 @@ def sublayers(layer):
     return list(layer._flatten_layers(include_self=False))
 
 
+def node_counts(layers):
+    """`[(layer, inbound count, outbound count)]`: what `restore_node_counts` puts back."""
+    return [(layer, len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers]
+
+
+def restore_node_counts(counts):
+    """Forgets the call nodes recorded on layers since `node_counts` (Keras appends one
+    to a layer and to its inputs' producers whenever it is called on symbolic tensors)."""
+    for layer, inbound, outbound in counts:
+        del layer._inbound_nodes[inbound:]
+        del layer._outbound_nodes[outbound:]
+
+
 def inputs_struct(model):
     """The nested structure (list, dict ...) of a functional model's inputs."""
     return graph_of(model)._inputs_struct

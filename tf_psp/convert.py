@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 import keras
 import numpy as np
 
-from tf_psp import compat, coupling, regularizers, structures
+from tf_psp import compat, coupling, inline, regularizers, structures
 from tf_psp import layers as psp_layers
 from tf_psp.functional import check_model, clone_layer, fresh_inputs, reuses, walk_layers
 from tf_psp.group_alphas import has_alphas, is_group_alphas  # noqa: F401 (re-export)
@@ -56,6 +56,9 @@ def parameterize(
     not subclasses) become their PSP twins with the same weights and
     `alpha = 1` (by default), so the new model computes what `model` computes. `model`
     itself is never changed. Nested sub-models are converted recursively.
+    Composite layers (a layer whose `call` runs its own sublayers) are opened
+    first where `tf_psp.inline` can trace them, so their sublayers are
+    converted too; the result is then one flat functional model.
 
     Args:
         model: a built Sequential or functional Keras model.
@@ -128,6 +131,8 @@ def parameterize(
         return _parameterize_groups(
             model, structure, layers, epsilon, return_report, cost, psp_kwargs
         )
+    if any(inline.is_composite(layer) for layer in compat.flatten_layers(model)):
+        model = inline.inline_nested(model)  # so a composite's sublayers get alphas too
     select = _selector(model, layers)
     costs = _layer_cost_weights(model, structure, select) if cost else None
     report = ConversionReport()

@@ -133,7 +133,7 @@ def _read_write_costs(node):
     macs = _node_macs(node)
     if isinstance(node.handler, psp_graph.DepthwiseHandler):
         return macs / cin, 0.0
-    return macs / cin, macs / cout
+    return (macs / cin if cin else 0.0), macs / cout  # token ids (cin 0) are no channels
 
 
 def plan_groups(model):

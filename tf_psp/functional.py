@@ -4,6 +4,8 @@ The bottom of tf_psp (above `compat` only): every module that takes a model
 checks it, walks it, clones it or feeds it random probes through these.
 """
 
+import re
+
 import keras
 import numpy as np
 
@@ -72,18 +74,55 @@ def from_config(cls, config):
     constructor appends a suffix that `config['name']` already ends with, the
     layer is built from the name without it, which gives back the same layer
     and sublayer names; any other change is undone by renaming the layer.
+
+    Some `get_config`s return keys their own constructor rejects (keras-hub
+    0.32: ViTPatchingAndEmbedding's `num_patches`/`num_positions`,
+    ViTEncoderBlock's `key_dim`, SqueezeAndExcite2D's `spatial_dims`: values it
+    derives itself). Such keys are left out, and the copy's `get_config` leaves
+    them out too, so the copy saves to `.keras` and loads back.
     """
-    new = cls.from_config(config)
+    new = _construct(cls, config)
     name = config.get("name") if isinstance(config, dict) else None
     if not isinstance(name, str) or new.name == name:
         return new
     suffix = new.name[len(name):] if new.name.startswith(name) else ""
     if suffix and name.endswith(suffix) and len(name) > len(suffix):
-        again = cls.from_config({**config, "name": name[:-len(suffix)]})
+        again = _construct(cls, {**config, "name": name[:-len(suffix)]})
         if again.name == name:
             return again
     new.name = name
     return new
+
+
+_REJECTED = {}  # layer class -> keys its get_config returns and its constructor rejects
+
+
+def _construct(cls, config):
+    """`cls.from_config(config)`, without the keys the constructor says it does not take."""
+    rejected = _REJECTED.get(cls, set())
+    if not rejected:
+        try:
+            return cls.from_config(config)
+        except (TypeError, ValueError) as e:
+            found = re.search(r"Unrecognized keyword arguments passed to \w+: \{(.*)\}",
+                              str(e))
+            rejected = set(re.findall(r"'(\w+)':", found.group(1))) if found else set()
+            if not isinstance(config, dict) or not rejected or not rejected <= set(config):
+                raise
+            _REJECTED[cls] = rejected
+    new = cls.from_config({k: v for k, v in config.items() if k not in rejected})
+    own_config = new.get_config
+    new.get_config = lambda: {k: v for k, v in own_config().items() if k not in rejected}
+    return new
+
+
+def new_layer(layer, **changes):
+    """A fresh, unbuilt layer from `layer`'s config with `changes` applied (same name
+    unless `name=` is changed; `from_config`)."""
+    config = layer.get_config()
+    config.pop("build_config", None)
+    config.update(changes)
+    return from_config(type(layer), config)
 
 
 def clone_layer(layer):

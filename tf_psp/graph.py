@@ -35,7 +35,8 @@ import numpy as np
 
 from tf_psp import compat, registry
 from tf_psp import macs as mac_rules
-from tf_psp.functional import from_config, functional_view, input_name
+from tf_psp.functional import new_layer as _new_layer
+from tf_psp.inline import inline_nested, kept_whole_reason  # noqa: F401  (public here)
 
 # --- small helpers ------------------------------------------------------------
 
@@ -45,6 +46,10 @@ def _np(x):
 
 
 def _channels(tensor):
+    """The last axis's size; 0 for integer and boolean tensors (token ids, masks: no
+    channels, also when their last axis is an unknown sequence length)."""
+    if str(tensor.dtype).startswith(("int", "uint", "bool")):
+        return 0
     dim = tensor.shape[-1] if len(tensor.shape) else None
     return None if dim is None else int(dim)
 
@@ -185,16 +190,10 @@ def _unknown_reason(layer):
     inner = sorted({type(sub).__name__ for sub in compat.sublayers(layer)})
     if not inner:
         return "is not understood"
+    why = kept_whole_reason(layer) or "it is not inlined"
     return (f"is a composite layer whose call runs its own sublayers ({', '.join(inner)}), "
-            "which tf_psp cannot see, so the channels through it are kept (register it "
-            "with tf_psp.register_layer)")
-
-
-def _new_layer(layer, **changes):
-    config = layer.get_config()
-    config.pop("build_config", None)
-    config.update(changes)
-    return from_config(type(layer), config)
+            f"kept whole because it {why}, so the channels through it are kept (register "
+            "it with tf_psp.register_layer)")
 
 
 def _channels_last(layer):
@@ -965,68 +964,6 @@ def handler_for(layer):
 
 
 # --- the graph ------------------------------------------------------------------
-
-
-def _inner_graph(layer):
-    """The functional graph of a nested functional or Sequential model, else None."""
-    return compat.graph_of(layer) if isinstance(layer, keras.Model) else None
-
-
-def inline_nested(model):
-    """A flat functional model: nested functional and Sequential models inlined.
-
-    A backbone used as a layer (`bb(i)`) is one opaque node to the channel
-    graph, which would freeze every channel it touches. Inlined, its layers
-    are ordinary nodes of one graph, so channels are coupled and removed
-    across the nesting. When something is inlined, every layer is a copy with
-    the same weights (Lambda layers and keras.ops calls are reused), so
-    `model` is left untouched; a layer whose name another layer already has
-    gets a `_1`, `_2` ... suffix. Subclassed models stay opaque nodes.
-    Returns `model`'s functional view when nothing is nested.
-    """
-    model = functional_view(model)
-    if not any(_inner_graph(layer) is not None for layer in model.layers):
-        return model
-    taken = {layer.name for layer in compat.flatten_layers(model)}
-    used, cache, copies = set(), {}, []
-
-    def operation_fn(op):
-        if id(op) not in cache:
-            new = op
-            if (isinstance(op, keras.layers.Layer) and _inner_graph(op) is None
-                    and not isinstance(op, keras.layers.Lambda)):
-                name = op.name
-                if name in used:
-                    k = 1
-                    while f"{name}_{k}" in taken:
-                        k += 1
-                    name = f"{name}_{k}"
-                    taken.add(name)
-                try:
-                    new = _new_layer(op, name=name)
-                    copies.append((op, new))
-                except Exception:  # noqa: BLE001  a config that cannot round-trip
-                    if name != op.name:
-                        raise
-                    new = op  # reused as is (stateless or not, it is the same layer)
-            used.add(getattr(new, "name", None))
-            cache[id(op)] = new
-        return cache[id(op)]
-
-    def call_fn(op, *args, **kwargs):
-        inner = _inner_graph(op)
-        if inner is None:
-            return op(*args, **kwargs)
-        return compat.run_through_graph(inner, args[0], operation_fn, call_fn)
-
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=input_name(t))
-              for t in model.inputs]
-    outputs = compat.run_through_graph(model, inputs, operation_fn, call_fn)
-    flat = keras.Model(keras.tree.pack_sequence_as(compat.inputs_struct(model), inputs), outputs,
-                       name=model.name)
-    for old, new in copies:
-        new.set_weights(old.get_weights())
-    return flat
 
 
 def check_channels_last(model, caller):

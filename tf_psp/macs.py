@@ -184,7 +184,7 @@ def _placeholder(shape, dtype):
     return keras.ops.ones(shape, dtype=dtype)
 
 
-def _own_weights(layer):
+def own_weights(layer):
     """The weights `layer` created itself (not its sublayers')."""
     inner = {id(v) for sub in compat.sublayers(layer) for v in sub.weights}
     return [v for v in layer.weights if id(v) not in inner]
@@ -223,7 +223,7 @@ def composite_macs(layer, input_shapes, output_shapes, arguments=None):
     call_kwargs = {**call_kwargs, "training": False}
     subs = counted_sublayers(layer)
     covered = {id(v) for sub in subs for v in sub.weights}
-    if any(id(v) not in covered for sub in compat.sublayers(layer) for v in _own_weights(sub)):
+    if any(id(v) not in covered for sub in compat.sublayers(layer) for v in own_weights(sub)):
         return None  # a sublayer with weights and no rule: not counted rather than a silent 0
     seen, depth, op_macs = [], [0], []
 
