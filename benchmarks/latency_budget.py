@@ -15,9 +15,13 @@ must work; `l1`) and `keep_latency` in `--keep_latency`, and for `round_to`
   that the table predicts the same latency `k` (what a user of MAC budgets
   would have to guess).
 
-All shrunk models and the dense one are exported to TFLite and timed in one
-interleaved run (LiteRT/XNNPACK, `--threads`, medians of `--runs`).
-Writes latency_budget.json and latency_budget.md to --output_dir.
+All shrunk models and the dense one are converted for `--runtime` (TFLite/XNNPACK,
+`--quantization` int8, or ONNX Runtime; as latency_model.py converts them) and
+timed in one interleaved run (`--threads`, medians of `--runs`).
+Writes latency_budget.json and latency_budget.md to --output_dir (suffixed with
+the runtime unless float TFLite).
+
+    .venv/bin/python benchmarks/latency_budget.py --runtime=onnxruntime --importances=random
 """
 
 import os
@@ -61,16 +65,15 @@ def _macs_for_latency(model, keep, importance, round_to, table, seed):
 
 def measure_model(name, work_dir):
     import tf_psp
-    from tf_psp import bench, export
+    from tf_psp import bench
 
     log = latency_bench.log
     model = latency_model.build(name)
-    table = tf_psp.latency_table(model, threads=FLAGS.threads, cache_dir=FLAGS.cache_dir)
+    table = latency_model.build_table(model, FLAGS.cache_dir)
     log(f"{name}: table ready (quantum {table.quantum})")
     dense_macs = tf_psp.profile(model).total_macs
     rows = []
-    dense_path = os.path.join(work_dir, f"{name}_dense.tflite")
-    export.export_tflite(model, dense_path)
+    dense_path = latency_model.deploy(model, os.path.join(work_dir, f"{name}_dense"))
     for importance in FLAGS.importances:
         for keep in [float(k) for k in FLAGS.keep_latency]:
             for round_to in (1, "auto"):
@@ -86,8 +89,8 @@ def measure_model(name, work_dir):
                     model, keep_macs=m, importance=importance, round_to=r)
                 for method, variant in variants.items():
                     shrunk = tf_psp.strip_and_shrink(variant, round_to=r)
-                    path = os.path.join(work_dir, f"{name}_{len(rows)}.tflite")
-                    export.export_tflite(shrunk, path)
+                    path = latency_model.deploy(shrunk, os.path.join(work_dir,
+                                                                     f"{name}_{len(rows)}"))
                     rows.append({
                         "model": name, "importance": importance, "keep_latency": keep,
                         "round_to": r, "method": method,
@@ -95,16 +98,16 @@ def measure_model(name, work_dir):
                         "predicted_latency": table.predict(shrunk) / table.predict(model),
                         "path": path})
                 log(f"{name}: {importance} keep_latency {keep} round_to {r}")
-    timers = {"dense": bench.tflite_timer(dense_path, num_threads=FLAGS.threads)}
+    timers = {"dense": latency_model.timer(dense_path)}
     for k, row in enumerate(rows):
-        timers[k] = bench.tflite_timer(row["path"], num_threads=FLAGS.threads)
+        timers[k] = latency_model.timer(row["path"])
     medians = bench.interleaved(timers, rounds=FLAGS.runs)
     for k, row in enumerate(rows):
         row["measured_latency"] = medians[k] / medians["dense"]
         row["speedup"] = medians["dense"] / medians[k]
         del row["path"]
-    return {"model": name, "dense_ms": medians["dense"] * 1e3, "quantum": table.quantum,
-            "rows": rows}
+    return {"model": name, "target": table.describe(), "dense_ms": medians["dense"] * 1e3,
+            "quantum": table.quantum, "rows": rows}
 
 
 def markdown(results):
@@ -122,7 +125,8 @@ def markdown(results):
 
 def main(argv):
     del argv
-    latency_model.run_models("latency_budget", measure_model, markdown)
+    latency_model.run_models(latency_model.result_name("latency_budget"), measure_model,
+                             markdown)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 
     .venv/bin/python benchmarks/latency_model.py                      # 3 models, ~15 min
     .venv/bin/python benchmarks/latency_model.py --models=mobilenetv2 --variants=5
+    .venv/bin/python benchmarks/latency_model.py --runtime=onnxruntime   # or --quantization=int8
 
 For each model (random weights, BatchNorm statistics randomized as in
 benchmarks/latency.py): build its latency table (`tf_psp.latency_table`,
-TFLite/XNNPACK, `--threads`), then make `--variants` random shrunk variants:
+`--runtime` TFLite/XNNPACK or ONNX Runtime, `--quantization`, `--threads`),
+then make `--variants` random shrunk variants:
 variant `i` is `prune_to_budget(model, keep_macs=U(0.25, 0.95),
 importance='random', seed=i, round_to=r)` with `r` drawn from {1, 8, 16},
-then `strip_and_shrink`. Every variant and the dense model are exported to
-TFLite and timed in one interleaved run, as the table times: the fastest of
+then `strip_and_shrink`. Every variant and the dense model are converted for
+the runtime (as the table converts whole models) and timed in one interleaved
+run, as the table times: the fastest of
 `--runs` rounds of the invoking thread's CPU time (`--threads=1`; wall clock
 otherwise), which does not move with other work on the machine (wall-clock
 medians are recorded too); the table's prediction is compared with that. Tables are
@@ -21,7 +24,8 @@ Errors are |predicted - measured| / measured, for the absolute latency and
 for the speed-up (the prediction relative to the table's dense prediction,
 times the dense latency measured in the same run: what budgets use).
 Writes latency_model.json and latency_model.md (and a predicted-vs-measured
-plot, latency_model.png) to --output_dir.
+plot, latency_model.png) to --output_dir, suffixed with the runtime unless float
+TFLite (latency_model_onnxruntime.md, latency_model_tflite-int8.md).
 """
 
 import json
@@ -41,7 +45,11 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("models", ["mobilenetv2", "resnet56", "efficientnetb0"])
 FLAGS.set_default("runs", 30)
 flags.DEFINE_integer("variants", 20, "Random shrunk variants per model.")
-flags.DEFINE_integer("threads", 1, "LiteRT threads.")
+flags.DEFINE_integer("threads", 1, "Runtime threads.")
+flags.DEFINE_enum("runtime", "tflite", ["tflite", "onnxruntime"], "Runtime of the tables and "
+                  "of the timed models.")
+flags.DEFINE_enum("quantization", "none", ["none", "int8"], "Number format (int8: full-"
+                  "integer TFLite, calibrated on random inputs).")
 flags.DEFINE_string("cache_dir", None, "Latency point cache (default: a new empty one, so "
                     "the table build time is from an empty cache).")
 flags.DEFINE_bool("busy_during_build", False, "Keep one core busy (a nice'd python loop in "
@@ -65,12 +73,48 @@ def build(name):
     return model
 
 
-def to_tflite(model, path):
-    """`model` as a `.tflite` file, converted as the latency table converts (the converter's
-    graph route: 2 s for MobileNetV2-224 where `export_tflite`'s SavedModel takes 15 s)."""
+def quantization():
+    return None if FLAGS.quantization == "none" else FLAGS.quantization
+
+
+def result_name(name):
+    """`name`, suffixed with the runtime and number format unless float TFLite."""
+    from tf_psp import latency_targets
+
+    label = latency_targets.target(FLAGS.runtime, FLAGS.threads, quantization()).label
+    return name if label == "tflite" else f"{name}_{label}"
+
+
+def build_table(model, cache_dir):
+    import tf_psp
+
+    return tf_psp.latency_table(model, runtime=FLAGS.runtime, threads=FLAGS.threads,
+                                quantization=quantization(), cache_dir=cache_dir)
+
+
+def deploy(model, stem):
+    """`model` as the runtime's file (`stem` + suffix), converted as the latency table converts
+    whole models (TFLite: the converter's graph route, 2 s for MobileNetV2-224 where
+    `export_tflite`'s SavedModel takes 15 s; int8 calibrated on random inputs; ONNX:
+    tf2onnx with NHWC inputs, as `export_onnx`); returns the path."""
     from tf_psp import atomic, latency_targets
 
-    atomic.write_bytes(path, latency_targets.convert_function([model]))
+    if FLAGS.runtime == "onnxruntime":
+        path = stem + ".onnx"
+        content = latency_targets.convert_onnx([model]).SerializeToString()
+    else:
+        path = stem + ".tflite"
+        content = latency_targets.convert_function([model], quantization())
+    atomic.write_bytes(path, content)
+    return path
+
+
+def timer(path, cpu_time=False):
+    from tf_psp import bench
+
+    if path.endswith(".onnx"):
+        return bench.onnx_timer(path, threads=FLAGS.threads, cpu_time=cpu_time)
+    return bench.tflite_timer(path, num_threads=FLAGS.threads, cpu_time=cpu_time)
 
 
 def measure_model(name, work_dir):
@@ -87,7 +131,7 @@ def measure_model(name, work_dir):
     if FLAGS.busy_during_build:
         busy = subprocess.Popen(["nice", sys.executable, "-c", "while True: pass"])
     try:
-        table = tf_psp.latency_table(model, threads=FLAGS.threads, cache_dir=cache_dir)
+        table = build_table(model, cache_dir)
     finally:
         if busy is not None:
             busy.kill()
@@ -97,8 +141,7 @@ def measure_model(name, work_dir):
     dense_macs = tf_psp.profile(model).total_macs
     rng = np.random.default_rng(0)
     variants = []
-    dense_path = os.path.join(work_dir, f"{name}_dense.tflite")
-    to_tflite(model, dense_path)
+    dense_path = deploy(model, os.path.join(work_dir, f"{name}_dense"))
     for i in range(FLAGS.variants):
         keep = float(rng.uniform(0.25, 0.95))
         round_to = int(rng.choice([1, 8, 16]))
@@ -110,19 +153,17 @@ def measure_model(name, work_dir):
             pruned = tf_psp.prune_to_budget(model, keep_macs=keep, importance="random",
                                             seed=i, round_to=round_to)
         shrunk = tf_psp.strip_and_shrink(pruned, round_to=round_to)
-        path = os.path.join(work_dir, f"{name}_v{i}.tflite")
-        to_tflite(shrunk, path)
+        path = deploy(shrunk, os.path.join(work_dir, f"{name}_v{i}"))
         variants.append({"variant": i, "keep_macs_target": keep, "round_to": round_to,
                          "kept_macs": tf_psp.profile(shrunk).total_macs / dense_macs,
                          "predicted_s": table.predict(shrunk), "path": path})
         log(f"{name}: variant {i} keep {keep:.2f} round_to {round_to}")
     paths = {"dense": dense_path, **{v["variant"]: v["path"] for v in variants}}
     cpu = FLAGS.threads == 1  # the table's clock: CPU time of the invoking thread
-    timers = {k: bench.tflite_timer(p, num_threads=FLAGS.threads, cpu_time=cpu)
-              for k, p in paths.items()}
+    timers = {k: timer(p, cpu_time=cpu) for k, p in paths.items()}
     _, samples = bench.interleaved(timers, rounds=FLAGS.runs, return_samples=True)
     fastest = {k: min(v) for k, v in samples.items()}  # robust to other work, as the table
-    walls = {k: bench.tflite_timer(p, num_threads=FLAGS.threads) for k, p in paths.items()}
+    walls = {k: timer(p) for k, p in paths.items()}
     medians = bench.interleaved(walls, rounds=FLAGS.runs)  # wall-clock medians, for the record
     dense = fastest["dense"]
     predicted_dense = table.predict(model)
@@ -139,7 +180,8 @@ def measure_model(name, work_dir):
     proxy = [v["mac_proxy_error"] for v in variants]
     ratios = [v["ratio_error"] for v in variants]
     return {
-        "model": name, "table_seconds": table.build_seconds, "quantum": table.quantum,
+        "model": name, "target": table.describe(), "table_seconds": table.build_seconds,
+        "quantum": table.quantum,
         "busy_during_build": FLAGS.busy_during_build, "load_before": os.getloadavg()[0],
         "layers": len(table.layers), "dense_measured_s": dense,
         "dense_table_s": table.dense_seconds, "dense_wall_median_s": medians["dense"],
@@ -181,7 +223,7 @@ def plot(results, path):
     ax.plot([0, top], [0, top], "k--", lw=0.8)
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
-    ax.set_title("latency cost model, TFLite 1 thread")
+    ax.set_title(f"latency cost model, {results[0].get('target', 'tflite, 1 thread(s)')}")
     ax.legend()
     with atomic.temp_file_beside(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -205,7 +247,8 @@ def run_models(name, measure, render):
         for model in FLAGS.models:
             results.append(measure(model, work_dir))
             atomic.write_bytes(out_json, json.dumps(
-                {"threads": FLAGS.threads, "runs": FLAGS.runs, "results": results},
+                {"threads": FLAGS.threads, "runtime": FLAGS.runtime,
+                 "quantization": quantization(), "runs": FLAGS.runs, "results": results},
                 indent=1).encode())
     atomic.write_bytes(os.path.join(FLAGS.output_dir, f"{name}.md"), render(results).encode())
     print(render(results))
@@ -215,8 +258,9 @@ def run_models(name, measure, render):
 
 def main(argv):
     del argv
-    results = run_models("latency_model", measure_model, markdown)
-    plot(results, os.path.join(FLAGS.output_dir, "latency_model.png"))
+    name = result_name("latency_model")
+    results = run_models(name, measure_model, markdown)
+    plot(results, os.path.join(FLAGS.output_dir, f"{name}.png"))
 
 
 if __name__ == "__main__":

@@ -282,3 +282,18 @@ def test_one_thread_is_timed_by_its_cpu_time(tmp_path):
     assert all(0 < timer() < 0.05 for _ in range(3))
     with pytest.raises(ValueError, match="one thread"):
         bench.tflite_timer(path, num_threads=2, cpu_time=True)
+
+
+def test_a_fine_alignment_reads_the_next_step():
+    """ONNX Runtime's depthwise kernel: a multiple of 4 costs what the next multiple of the
+    quantum costs, other widths what the width below a step costs."""
+    on, off = [[1.0, 2.0, 3.0]], [[5.0, 6.0, 7.0]]
+    entry = latency.LayerLatency(name="dw", cin=48, cout=48, tied=True, quantum=16, cins=[48],
+                                 steps=[16, 32, 48], on=on, off=off, fine=4)
+    assert entry.seconds(44, 44) == 3.0 and entry.seconds(36, 36) == 3.0
+    assert entry.seconds(46, 46) == 7.0 and entry.seconds(31, 31) == 6.0
+    assert entry.seconds(32, 32) == 2.0
+    coarse = latency.LayerLatency(name="dw", cin=48, cout=48, tied=True, quantum=16,
+                                  cins=[48], steps=[16, 32, 48], on=on, off=off)
+    assert coarse.seconds(44, 44) == 7.0  # without it: the slow path
+    assert latency.LayerLatency(**{k: v for k, v in coarse.__dict__.items()}).fine == 0

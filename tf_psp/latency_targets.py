@@ -62,6 +62,8 @@ class Target:
         runtime, threads, quantization: as given to `target`.
     """
 
+    fine_alignment = False  # tables look for a width alignment finer than the quantum
+
     def __init__(self, runtime, threads, quantization):
         self.runtime, self.threads, self.quantization = runtime, threads, quantization
 
@@ -292,7 +294,14 @@ def _interleaved(calls, clock, runs, warmup):
 
 
 class OnnxTarget(Target):
-    """ONNX Runtime, CPU execution provider, float32, converted by tf2onnx."""
+    """ONNX Runtime, CPU execution provider, float32, converted by tf2onnx.
+
+    Its depthwise kernel runs any multiple of 4 channels at the speed of the
+    next multiple of the quantum, and other widths at half that speed: its
+    tables measure that finer alignment (`latency.measure_fine_quantum`).
+    """
+
+    fine_alignment = True
 
     def version(self):
         import importlib.metadata
