@@ -515,7 +515,7 @@ def _column_sparsity(scores, shrunk):
 def _report(g, plan, keep, round_to, readmitted):
     layers = []
     for node in g.nodes:
-        if not node.outputs:
+        if not node.outputs or node.outputs[0].channels == 0:  # token ids, masks: no channels
             continue
         t = node.outputs[0]
         live = g.is_live(node)
