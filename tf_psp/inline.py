@@ -118,7 +118,11 @@ def _trace(layer, args, kwargs):
                                            layer.call(*p_args, **p_kwargs), name=layer.name),
                         args, kwargs)
     except Exception as e:  # noqa: BLE001  any failure keeps the layer whole
-        return None, f"cannot run on symbolic tensors ({type(e).__name__}: {str(e)[:160]})"
+        unknown = any(d is None for t in leaves for d in t.shape[1:])
+        return None, (f"cannot run on symbolic tensors ({type(e).__name__}: {str(e)[:160]})"
+                      + ("; its inputs have None dimensions besides the batch (a sequence "
+                         "length), which code in its call that reads shapes cannot use"
+                         if unknown else ""))
     finally:
         compat.restore_node_counts(counts)
 
