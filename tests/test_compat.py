@@ -94,6 +94,12 @@ def test_sublayers_of_a_composite_layer():
     assert compat.sublayers(keras.Operation()) == []  # an op node, not a layer
 
 
+def test_keras_mask_of_a_symbolic_tensor():
+    ids = keras.Input((5,), dtype="int32")
+    assert compat.keras_mask(L.Embedding(9, 4, mask_zero=True)(ids)) is not None
+    assert compat.keras_mask(L.Embedding(9, 4)(ids)) is None
+
+
 def test_node_counts_are_restored_after_a_symbolic_call():
     a, b = L.Dense(3, name="a"), L.Dense(2, name="b")
     b(a(keras.Input((4,))))

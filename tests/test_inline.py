@@ -236,3 +236,19 @@ def test_a_sublayer_with_weights_called_twice_stays_one_shared_layer():
     assert relative_error(model(x), flat(x)) <= 1e-6
     plan = tf_psp.pruning_plan(model)
     assert any("'twice_dense' (Dense) is shared" in r for r in plan.frozen), plan.frozen
+
+
+@pytest.mark.filterwarnings("ignore:Layer 'mlp' .* does not support masking")
+def test_a_block_given_a_keras_mask_is_kept_whole():
+    """Keras handles a mask in `__call__` (passes it to `call`, or drops it for a layer
+    that does not support masking); a flat copy would let its sublayers pass it on to the
+    layers after the block, so such a block stays whole."""
+    tokens = keras.Input((6,), dtype="int32")
+    x = L.Embedding(20, 8, mask_zero=True, name="embed")(tokens)
+    x = MLP(8, 16, name="mlp")(x)
+    model = keras.Model(tokens, L.Dense(2, name="head")(L.GlobalAveragePooling1D()(x)))
+    flat = inline.inline_nested(model)
+    assert "mlp" in [layer.name for layer in flat.layers]
+    assert inline.kept_whole_reason(model.get_layer("mlp")) == "is given a Keras mask implicitly"
+    x = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9]])
+    assert relative_error(model(x), flat(x)) <= 1e-6

@@ -73,6 +73,11 @@ def keras_history(tensor):
     return tensor._keras_history
 
 
+def keras_mask(tensor):
+    """The Keras mask a symbolic tensor carries (Embedding(mask_zero=True) ...), or None."""
+    return getattr(tensor, "_keras_mask", None)
+
+
 def producer(tensor):
     """The operation (layer or op) that produced a symbolic tensor, or None."""
     history = getattr(tensor, "_keras_history", None)

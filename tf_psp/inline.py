@@ -53,7 +53,11 @@ def is_composite(layer):
 
 
 def kept_whole_reason(layer):
-    """Why `inline_nested` kept the composite layer `layer` whole, or None."""
+    """Why `inline_nested` kept the composite layer `layer` whole, or None.
+
+    The reason is remembered per layer object (and its copies) for the process,
+    so a layer that cannot be inlined is traced once, not at every rebuild.
+    """
     return _KEPT.get(layer)
 
 
@@ -106,7 +110,7 @@ def _trace(layer, args, kwargs):
         names = ", ".join(v.path.split("/")[-1] for v in own)
         return None, f"reads weights of its own ({names}) besides its sublayers'"
     leaves = _tensor_leaves(args, kwargs)
-    if any(getattr(t, "_keras_mask", None) is not None for t in leaves):
+    if any(compat.keras_mask(t) is not None for t in leaves):
         return None, "is given a Keras mask implicitly"
     holders = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in leaves}
     p_args, p_kwargs = keras.tree.map_structure(
@@ -209,7 +213,10 @@ def inline_nested(model):
         if id(op) in names and id(op) in cache and not op.weights:
             # a weightless sublayer a block calls twice (MLP's one Dropout after both
             # Dense): one copy per call, so the flat graph does not see a shared layer
-            return copy_of(op, again=True)
+            try:
+                return copy_of(op, again=True)
+            except ValueError:  # it cannot be copied: shared, as in the block
+                return cache[id(op)]
         return copy_of(op)
 
     def call_fn(op, *args, **kwargs):

@@ -13,10 +13,12 @@ channels whose value no longer matters, using `tf_psp.graph.ChannelGraph`:
 - channels touched by layers the graph does not understand, model inputs and
   model outputs are kept, and the report says which layer kept them.
 
-Nested functional and Sequential models (a backbone used as a layer) are
-inlined first (`tf_psp.graph.inline_nested`), so channels are removed across
-the nesting; an opaque nested node would freeze every channel it touches. The
-shrunk model is therefore flat, its layers keeping their names.
+Nested functional and Sequential models (a backbone used as a layer) and
+composite layers (a layer whose `call` runs its own sublayers) are inlined
+first (`tf_psp.inline.inline_nested`), so channels are removed across the
+nesting; an opaque node would freeze every channel it touches. The shrunk
+model is therefore flat, its layers keeping their names (a composite's
+sublayers prefixed with its name).
 
 The result computes exactly what the PSP model computes in inference mode
 (up to float32 round-off), unless `approximate=True` trades exactness at the
