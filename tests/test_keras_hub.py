@@ -254,6 +254,23 @@ def test_composite_backbone_prunes_to_half_its_macs_and_shrinks_exactly(name, tm
     _assert_saves_and_loads(shrunk, x, tmp_path)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_shrunk_transformer_backbone_exports_to_tflite(name, tmp_path):
+    """The flat shrunk model (keras.ops nodes from the inlined blocks included) converts;
+    export_tflite runs the written file and compares it with Keras on the probe."""
+    from tf_psp import export
+
+    make, probe, shape = HALF[name]
+    model = make()
+    _randomize_deep(model)
+    x = probe(model)
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.5, importance="random", input_shape=shape)
+    result = export.export_tflite(tf_psp.strip_and_shrink(pruned),
+                                  str(tmp_path / f"{name}.tflite"), probe=x)
+    assert result.max_rel_error <= 1e-5, result
+
+
 def test_vit_patch_embedding_is_kept_whole_with_the_reason():
     """ViTPatchingAndEmbedding reads its class token (a weight of its own) in its call, so
     it stays one layer (its output is the LayerNorm'd residual stream, kept anyway); the
