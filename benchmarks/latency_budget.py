@@ -17,7 +17,8 @@ must work; `l1`) and `keep_latency` in `--keep_latency`, and for `round_to`
 
 All shrunk models and the dense one are converted for `--runtime` (TFLite/XNNPACK,
 `--quantization` int8, or ONNX Runtime; as latency_model.py converts them) and
-timed in one interleaved run (`--threads`, medians of `--runs`).
+timed in one interleaved run (`--threads`, medians of `--runs`; with one thread
+the invoking thread's CPU time, which other work on the machine does not add to).
 Writes latency_budget.json and latency_budget.md to --output_dir (suffixed with
 the runtime unless float TFLite).
 
@@ -98,9 +99,10 @@ def measure_model(name, work_dir):
                         "predicted_latency": table.predict(shrunk) / table.predict(model),
                         "path": path})
                 log(f"{name}: {importance} keep_latency {keep} round_to {r}")
-    timers = {"dense": latency_model.timer(dense_path)}
+    cpu = FLAGS.threads == 1  # CPU time of the invoking thread: other work does not add to it
+    timers = {"dense": latency_model.timer(dense_path, cpu_time=cpu)}
     for k, row in enumerate(rows):
-        timers[k] = latency_model.timer(row["path"])
+        timers[k] = latency_model.timer(row["path"], cpu_time=cpu)
     medians = bench.interleaved(timers, rounds=FLAGS.runs)
     for k, row in enumerate(rows):
         row["measured_latency"] = medians[k] / medians["dense"]

@@ -297,3 +297,17 @@ def test_a_fine_alignment_reads_the_next_step():
                                   cins=[48], steps=[16, 32, 48], on=on, off=off)
     assert coarse.seconds(44, 44) == 7.0  # without it: the slow path
     assert latency.LayerLatency(**{k: v for k, v in coarse.__dict__.items()}).fine == 0
+
+
+def test_input_widths_off_the_quantum_read_their_own_tables():
+    """ONNX Runtime runs a conv whose input width is not a multiple of the quantum on another
+    kernel: such input widths read the tables measured one below a multiple of the quantum."""
+    entry = latency.LayerLatency(
+        name="pw", cin=64, cout=32, tied=False, quantum=16, cins=[32, 64], steps=[16, 32],
+        on=[[1.0, 2.0], [3.0, 4.0]], off=[[1.5, 2.5], [3.5, 4.5]],
+        off_cins=[31, 63], off_in_on=[[10.0, 20.0], [30.0, 40.0]],
+        off_in_off=[[15.0, 25.0], [35.0, 45.0]])
+    assert entry.seconds(64, 32) == 4.0 and entry.seconds(48, 32) == 3.0  # aligned input
+    assert entry.seconds(63, 32) == 40.0 and entry.seconds(47, 32) == 30.0  # interpolated
+    assert entry.seconds(47, 31) == 35.0  # input and output off the quantum
+    assert entry.seconds(12, 16) == 1.0  # below one quantum: the aligned tables

@@ -200,6 +200,11 @@ class LayerLatency:
     layer the grids are 1 x n with the input width following the output.
     `fine`: a finer alignment that costs what the next step costs (ONNX
     Runtime's depthwise convs: any multiple of 4 on this CPU); 0: none.
+    `off_cins`, `off_in_on`, `off_in_off`: where the input width's alignment
+    matters too (ONNX Runtime runs a conv whose input width is not a multiple
+    of the quantum on another kernel), the same tables at input widths one
+    below a multiple of the quantum, read for such input widths; empty
+    elsewhere.
     """
 
     name: str
@@ -212,6 +217,19 @@ class LayerLatency:
     on: list
     off: list
     fine: int = 0
+    off_cins: list = dataclasses.field(default_factory=list)
+    off_in_on: list = dataclasses.field(default_factory=list)
+    off_in_off: list = dataclasses.field(default_factory=list)
+
+    def off_quantum(self, cin, cout):
+        """Whether (cin, cout) runs on the runtime's slower kernels: an output width off the
+        quantum (and off the fine alignment), or an input width off it where the input's
+        alignment matters."""
+        if self.tied:
+            cout = cin
+        q = self.quantum
+        out_off = q > 1 and cout % q != 0 and not (self.fine and cout % self.fine == 0)
+        return bool(out_off or (self.off_cins and not self.tied and cin % q and cin > q))
 
     def seconds(self, cin, cout):
         """Predicted latency at `cin` input and `cout` output channels."""
@@ -220,13 +238,15 @@ class LayerLatency:
         q = self.quantum
         step = _round_up(max(cout, 1), q)
         steps = np.asarray(self.steps, float)
+        cins, on, off = self.cins, self.on, self.off
+        if self.off_cins and not self.tied and cin % q and cin > q:
+            cins, on, off = self.off_cins, self.off_in_on, self.off_in_off
         aligned = q == 1 or cout % q == 0 or (self.fine and cout % self.fine == 0)
-        table = self.on if aligned and step <= self.cout else self.off
-        table = np.asarray(table, float)
-        if self.tied or len(self.cins) == 1:
+        table = np.asarray(on if aligned and step <= self.cout else off, float)
+        if self.tied or len(cins) == 1:
             row = table[0]
         else:
-            cins = np.asarray(self.cins, float)
+            cins = np.asarray(cins, float)
             row = np.array([np.interp(cin, cins, table[:, j]) for j in range(table.shape[1])])
         if step > steps[-1] and len(steps) > 1:  # a width the grid does not reach
             slope = (row[-1] - row[-2]) / (steps[-1] - steps[-2])
@@ -252,6 +272,10 @@ class LatencyTable:
         layers: layer name -> `LayerLatency`.
         dense_seconds: the measured latency of the whole model at full width.
         fixed_seconds, scale: the fitted cost model (see the module docstring).
+        scale_off: where not None (ONNX Runtime), the scale of the layers that
+            run off the quantum (`LayerLatency.off_quantum`), fitted apart: in a
+            whole model they cost more than alone (their kernels and the
+            layout changes around them).
         calibration: the whole models it was fitted on: `model` (which
             one), `measured` and `predicted` seconds.
         build_seconds: wall time of building the table.
@@ -270,6 +294,7 @@ class LatencyTable:
     build_seconds: float = 0.0
     quantization: str | None = None
     fine_quantum: int = 0
+    scale_off: float | None = None
 
     def describe(self):
         """`'tflite int8, 1 thread(s)'`: where the table was measured."""
@@ -283,12 +308,24 @@ class LatencyTable:
     def predict_widths(self, widths):
         """Predicted latency when every layer `name` in `widths` runs at `(cin, cout)`;
         a tabled layer missing from `widths` counts at full width."""
-        return max(self.fixed_seconds + self.scale * self.table_sum(widths), 0.0)
+        if self.scale_off is None:
+            return max(self.fixed_seconds + self.scale * self.table_sum(widths), 0.0)
+        on, off = self.table_sums(widths)
+        return max(self.fixed_seconds + self.scale * on + self.scale_off * off, 0.0)
 
     def table_sum(self, widths=None):
         """Sum of the layer tables at `widths` (default: full widths)."""
+        return sum(self.table_sums(widths))
+
+    def table_sums(self, widths=None):
+        """`(on, off)`: the sums of the layer tables at `widths` of the layers on and off
+        the quantum (`LayerLatency.off_quantum`)."""
         widths = widths or {}
-        return sum(e.seconds(*widths.get(n, (e.cin, e.cout))) for n, e in self.layers.items())
+        sums = [0.0, 0.0]
+        for name, entry in self.layers.items():
+            cin, cout = widths.get(name, (entry.cin, entry.cout))
+            sums[entry.off_quantum(cin, cout)] += entry.seconds(cin, cout)
+        return tuple(sums)
 
     def predict(self, model):
         """Predicted latency (seconds) of `model`: the table's model or a shrunk version.
@@ -682,48 +719,64 @@ def latency_table(model, runtime: str = "tflite", threads: int = 1, points: int 
                                 quantization=quantization) if where.fine_alignment else 0
     requests, layout = [], {}
     for call in calls:
-        cins = [call.cin] if call.tied else list(width_grid(call.cin, 1, points - 1))
+        aligned_in = where.input_alignment and not call.tied and call.cin > q
+        cins = ([call.cin] if call.tied else
+                list(width_grid(call.cin, q if aligned_in else 1, points - 1)))
         if call.cin not in cins:
             cins.append(call.cin)
+        off_cins = [c - 1 for c in cins if c % q == 0 and c > q] if aligned_in else []
         steps = list(width_grid(call.cout if not call.tied else call.cin, q, points))
         top = call.cin if call.tied else call.cout
         if top % q:
             steps.append(_round_up(top, q))
-        on, off = [], []
-        for i in cins:
-            for p in steps:
-                for table, width in ((on, p), (off, _off_width(p, q, top))):
-                    width = min(width, top)
-                    cin = width if call.tied else i
-                    cout = width * (call.cout // call.cin) if call.tied else width
-                    table.append(len(requests))
-                    requests.append((call, cin, cout))
-        layout[call.name] = (call, cins, steps, on, off)
+        layout[call.name] = (call, cins, steps, off_cins,
+                             _grid_requests(call, cins, steps, q, requests),
+                             _grid_requests(call, off_cins, steps, q, requests))
     if progress:
         print(f"latency_table: {len(calls)} kernel layers at {len(requests)} widths, "
               f"quantum {q} (each layer converted once)", file=sys.stderr)
     seconds = measure_points(requests, runtime, threads, runs, cache_dir, progress,
                              quantization)
     layers = {}
-    for name, (call, cins, steps, on, off) in layout.items():
-        shape = (len(cins), len(steps))
+    for name, (call, cins, steps, off_cins, (on, off), (in_on, in_off)) in layout.items():
+        shape, off_shape = (len(cins), len(steps)), (len(off_cins), len(steps))
         layers[name] = LayerLatency(
             name=name, cin=call.cin, cout=call.cout, tied=call.tied, quantum=q,
             cins=[int(c) for c in cins], steps=[int(s) for s in steps],
             on=np.reshape([seconds[k] for k in on], shape).tolist(),
-            off=np.reshape([seconds[k] for k in off], shape).tolist(), fine=fine)
+            off=np.reshape([seconds[k] for k in off], shape).tolist(), fine=fine,
+            off_cins=[int(c) for c in off_cins],
+            off_in_on=np.reshape([seconds[k] for k in in_on], off_shape).tolist(),
+            off_in_off=np.reshape([seconds[k] for k in in_off], off_shape).tolist())
     table = LatencyTable(model=model.name, runtime=runtime, threads=threads,
                          machine=machine_id(), quantum=q, layers=layers,
                          dense_seconds=0.0, fixed_seconds=0.0, quantization=quantization,
                          fine_quantum=fine)
     if progress:
-        print(f"latency_table: calibrating on {len(CALIBRATION) + 1} whole models",
+        print(f"latency_table: calibrating on {len(CALIBRATION) + 1 + where.input_alignment} "
+              "whole models",
               file=sys.stderr)
     _calibrate(table, model, where, progress=progress, plain=plain)
     table.build_seconds = time.perf_counter() - started
     os.makedirs(os.path.dirname(path), exist_ok=True)
     table.save(path)
     return table
+
+
+def _grid_requests(call, cins, steps, q, requests):
+    """Appends the `(call, cin, cout)` points of the on- and off-quantum grids over `cins` x
+    `steps` to `requests`; returns their indices `(on, off)`, row by row."""
+    top = call.cin if call.tied else call.cout
+    on, off = [], []
+    for i in cins:
+        for p in steps:
+            for table, width in ((on, p), (off, _off_width(p, q, top))):
+                width = min(width, top)
+                cin = width if call.tied else i
+                cout = width * (call.cout // call.cin) if call.tied else width
+                table.append(len(requests))
+                requests.append((call, cin, cout))
+    return on, off
 
 
 # The whole models the cost model is fitted on besides the dense one: (importance, keep_macs,
@@ -751,6 +804,8 @@ def _calibrate(table, model, where, selections=CALIBRATION, runs=50, progress=Tr
     from tf_psp.shrink import strip, strip_and_shrink
 
     q = table.quantum
+    if where.input_alignment:  # a third parameter (scale_off): one more model off the quantum
+        selections = tuple(selections) + (("random", 0.3, 1),)
     psp = model if has_alphas(model) else parameterize_groups(
         model, DEFAULT_EPSILON, alpha_regularizer=None)[0]
     bar = _progress(2 * (len(selections) + 1), progress, unit="model")
@@ -776,18 +831,24 @@ def _calibrate(table, model, where, selections=CALIBRATION, runs=50, progress=Tr
     measured = np.array(where.time_models([m for _, m in models], runs))
     if bar is not None:
         bar.add(1)
-    sums = np.array([table.table_sum({c.name: (c.cin, c.cout) for c in kernel_calls(m)})
-                     for _, m in models])
-    if len(models) >= 2:
+    widths = [{c.name: (c.cin, c.cout) for c in kernel_calls(m)} for _, m in models]
+    parts = np.array([table.table_sums(w) for w in widths])
+    sums = parts.sum(axis=1)
+    if where.input_alignment and len(models) >= 3 and parts[:, 1].any():
+        (fixed, scale, scale_off), *_ = np.linalg.lstsq(
+            np.column_stack([np.ones(len(models)), parts]), measured, rcond=None)
+        table.scale_off = float(scale_off)
+    elif len(models) >= 2:
         scale, fixed = np.polyfit(sums, measured, 1)
     else:
         scale, fixed = 1.0, measured[0] - sums[0]
     table.scale, table.fixed_seconds = float(scale), float(fixed)
     table.dense_seconds = float(measured[0])
-    table.calibration = [
-        {"model": label, "table_sum": float(t), "measured": float(m),
-         "predicted": float(fixed + scale * t)}
-        for (label, _), t, m in zip(models, sums, measured)]
+    table.calibration = []
+    for (label, _), w, t, seconds in zip(models, widths, sums, measured):
+        table.calibration.append({"model": label, "table_sum": float(t),
+                                  "measured": float(seconds),
+                                  "predicted": table.predict_widths(w)})
 
 
 def table_for_budget(model, table, keep_latency, round_to, runtime="tflite", threads=1,

@@ -63,6 +63,7 @@ class Target:
     """
 
     fine_alignment = False  # tables look for a width alignment finer than the quantum
+    input_alignment = False  # tables tell input widths on and off the quantum apart
 
     def __init__(self, runtime, threads, quantization):
         self.runtime, self.threads, self.quantization = runtime, threads, quantization
@@ -298,10 +299,14 @@ class OnnxTarget(Target):
 
     Its depthwise kernel runs any multiple of 4 channels at the speed of the
     next multiple of the quantum, and other widths at half that speed: its
-    tables measure that finer alignment (`latency.measure_fine_quantum`).
+    tables measure that finer alignment (`latency.measure_fine_quantum`). A
+    conv whose input width is not a multiple of the quantum (its NCHWc block)
+    runs on another kernel: its tables have input widths on and off the
+    quantum.
     """
 
     fine_alignment = True
+    input_alignment = True
 
     def version(self):
         import importlib.metadata
