@@ -120,3 +120,8 @@ def test_cli_latency_table_on_onnxruntime(tmp_path):
     status = cli.main(["latency-table", path, "--runtime", "onnxruntime", "--quantization",
                        "int8"], out=out, err=err)
     assert status == 2 and "tabulated for runtime='tflite' only" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.main(["prune", path, "--data", "unused.npz", "--keep-latency", "0.5",
+                       "--runtime", "onnxruntime", "--quantization", "int8", "-o",
+                       str(tmp_path / "small.keras")], out=out, err=err)
+    assert status == 2 and "--quantization int8" in err.getvalue()  # before loading anything
