@@ -139,7 +139,7 @@ _INTO_TEMPORARY = {
     ("cli.py", "model.save(tmp, overwrite=True)"),
     ("export.py", 'model.export(tmp_dir, format="tf_saved_model", verbose=False)'),
     ("export.py", "archive.write_out(saved_model, verbose=False)"),
-    ("latency.py", "archive.write_out(saved, verbose=False)"),
+    ("latency_targets.py", "archive.write_out(saved, verbose=False)"),
     ("latency.py", 'fig.savefig(tmp, dpi=110, bbox_inches="tight")'),
     # methods that write through tf_psp.atomic themselves
     ("latency.py", "cache.save()  # a long build loses nothing when stopped"),
