@@ -819,11 +819,16 @@ def _calibrate(table, model, where, selections=CALIBRATION, runs=50, progress=Tr
         if kind not in plans:  # one plan per importance: a plan takes seconds to make
             plans[kind] = pruning_plan(psp, importance=kind, seed=1000)
         plan = plans[kind]
-        try:
-            units = plan.select(keep, round_to=step)
-            models.append((f"{importance} {keep}", strip_and_shrink(plan.apply(units))))
-        except ValueError:
-            pass  # cannot shrink that far: fit on fewer points
+        # A model that cannot shrink that far on the quantum (ResNet-56's 16-wide stage on
+        # a quantum of 16) is fitted on a larger fraction: a line needs two widths.
+        for fraction in (keep, keep + 0.2, keep + 0.4) if step > 1 else (keep,):
+            try:
+                units = plan.select(fraction, round_to=step)
+            except ValueError:
+                continue  # cannot shrink that far
+            label = f"{importance} {fraction:.2g}{' on the quantum' if step > 1 else ''}"
+            models.append((label, strip_and_shrink(plan.apply(units))))
+            break
         if bar is not None:
             bar.add(1)
     if bar is not None:
