@@ -126,3 +126,17 @@ def test_callback_list_of_finds_the_running_list_and_its_order():
     callbacks = found["list"].callbacks
     assert callbacks.index(first) < callbacks.index(probe)
     assert compat.callback_list_of(probe) is None  # outside fit()
+
+
+def test_attention_output_spec_ignores_unknown_arguments_only_when_they_are_none():
+    class Cached(L.MultiHeadAttention):
+        def call(self, query, value, key=None, attention_mask=None, cache=None, training=None):
+            return super().call(query, value, key=key, attention_mask=attention_mask)
+
+    compat.tolerate_unused_attention_arguments()
+    compat.tolerate_unused_attention_arguments()  # idempotent
+    x = keras.Input((5, 8))
+    layer = Cached(2, 4)
+    assert layer(x, x, cache=None).shape == (None, 5, 8)  # symbolic: compute_output_spec
+    with pytest.raises(TypeError, match="cache"):
+        layer.compute_output_spec(x, x, cache=x)

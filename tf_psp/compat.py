@@ -8,6 +8,7 @@ test instead of somewhere deep in `strip_and_shrink` (the kind of drift that
 broke tensorflow-model-optimization on Keras 3).
 """
 
+import inspect
 import sys
 
 import keras
@@ -110,6 +111,18 @@ def restore_node_counts(counts):
         del layer._outbound_nodes[outbound:]
 
 
+def renamed_copy(layer, name):
+    """A shallow copy of the weightless, sublayer-free `layer` named `name`, with no call
+    nodes: for a layer whose config cannot round-trip (keras-hub's `Identity` is built
+    from arguments it cannot serialize) but that must be renamed to stay unique."""
+    if layer.weights or sublayers(layer):
+        raise ValueError(f"layer '{layer.name}' has weights or sublayers: not copied shallowly")
+    new = object.__new__(type(layer))  # copy.copy would go through get_config
+    new.__dict__.update(layer.__dict__)
+    new.__dict__.update(name=name, _inbound_nodes=[], _outbound_nodes=[])
+    return new
+
+
 def inputs_struct(model):
     """The nested structure (list, dict ...) of a functional model's inputs."""
     return graph_of(model)._inputs_struct
@@ -202,3 +215,29 @@ def litert_invoker(runner):
     if wrapper is None or index is None:
         return runner
     return lambda: wrapper.Invoke(index)
+
+
+def tolerate_unused_attention_arguments():
+    """Lets `MultiHeadAttention.compute_output_spec` ignore keyword arguments it does not
+    know when they are None.
+
+    Subclasses add call arguments (keras-hub's `CachedMultiHeadAttention`: `cache`,
+    `cache_update_index`) without overriding `compute_output_spec`, so calling them
+    on symbolic tensors, as tracing a decoder block does, fails with "unexpected
+    keyword argument 'cache'" even when the argument is None (no cache: the output is
+    MultiHeadAttention's). A non-None unknown argument still fails as before.
+    Idempotent; patches `keras.layers.MultiHeadAttention` for the process.
+    """
+    cls = keras.layers.MultiHeadAttention
+    original = cls.compute_output_spec
+    if getattr(original, "tolerates_unused_arguments", False):
+        return
+    known = set(inspect.signature(original).parameters)
+
+    def compute_output_spec(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k in known or v is not None}
+        return original(self, *args, **kwargs)
+
+    compute_output_spec.tolerates_unused_arguments = True
+    compute_output_spec.__doc__ = original.__doc__
+    cls.compute_output_spec = compute_output_spec

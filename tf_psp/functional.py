@@ -134,7 +134,19 @@ def clone_layer(layer):
     """
     if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
         return layer
-    return from_config(type(layer), layer.get_config())
+    return _config_copy(layer)
+
+
+def _config_copy(layer):
+    """`from_config(type(layer), layer.get_config())`; a stateless layer built from
+    arguments it cannot serialize (keras-hub's `Identity`) is copied shallowly."""
+    try:
+        config = layer.get_config()
+    except NotImplementedError:
+        if layer.weights or compat.sublayers(layer):
+            raise
+        return compat.renamed_copy(layer, layer.name)
+    return from_config(type(layer), config)
 
 
 def input_name(tensor):
@@ -166,7 +178,7 @@ def clone_with_weights(model):
     layer names: `from_config`)."""
     copy = keras.models.clone_model(
         model, input_tensors=fresh_inputs(model),
-        clone_function=lambda layer: from_config(type(layer), layer.get_config()))
+        clone_function=_config_copy)
     copy.set_weights(model.get_weights())
     return copy
 

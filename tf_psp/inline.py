@@ -26,18 +26,21 @@ where a layer came from; a name another layer already has gets a `_1`, `_2`
 layers and keras.ops calls are reused): the given model is never changed.
 """
 
+import inspect
 import weakref
 
 import keras
 import numpy as np
 
 from tf_psp import compat, registry
-from tf_psp.functional import functional_view, input_name, new_layer, relative_error
+from tf_psp.functional import from_config, functional_view, input_name, new_layer, relative_error
 from tf_psp.macs import own_weights
 
 TOLERANCE = 1e-5  # largest relative error of an inlined composite on random inputs
 _FREE_DIM = 3  # length of a None (non-batch) dimension in that check
+compat.tolerate_unused_attention_arguments()  # keras-hub decoders call MHA with cache=None
 _KEPT = weakref.WeakKeyDictionary()  # composite layer -> why it stays whole
+_UNSIZED = weakref.WeakKeyDictionary()  # ... why it stays whole while lengths are unknown
 
 
 def nested_graph(layer):
@@ -56,13 +59,22 @@ def kept_whole_reason(layer):
     """Why `inline_nested` kept the composite layer `layer` whole, or None.
 
     The reason is remembered per layer object (and its copies) for the process,
-    so a layer that cannot be inlined is traced once, not at every rebuild.
+    so a layer that cannot be inlined is traced once, not at every rebuild. A
+    layer that could not be traced because its inputs had unknown dimensions
+    besides the batch (a sequence length) is traced again when a model gives it
+    inputs of known shape (`inline_nested(model, input_shape=...)`).
     """
-    return _KEPT.get(layer)
+    return _KEPT.get(layer) or _UNSIZED.get(layer)
 
 
-def _to_open(layer):
-    return nested_graph(layer) is not None or (is_composite(layer) and layer not in _KEPT)
+def _sized(tensors):
+    """Whether every dimension of `tensors` but the batch is known."""
+    return all(d is not None for t in tensors for d in t.shape[1:])
+
+
+def _to_open(layer, sized=False):
+    return nested_graph(layer) is not None or (
+        is_composite(layer) and layer not in _KEPT and (sized or layer not in _UNSIZED))
 
 
 def _tensor_leaves(args, kwargs):
@@ -86,15 +98,43 @@ def _concrete(tensor, rng):
 
 
 def _baked_constant(graph):
-    """The first operation of `graph` given a concrete tensor argument, or None."""
+    """The first operation of `graph` given a concrete float tensor argument, or None.
+
+    A float tensor computed outside the graph may be a function of weights
+    (which shrinking would leave stale); a boolean one is a mask computed
+    from shapes (a causal mask), which the flat graph may carry as a constant.
+    """
     for node in compat.nodes_in_order(graph):
         if node.operation is None or node.is_input:
             continue
         for x in keras.tree.flatten((node.arguments.args, node.arguments.kwargs)):
             if not isinstance(x, keras.KerasTensor) and (
-                    keras.ops.is_tensor(x) or isinstance(x, (np.ndarray, keras.Variable))):
+                    keras.ops.is_tensor(x) or isinstance(x, (np.ndarray, keras.Variable))
+            ) and keras.backend.standardize_dtype(x.dtype) != "bool":
                 return node.operation
     return None
+
+
+def _traced_model(layer, leaves, args, kwargs, batch=None):
+    """The functional model of one symbolic `layer.call` on placeholders like `leaves`,
+    with batch size `batch` (None: unknown)."""
+    holders = {id(t): keras.Input(batch_shape=(batch,) + tuple(t.shape[1:]), dtype=t.dtype)
+               for t in leaves}
+    p_args, p_kwargs = keras.tree.map_structure(
+        lambda x: holders.get(id(x), x) if isinstance(x, keras.KerasTensor) else x,
+        (args, kwargs))
+    return keras.Model([holders[id(t)] for t in leaves], layer.call(*p_args, **p_kwargs),
+                       name=layer.name)
+
+
+def _unbatched(graph, name):
+    """`graph` (traced with a batch of one) re-run on placeholders of unknown batch size:
+    ops given a constant built for the batch of one (a causal mask) broadcast it."""
+    holders = [keras.Input(batch_shape=(None,) + tuple(t.shape[1:]), dtype=t.dtype)
+               for t in compat.flat_inputs(graph)]
+    outputs = compat.run_through_graph(graph, holders, lambda op: op,
+                                       lambda op, *args, **kwargs: op(*args, **kwargs))
+    return keras.Model(holders, outputs, name=name)
 
 
 def _trace(layer, args, kwargs):
@@ -112,21 +152,28 @@ def _trace(layer, args, kwargs):
     leaves = _tensor_leaves(args, kwargs)
     if any(compat.keras_mask(t) is not None for t in leaves):
         return None, "is given a Keras mask implicitly"
-    holders = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in leaves}
-    p_args, p_kwargs = keras.tree.map_structure(
-        lambda x: holders.get(id(x), x) if isinstance(x, keras.KerasTensor) else x,
-        (args, kwargs))
     counts = compat.node_counts(compat.sublayers(layer))
     try:
-        return _checked(layer, keras.Model([holders[id(t)] for t in leaves],
-                                           layer.call(*p_args, **p_kwargs), name=layer.name),
-                        args, kwargs)
-    except Exception as e:  # noqa: BLE001  any failure keeps the layer whole
-        unknown = any(d is None for t in leaves for d in t.shape[1:])
-        return None, (f"cannot run on symbolic tensors ({type(e).__name__}: {str(e)[:160]})"
-                      + ("; its inputs have None dimensions besides the batch (a sequence "
-                         "length), which code in its call that reads shapes cannot use"
-                         if unknown else ""))
+        # code that reads the batch size (a causal mask broadcast to it, a reshape) needs
+        # a number: where the unknown batch size fails, trace with a batch of one, then
+        # give the graph an unknown batch size again (a constant built for the batch of
+        # one broadcasts; anything else that baked it in fails the check)
+        for batch in (None, 1) if _sized(leaves) else (None,):
+            try:
+                graph = _traced_model(layer, leaves, args, kwargs, batch=batch)
+                if batch is not None:
+                    graph = _unbatched(graph, layer.name)
+            except Exception as e:  # noqa: BLE001  any failure keeps the layer whole
+                reason = (f"cannot run on symbolic tensors ({type(e).__name__}: "
+                          f"{str(e)[:160]})" + ("" if _sized(leaves) else
+                          "; its inputs have None dimensions besides the batch (a sequence "
+                          "length), which code in its call that reads shapes cannot use: "
+                          "pass input_shape= (inline_nested) to trace it at a fixed length"))
+            else:
+                graph, reason = _checked(layer, graph, args, kwargs)
+                if graph is not None:
+                    return graph, None
+        return None, reason  # the batch of one's, where both were tried
     finally:
         compat.restore_node_counts(counts)
 
@@ -159,7 +206,68 @@ def _checked(layer, graph, args, kwargs):
     return graph, None
 
 
-def inline_nested(model):
+def _input_shapes(model, input_shape):
+    """`input_shape` as one tuple per input of `model` (None if not given), checked."""
+    if input_shape is None:
+        return None
+    shapes = list(input_shape)
+    if all(d is None or isinstance(d, (int, np.integer)) for d in shapes):
+        shapes = [shapes]
+    shapes = [tuple(None if d is None else int(d) for d in shape) for shape in shapes]
+    if len(shapes) != len(model.inputs):
+        raise ValueError(f"model '{model.name}': input_shape gives {len(shapes)} shapes for "
+                         f"{len(model.inputs)} inputs.")
+    for t, shape in zip(model.inputs, shapes):
+        if len(shape) != len(t.shape) - 1 or any(
+                d is not None and s is not None and d != s for d, s in zip(t.shape[1:], shape)):
+            raise ValueError(f"model '{model.name}': input_shape {shape} does not fit input "
+                             f"'{input_name(t)}' of shape {tuple(t.shape[1:])} (batch left out).")
+    return shapes
+
+
+def _attention_twin(layer, name):
+    """A plain `MultiHeadAttention` from the config of `layer`, a subclass of it with a
+    call of its own and no weights of its own, else None (the caller checks that it
+    computes what `layer` computes where it is called)."""
+    if (not isinstance(layer, keras.layers.MultiHeadAttention)
+            or type(layer) is keras.layers.MultiHeadAttention
+            or registry.registered_class(layer) is not keras.layers.MultiHeadAttention
+            or own_weights(layer)):
+        return None
+    config = layer.get_config()
+    config.pop("build_config", None)
+    config["name"] = name
+    try:
+        return from_config(keras.layers.MultiHeadAttention, config)
+    except Exception:  # noqa: BLE001  its config has keys of its own
+        return None
+
+
+def _known_arguments(layer, kwargs):
+    """`kwargs` less the None-valued ones `layer.call` does not take."""
+    known = inspect.signature(layer.call).parameters
+    return {k: v for k, v in kwargs.items() if k in known or v is not None}
+
+
+def _same_function(a, b, args, kwargs):
+    """Whether layer `b`, given `a`'s weights, computes what `a` computes on random inputs
+    like `args` (the None arguments `b` does not take are left out)."""
+    rng = np.random.default_rng(0)
+    values = {id(t): _concrete(t, rng) for t in _tensor_leaves(args, kwargs)}
+    c_args, c_kwargs = keras.tree.map_structure(
+        lambda x: values.get(id(x), x) if isinstance(x, keras.KerasTensor) else x,
+        (args, kwargs))
+    try:
+        b(*c_args, **_known_arguments(b, c_kwargs))  # builds b
+        b.set_weights(a.get_weights())
+        error = relative_error(a(*c_args, **c_kwargs),
+                               b(*c_args, **_known_arguments(b, c_kwargs)))
+    except Exception:  # noqa: BLE001
+        return False
+    return error <= TOLERANCE
+
+
+def inline_nested(model, input_shape=None):
     """A flat functional model: nested models and composite layers inlined.
 
     A backbone used as a layer (`bb(i)`) or a composite block is one opaque
@@ -170,13 +278,28 @@ def inline_nested(model):
     is inlined, every layer is a copy with the same weights (Lambda layers and
     keras.ops calls are reused), so `model` is left untouched. Subclassed
     models stay opaque nodes. Returns `model`'s functional view when there is
-    nothing to inline.
+    nothing to inline and no `input_shape`.
+
+    Args:
+        model: a built functional or Sequential model.
+        input_shape: shape of one sample, no batch dimension (a list of shapes
+            for several inputs, in `model.inputs` order), or None: the inputs'
+            own shapes. Given, the result takes inputs of this shape only; a
+            composite layer whose call reads its inputs' length (a decoder
+            building its causal mask) can be inlined at this length.
+
+    Raises:
+        ValueError: `input_shape` does not match `model`'s inputs.
     """
     model = functional_view(model)
-    if not any(_to_open(layer) for layer in model.layers):
+    shapes = _input_shapes(model, input_shape)
+    sized = _sized(model.inputs) or shapes is not None
+    if shapes is None and not any(_to_open(layer, sized) for layer in model.layers):
         return model
     taken = {layer.name for layer in compat.flatten_layers(model)}
     used, cache, copies, names = set(), {}, [], {}  # names: id(sublayer) -> prefixed name
+    twins = {}  # id(plain MultiHeadAttention standing for a subclass) -> the subclass layer
+    same = set()  # ids of twins found to compute what their subclass layer computes
 
     def copy_of(op, again=False):
         """The copy of `op` in the flat model; `again`: one more copy (another call)."""
@@ -191,17 +314,24 @@ def inline_nested(model):
                     name = f"{name}_{k}"
                     taken.add(name)
                 try:
-                    new = new_layer(op, name=name)
+                    twin = _attention_twin(op, name)
+                    new = new_layer(op, name=name) if twin is None else twin
+                    if twin is not None:
+                        twins[id(twin)] = op
                     copies.append((op, new))
                 except Exception:  # noqa: BLE001  a config that cannot round-trip
-                    if name != op.name:
+                    if name == op.name:
+                        new = op  # reused as is (stateless or not, it is the same layer)
+                    elif not op.weights and not compat.sublayers(op):
+                        new = compat.renamed_copy(op, name)  # stateless: a shallow copy
+                    else:
                         raise ValueError(
                             f"layer '{op.name}' ({type(op).__name__}) cannot be copied from "
                             f"its config, so it cannot be renamed '{name}' to stay "
                             "unique in the flat model") from None
-                    new = op  # reused as is (stateless or not, it is the same layer)
-                if op in _KEPT:
-                    _KEPT[new] = _KEPT[op]
+                for kept in (_KEPT, _UNSIZED):
+                    if op in kept:
+                        kept[new] = kept[op]
             used.add(getattr(new, "name", None))
             cache.setdefault(id(op), new)
             return new
@@ -224,7 +354,12 @@ def inline_nested(model):
         if inner is not None:
             return compat.run_through_graph(inner, args[0], operation_fn, call_fn)
         if is_composite(op):
-            graph, reason = (None, _KEPT[op]) if op in _KEPT else _trace(op, args, kwargs)
+            if op in _KEPT:
+                graph, reason = None, _KEPT[op]
+            elif op in _UNSIZED and not _sized(_tensor_leaves(args, kwargs)):
+                graph, reason = None, _UNSIZED[op]
+            else:
+                graph, reason = _trace(op, args, kwargs)
             if graph is not None:
                 prefix = names.get(id(op), op.name)
                 for sub in compat.sublayers(op):
@@ -232,12 +367,22 @@ def inline_nested(model):
                         names[id(sub)] = f"{prefix}_{sub.name}"  # the innermost block wins
                 leaves = _tensor_leaves(args, kwargs)
                 return compat.run_through_graph(graph, leaves, operation_fn, call_fn)
-            _KEPT[op] = reason
+            (_KEPT if _sized(_tensor_leaves(args, kwargs)) else _UNSIZED)[op] = reason
             return copy_of(op)(*args, **kwargs)
+        if id(op) in twins:  # a plain MultiHeadAttention for a subclass: is it the same?
+            original = twins[id(op)]
+            if id(op) in same or _same_function(original, op, args, kwargs):
+                same.add(id(op))
+                return op(*args, **_known_arguments(op, kwargs))
+            del twins[id(op)]  # it is not: a copy of the subclass after all
+            op = new_layer(original, name=op.name)
+            cache[id(original)] = op
+            copies[:] = [(o, op if o is original else n) for o, n in copies]
         return op(*args, **kwargs)
 
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=input_name(t))
-              for t in model.inputs]
+    inputs = [keras.Input(batch_shape=t.shape if shapes is None else (t.shape[0],) + shape,
+                          dtype=t.dtype, name=input_name(t))
+              for t, shape in zip(model.inputs, shapes or [None] * len(model.inputs))]
     outputs = compat.run_through_graph(model, inputs, operation_fn, call_fn)
     flat = keras.Model(keras.tree.pack_sequence_as(compat.inputs_struct(model), inputs), outputs,
                        name=model.name)

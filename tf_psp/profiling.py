@@ -29,6 +29,7 @@ zeros in the shrunk model, for per-layer and group alphas alike.
 """
 
 import dataclasses
+import inspect
 import math
 
 import keras
@@ -473,11 +474,22 @@ def _node_shapes(graph, input_shapes=None):
         if node.is_input or any(id(t) not in specs for t in node.input_tensors):
             continue
         args, kwargs = node.arguments.fill_in(specs)
-        outputs = keras.tree.flatten(node.operation.compute_output_spec(*args, **kwargs))
+        outputs = keras.tree.flatten(_output_spec(node.operation, args, kwargs))
         for tensor, spec in zip(node.outputs, outputs):
             specs[id(tensor)] = spec
         inputs = [specs[id(t)] for t in node.input_tensors]
         yield node, _shapes(inputs), _shapes(outputs)
+
+
+def _output_spec(operation, args, kwargs):
+    """`operation.compute_output_spec` of one call; `training`, `mask` and None keywords
+    it does not take are left out, as `Layer.__call__` leaves them out of `call`
+    (keras-hub's `Identity.compute_output_spec(inputs)` takes no `training`)."""
+    parameters = inspect.signature(operation.compute_output_spec).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k in parameters or (v is not None and k not in ("training", "mask"))}
+    return operation.compute_output_spec(*args, **kwargs)
 
 
 def unknown_inputs(model):

@@ -1,0 +1,181 @@
+"""Decoder-like composite layers inlined at a fixed input shape (`inline_nested(input_shape=)`).
+
+A block that builds a causal mask from its input's length and batch size cannot be traced
+into a functional graph while the length is None; at a fixed length it can. A
+MultiHeadAttention subclass that takes extra call arguments (keras-hub's
+CachedMultiHeadAttention: `cache=None`) stands as a plain MultiHeadAttention where it
+computes the same. Oracle: the original model's outputs on random inputs, at two batch
+sizes; for pruning, the pruned model's outputs.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_psp
+from tf_psp import compat, inline
+from tf_psp.functional import relative_error
+
+L = keras.layers
+ops = keras.ops
+
+
+class CachedAttention(L.MultiHeadAttention):
+    """A MultiHeadAttention with a `cache` argument (None: MultiHeadAttention itself)."""
+
+    def call(self, query, value, key=None, attention_mask=None, cache=None, training=None):
+        if cache is not None:
+            raise NotImplementedError("no cache in this test")
+        return super().call(query, value, key=key, attention_mask=attention_mask,
+                            training=training)
+
+
+class DoubledAttention(CachedAttention):
+    """Not the plain layer's function: must not be replaced by a plain MultiHeadAttention."""
+
+    def call(self, query, value, key=None, attention_mask=None, cache=None, training=None):
+        return 2.0 * super().call(query, value, key=key, attention_mask=attention_mask)
+
+
+class CausalBlock(L.Layer):
+    """Self-attention under a causal mask built from the input's batch size and length (as
+    keras-hub's decoders do), then an MLP; both residual."""
+
+    def __init__(self, width, heads, attention=CachedAttention, reshape=False, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.reshape = width, heads, reshape
+        self.attention = attention(heads, width // heads, name="attention")
+        self.up = L.Dense(2 * width, activation="relu", name="up")
+        self.down = L.Dense(width, name="down")
+
+    def call(self, x):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        i = ops.expand_dims(ops.arange(length), axis=1)
+        mask = ops.broadcast_to(ops.expand_dims(i >= ops.arange(length), 0),
+                                (batch, length, length))
+        y = x + self.attention(x, x, attention_mask=mask, cache=None)
+        if self.reshape:  # bakes the batch size into the graph
+            y = ops.reshape(ops.reshape(y, (batch, length * self.width)),
+                            (batch, length, self.width))
+        return y + self.down(self.up(y))
+
+
+def _decoder(attention=CachedAttention, reshape=False):
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = L.Embedding(20, 8, name="embed")(tokens)
+    for k in range(2):
+        x = CausalBlock(8, 4, attention=attention, reshape=reshape, name=f"block_{k}")(x)
+    model = keras.Model(tokens, L.Dense(5, name="head")(x))
+    rng = np.random.default_rng(0)
+    for layer in compat.flatten_layers(model):
+        if isinstance(getattr(layer, "bias", None), keras.Variable):
+            layer.bias.assign(rng.normal(0, 0.5, layer.bias.shape))
+    return model
+
+
+def _tokens(batch, seed=0):
+    return np.random.default_rng(seed).integers(0, 20, (batch, 6)).astype("int32")
+
+
+def test_a_causal_block_opens_at_a_fixed_length_and_computes_what_it_computed():
+    model = _decoder()
+    kept = inline.inline_nested(model)
+    assert "block_0" in [layer.name for layer in kept.layers]  # length unknown: whole
+    assert "input_shape=" in inline.kept_whole_reason(model.get_layer("block_0"))
+    flat = inline.inline_nested(model, input_shape=(6,))
+    names = [layer.name for layer in flat.layers]
+    assert "block_0" not in names and "block_1_up" in names
+    assert type(flat.get_layer("block_0_attention")) is L.MultiHeadAttention  # the twin
+    assert flat.inputs[0].shape == (None, 6)
+    for batch in (2, 3):  # a batch size other than the traced one's
+        x = _tokens(batch)
+        assert relative_error(model(x), flat(x)) <= 1e-5
+
+
+def test_a_causal_decoder_prunes_heads_and_units_to_half_its_macs_exactly():
+    model = _decoder()
+    flat = inline.inline_nested(model, input_shape=(6,))
+    pruned = tf_psp.prune_to_budget(flat, keep_macs=0.5, importance="random", input_shape=(6,))
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    x = _tokens(3)
+    assert relative_error(model(x), pruned(x)) > 1e-6
+    assert relative_error(pruned(x), shrunk(x)) <= 1e-5
+    dense = tf_psp.profile(model, input_shape=(6,)).total_macs
+    assert tf_psp.profile(shrunk).total_macs <= 0.5 * dense
+
+    def heads(m):
+        return [layer.num_heads for layer in m.layers
+                if isinstance(layer, L.MultiHeadAttention)]
+
+    assert sum(heads(shrunk)) < sum(heads(flat)) == 8
+
+
+def test_a_block_that_bakes_the_batch_size_in_stays_whole():
+    """Traced with a batch of one, its reshape to (1, ...) fails at other batch sizes."""
+    model = _decoder(reshape=True)
+    flat = inline.inline_nested(model, input_shape=(6,))
+    assert "block_0" in [layer.name for layer in flat.layers]
+    assert "has a traced graph that does not run" in inline.kept_whole_reason(
+        model.get_layer("block_0"))
+    x = _tokens(2)
+    assert relative_error(model(x), flat(x)) <= 1e-5
+
+
+def test_an_attention_subclass_that_computes_something_else_stays_itself():
+    model = _decoder(attention=DoubledAttention)
+    flat = inline.inline_nested(model, input_shape=(6,))
+    assert "block_0" not in [layer.name for layer in flat.layers]
+    assert type(flat.get_layer("block_0_attention")) is DoubledAttention
+    x = _tokens(2)
+    assert relative_error(model(x), flat(x)) <= 1e-5
+
+
+def test_input_shape_that_does_not_fit_the_model_is_refused():
+    model = _decoder()
+    with pytest.raises(ValueError, match="gives 2 shapes for 1 inputs"):
+        inline.inline_nested(model, input_shape=[(6,), (6,)])
+    with pytest.raises(ValueError, match=r"input_shape \(6, 2\) does not fit input 'tokens'"):
+        inline.inline_nested(model, input_shape=(6, 2))
+
+
+class Passthrough(L.Layer):
+    """Stateless, built from an argument it cannot serialize (as keras-hub's Identity); its
+    compute_output_spec takes no `training`."""
+
+    def __init__(self, tag, **kwargs):
+        super().__init__(**kwargs)
+        self.tag = tag
+
+    def call(self, x, training=None):
+        return x
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
+
+
+class PassthroughBlock(L.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.up = L.Dense(16, activation="relu", name="up")
+        self.down = L.Dense(8, name="down")
+        self.identity = Passthrough(object(), name="identity")  # same name in every block
+
+    def call(self, x):
+        return x + self.identity(self.down(self.up(x)))
+
+
+def test_a_stateless_layer_that_cannot_serialize_is_renamed_by_a_shallow_copy():
+    inputs = keras.Input((6, 8))
+    x = PassthroughBlock(name="block_0")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(PassthroughBlock(name="block_1")(x)))
+    with pytest.raises(NotImplementedError):
+        model.get_layer("block_0").identity.get_config()
+    flat = inline.inline_nested(model)
+    names = [layer.name for layer in flat.layers]
+    assert "block_0_identity" in names and "block_1_identity" in names
+    pruned = tf_psp.prune_to_budget(model, keep_macs=0.6, importance="random")
+    shrunk = tf_psp.strip_and_shrink(pruned)
+    x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype("float32")
+    assert relative_error(model(x), flat(x)) <= 1e-6
+    assert relative_error(pruned(x), shrunk(x)) <= 1e-5
+    assert tf_psp.profile(shrunk).total_macs <= 0.6 * tf_psp.profile(model).total_macs
