@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tf_psp
-from tf_psp import compat, inline
+from tf_psp import compat, functional, inline
 from tf_psp.functional import relative_error
 
 L = keras.layers
@@ -179,3 +179,34 @@ def test_a_stateless_layer_that_cannot_serialize_is_renamed_by_a_shallow_copy():
     assert relative_error(model(x), flat(x)) <= 1e-6
     assert relative_error(pruned(x), shrunk(x)) <= 1e-5
     assert tf_psp.profile(shrunk).total_macs <= 0.6 * tf_psp.profile(model).total_macs
+
+
+class LossyConfig(L.Layer):
+    """A block whose get_config leaves out a required argument (kept as `_head_dim`, as
+    keras-hub 0.32's Qwen3Attention) and whose constructor rejects `trainable` (MiT's
+    MixFFN): copies fill the first in from the attribute and leave the second out."""
+
+    def __init__(self, width, head_dim, name=None, dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.width, self._head_dim = width, head_dim
+        self.dense = L.Dense(width * head_dim, name="dense")
+
+    def call(self, x):
+        return self.dense(x)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+def test_a_config_that_does_not_round_trip_is_repaired_from_the_layer():
+    inputs = keras.Input((6, 8))
+    x = LossyConfig(2, 4, name="block_0")(inputs)
+    model = keras.Model(inputs, LossyConfig(2, 4, name="block_1")(x))
+    with pytest.raises(TypeError):
+        LossyConfig.from_config(model.get_layer("block_0").get_config())
+    copy = functional.new_layer(model.get_layer("block_0"), name="copy")
+    assert copy._head_dim == 4 and copy.name == "copy"
+    flat = inline.inline_nested(model)
+    assert "block_1_dense" in [layer.name for layer in flat.layers]
+    x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype("float32")
+    assert relative_error(model(x), flat(x)) <= 1e-6

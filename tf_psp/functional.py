@@ -100,17 +100,23 @@ _REJECTED = {}  # layer class -> keys its get_config returns and its constructor
 def _construct(cls, config):
     """`cls.from_config(config)`, without the keys the constructor says it does not take."""
     rejected = _REJECTED.get(cls, set())
-    if not rejected:
+    for _ in range(8):  # each failure names one more rejected key (or a set of them)
         try:
-            return cls.from_config(config)
+            new = cls.from_config({k: v for k, v in config.items() if k not in rejected})
+            break
         except (TypeError, ValueError) as e:
             found = re.search(r"Unrecognized keyword arguments passed to \w+: \{(.*)\}",
                               str(e))
-            rejected = set(re.findall(r"'(\w+)':", found.group(1))) if found else set()
-            if not isinstance(config, dict) or not rejected or not rejected <= set(config):
+            keys = set(re.findall(r"'(\w+)':", found.group(1))) if found else set(
+                re.findall(r"got an unexpected keyword argument '(\w+)'", str(e)))
+            if not isinstance(config, dict) or not keys or not keys <= set(config) - rejected:
                 raise
+            rejected = rejected | keys
             _REJECTED[cls] = rejected
-    new = cls.from_config({k: v for k, v in config.items() if k not in rejected})
+    else:
+        raise ValueError(f"{cls.__name__}.from_config: too many rejected keys ({rejected})")
+    if not rejected:
+        return new
     own_config = new.get_config
     new.get_config = lambda: {k: v for k, v in own_config().items() if k not in rejected}
     return new
@@ -122,7 +128,31 @@ def new_layer(layer, **changes):
     config = layer.get_config()
     config.pop("build_config", None)
     config.update(changes)
+    for _ in range(8):
+        try:
+            return from_config(type(layer), config)
+        except TypeError as e:
+            missing = _missing_argument(layer, e, config)
+            if missing is None:
+                raise
+            config.update(missing)
     return from_config(type(layer), config)
+
+
+def _missing_argument(layer, error, config):
+    """`{name: value}` for a constructor argument `error` says is missing from `layer`'s
+    config (keras-hub 0.32: Qwen3Attention's `head_dim`), read from the layer's attribute
+    `name` or `_name`; None if there is none."""
+    found = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: '(\w+)'",
+                      str(error))
+    if found is None or found.group(1) in config:
+        return None
+    name = found.group(1)
+    for attribute in (name, f"_{name}"):
+        value = getattr(layer, attribute, None)
+        if isinstance(value, (int, float, str, bool, list, tuple)):
+            return {name: value}
+    return None
 
 
 def clone_layer(layer):
@@ -141,12 +171,11 @@ def _config_copy(layer):
     """`from_config(type(layer), layer.get_config())`; a stateless layer built from
     arguments it cannot serialize (keras-hub's `Identity`) is copied shallowly."""
     try:
-        config = layer.get_config()
+        return new_layer(layer)
     except NotImplementedError:
         if layer.weights or compat.sublayers(layer):
             raise
         return compat.renamed_copy(layer, layer.name)
-    return from_config(type(layer), config)
 
 
 def input_name(tensor):
