@@ -41,9 +41,10 @@ class CausalBlock(L.Layer):
     """Self-attention under a causal mask built from the input's batch size and length (as
     keras-hub's decoders do), then an MLP; both residual."""
 
-    def __init__(self, width, heads, attention=CachedAttention, reshape=False, **kwargs):
+    def __init__(self, width, heads, attention=CachedAttention, reshape=False, int_mask=False,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.width, self.heads, self.reshape = width, heads, reshape
+        self.width, self.heads, self.reshape, self.int_mask = width, heads, reshape, int_mask
         self.attention = attention(heads, width // heads, name="attention")
         self.up = L.Dense(2 * width, activation="relu", name="up")
         self.down = L.Dense(width, name="down")
@@ -53,6 +54,9 @@ class CausalBlock(L.Layer):
         i = ops.expand_dims(ops.arange(length), axis=1)
         mask = ops.broadcast_to(ops.expand_dims(i >= ops.arange(length), 0),
                                 (batch, length, length))
+        if self.int_mask:  # an int32 mask and a float scalar computed outside the graph
+            mask = ops.cast(mask, "int32")
+            x = x * ops.cast(1.0 / np.sqrt(self.width), "float32")
         y = x + self.attention(x, x, attention_mask=mask, cache=None)
         if self.reshape:  # bakes the batch size into the graph
             y = ops.reshape(ops.reshape(y, (batch, length * self.width)),
@@ -60,11 +64,12 @@ class CausalBlock(L.Layer):
         return y + self.down(self.up(y))
 
 
-def _decoder(attention=CachedAttention, reshape=False):
+def _decoder(attention=CachedAttention, reshape=False, int_mask=False):
     tokens = keras.Input((None,), dtype="int32", name="tokens")
     x = L.Embedding(20, 8, name="embed")(tokens)
     for k in range(2):
-        x = CausalBlock(8, 4, attention=attention, reshape=reshape, name=f"block_{k}")(x)
+        x = CausalBlock(8, 4, attention=attention, reshape=reshape, int_mask=int_mask,
+                        name=f"block_{k}")(x)
     model = keras.Model(tokens, L.Dense(5, name="head")(x))
     rng = np.random.default_rng(0)
     for layer in compat.flatten_layers(model):
@@ -77,8 +82,9 @@ def _tokens(batch, seed=0):
     return np.random.default_rng(seed).integers(0, 20, (batch, 6)).astype("int32")
 
 
-def test_a_causal_block_opens_at_a_fixed_length_and_computes_what_it_computed():
-    model = _decoder()
+@pytest.mark.parametrize("int_mask", [False, True])
+def test_a_causal_block_opens_at_a_fixed_length_and_computes_what_it_computed(int_mask):
+    model = _decoder(int_mask=int_mask)
     kept = inline.inline_nested(model)
     assert "block_0" in [layer.name for layer in kept.layers]  # length unknown: whole
     assert "input_shape=" in inline.kept_whole_reason(model.get_layer("block_0"))
@@ -210,3 +216,14 @@ def test_a_config_that_does_not_round_trip_is_repaired_from_the_layer():
     assert "block_1_dense" in [layer.name for layer in flat.layers]
     x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype("float32")
     assert relative_error(model(x), flat(x)) <= 1e-6
+
+
+def test_profile_knows_the_length_an_einsum_dense_copies_from_its_input():
+    """EinsumDense(output_shape=(None, 2, 4)) says None for the length even on a known
+    one (Keras keeps the None it was given); profile takes it from the input."""
+    inputs = keras.Input((None, 8))
+    outputs = L.EinsumDense("abc,cde->abde", output_shape=(None, 2, 4), name="qkv")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.Reshape((-1, 8))(outputs)))
+    rows = {row.name: row for row in tf_psp.profile(model, input_shape=(6, 8)).layers}
+    assert rows["qkv"].macs == 6 * 8 * 2 * 4
+    assert rows["head"].macs == 6 * 8 * 3

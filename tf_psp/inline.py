@@ -100,9 +100,11 @@ def _concrete(tensor, rng):
 def _baked_constant(graph):
     """The first operation of `graph` given a concrete float tensor argument, or None.
 
-    A float tensor computed outside the graph may be a function of weights
-    (which shrinking would leave stale); a boolean one is a mask computed
-    from shapes (a causal mask), which the flat graph may carry as a constant.
+    A float tensor computed outside the graph may be a function of weights,
+    which shrinking slices on their channel axes, so it would be left stale; a
+    boolean or integer one is a mask computed from shapes (a causal or
+    sliding-window mask), and a float scalar (a softmax scale computed from a
+    head size) has no channel axis: the flat graph carries those as constants.
     """
     for node in compat.nodes_in_order(graph):
         if node.operation is None or node.is_input:
@@ -110,7 +112,8 @@ def _baked_constant(graph):
         for x in keras.tree.flatten((node.arguments.args, node.arguments.kwargs)):
             if not isinstance(x, keras.KerasTensor) and (
                     keras.ops.is_tensor(x) or isinstance(x, (np.ndarray, keras.Variable))
-            ) and keras.backend.standardize_dtype(x.dtype) != "bool":
+            ) and "float" in keras.backend.standardize_dtype(x.dtype) and int(
+                np.prod(x.shape)) != 1:
                 return node.operation
     return None
 

@@ -489,7 +489,25 @@ def _output_spec(operation, args, kwargs):
     if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         kwargs = {k: v for k, v in kwargs.items()
                   if k in parameters or (v is not None and k not in ("training", "mask"))}
-    return operation.compute_output_spec(*args, **kwargs)
+    spec = operation.compute_output_spec(*args, **kwargs)
+    if isinstance(operation, keras.layers.EinsumDense) and isinstance(spec, keras.KerasTensor):
+        spec = _einsum_known_dims(operation.equation, args[0].shape, spec)
+    return spec
+
+
+def _einsum_known_dims(equation, input_shape, spec):
+    """`spec` with the None dimensions an einsum copies from its input filled in: an
+    EinsumDense built with `output_shape=(None, heads, dim)` (keras-hub's attention
+    projections) says None for the sequence length even when its input has one."""
+    inputs, output = equation.split("->")
+    inputs = inputs.split(",")[0]
+    if "." in inputs + output or len(output) != len(spec.shape) or len(inputs) != len(
+            input_shape):
+        return spec
+    shape = [d if d is not None or k == 0 or letter not in inputs
+             else input_shape[inputs.index(letter)]
+             for k, (letter, d) in enumerate(zip(output, spec.shape))]
+    return keras.KerasTensor(tuple(shape), dtype=spec.dtype)
 
 
 def unknown_inputs(model):
