@@ -227,3 +227,47 @@ def test_profile_knows_the_length_an_einsum_dense_copies_from_its_input():
     rows = {row.name: row for row in tf_psp.profile(model, input_shape=(6, 8)).layers}
     assert rows["qkv"].macs == 6 * 8 * 2 * 4
     assert rows["head"].macs == 6 * 8 * 3
+
+
+def test_profile_counts_the_einsum_and_matmul_nodes_an_inlined_attention_leaves():
+    """Attention scores and weighted sums are keras.ops nodes of the flat graph: counted
+    by hand (T x S x heads x dim per einsum), as the block they came from was counted."""
+    inputs = keras.Input((6, 8))
+    q = L.EinsumDense("abc,cde->abde", output_shape=(6, 2, 4), name="q")(inputs)
+    k = L.EinsumDense("abc,cde->abde", output_shape=(6, 2, 4), name="k")(inputs)
+    scores = ops.einsum("btnh,bsnh->bnts", q, k)
+    mixed = ops.matmul(scores, ops.transpose(k, (0, 2, 1, 3)))  # [b, n, t, h]
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.Reshape((6, 8))(mixed)))
+    rows = tf_psp.profile(model).layers
+    op_macs = sorted(row.macs for row in rows if row.class_name in ("Einsum", "Matmul"))
+    assert op_macs == [6 * 6 * 2 * 4, 6 * 6 * 2 * 4]
+    assert tf_psp.profile(model).total_macs == 2 * 6 * 8 * 8 + 2 * 288 + 6 * 8 * 3
+
+
+class _Scaled(L.Layer):
+    def __init__(self, factor=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return self.factor * x
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+class _Doubled(_Scaled):
+    """Passes `factor` on itself, yet its config has it (LlamaRotaryEmbedding's
+    `scaling_factor`): from_config gives it twice."""
+
+    def __init__(self, **kwargs):
+        super().__init__(factor=2.0, **kwargs)
+
+
+def test_a_config_key_the_constructor_passes_on_itself_is_left_out_of_the_copy():
+    layer = _Doubled(name="doubled")
+    with pytest.raises(TypeError, match="multiple values"):
+        _Doubled.from_config(layer.get_config())
+    copy = functional.new_layer(layer, name="copy")
+    x = np.ones((1, 3), "float32")
+    assert copy.name == "copy" and np.allclose(copy(x), layer(x))

@@ -78,8 +78,10 @@ def from_config(cls, config):
     Some `get_config`s return keys their own constructor rejects (keras-hub
     0.32: ViTPatchingAndEmbedding's `num_patches`/`num_positions`,
     ViTEncoderBlock's `key_dim`, SqueezeAndExcite2D's `spatial_dims`: values it
-    derives itself). Such keys are left out, and the copy's `get_config` leaves
-    them out too, so the copy saves to `.keras` and loads back.
+    derives itself; MiT's MixFFN `trainable`; LlamaRotaryEmbedding's
+    `scaling_factor`, which it passes on itself: "multiple values"). Such keys
+    are left out, and the copy's `get_config` leaves them out too, so the copy
+    saves to `.keras` and loads back.
     """
     new = _construct(cls, config)
     name = config.get("name") if isinstance(config, dict) else None
@@ -108,7 +110,8 @@ def _construct(cls, config):
             found = re.search(r"Unrecognized keyword arguments passed to \w+: \{(.*)\}",
                               str(e))
             keys = set(re.findall(r"'(\w+)':", found.group(1))) if found else set(
-                re.findall(r"got an unexpected keyword argument '(\w+)'", str(e)))
+                re.findall(r"got (?:an unexpected|multiple values for) keyword argument "
+                           r"'(\w+)'", str(e)))
             if not isinstance(config, dict) or not keys or not keys <= set(config) - rejected:
                 raise
             rejected = rejected | keys
@@ -125,7 +128,12 @@ def _construct(cls, config):
 def new_layer(layer, **changes):
     """A fresh, unbuilt layer from `layer`'s config with `changes` applied (same name
     unless `name=` is changed; `from_config`)."""
-    config = layer.get_config()
+    try:
+        config = layer.get_config()
+    except NotImplementedError:  # built from arguments it cannot serialize (keras-hub's
+        if layer.weights or compat.sublayers(layer) or set(changes) - {"name"}:  # Identity)
+            raise
+        return compat.renamed_copy(layer, changes.get("name", layer.name))  # stateless
     config.pop("build_config", None)
     config.update(changes)
     for _ in range(8):
@@ -168,14 +176,9 @@ def clone_layer(layer):
 
 
 def _config_copy(layer):
-    """`from_config(type(layer), layer.get_config())`; a stateless layer built from
-    arguments it cannot serialize (keras-hub's `Identity`) is copied shallowly."""
-    try:
-        return new_layer(layer)
-    except NotImplementedError:
-        if layer.weights or compat.sublayers(layer):
-            raise
-        return compat.renamed_copy(layer, layer.name)
+    """`new_layer(layer)`: a copy from its config (a stateless layer built from arguments
+    it cannot serialize, keras-hub's `Identity`, is copied shallowly)."""
+    return new_layer(layer)
 
 
 def input_name(tensor):

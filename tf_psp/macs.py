@@ -306,6 +306,25 @@ OP_RULES = {
 }
 
 
+def op_node_macs(operation, operand_shapes, output_shape):
+    """MACs per sample of a keras.ops node of a functional graph that multiplies two
+    activations (an inlined attention's einsum, matmul, dot_product_attention: no
+    weights, but MACs that depend on heads and length); 0 for any other op node.
+    Shapes are batched with a batch of one; None when an operand shape is unknown."""
+    shapes = [tuple(s) for s in operand_shapes]
+    out = tuple(output_shape)
+    if any(d is None for s in shapes + [out] for d in s):
+        return None
+    if isinstance(operation, compat.numpy_ops.Einsum):
+        return einsum_macs(operation.subscripts, out, shapes)
+    if isinstance(operation, compat.numpy_ops.Matmul) and len(shapes) == 2:
+        return _size(out) * int(shapes[0][-1]) if len(shapes[0]) > 1 else None
+    if isinstance(operation, compat.nn_ops.DotProductAttention) and len(shapes) >= 3:
+        q, k, v = shapes[:3]
+        return int(q[1]) * int(k[1]) * int(q[2]) * (int(q[3]) + int(v[3]))
+    return 0
+
+
 def call_macs(rule, layer, input_shapes, output_shapes, arguments=None):
     """`rule(layer, input_shapes, output_shapes)`; a composite layer also gets the
     `arguments` of its call, so that it is counted with all its inputs."""

@@ -573,6 +573,24 @@ def _kernel_entries(layer):
     return kernels or [layer.kernel]
 
 
+def _count_op_node(node, prefix, in_shapes, out_shapes, rows):
+    """Appends a row for a keras.ops node that multiplies activations (an inlined
+    attention's scores and weighted sums: `tf_psp.macs.op_node_macs`); others cost 0."""
+    symbolic = iter(in_shapes)
+    operands = [(1,) + tuple(next(symbolic))[1:] if isinstance(x, keras.KerasTensor)
+                else tuple(np.shape(x)) for x in node.arguments.args]
+    out = (1,) + tuple(out_shapes[0])[1:] if out_shapes else ()
+    macs = mac_rules.op_node_macs(node.operation, operands, out)
+    if macs == 0:
+        return
+    name = getattr(node.operation, "name", None) or type(node.operation).__name__
+    row = LayerProfile(name=f"{prefix}{name}", class_name=type(node.operation).__name__,
+                       output_shape=tuple(out_shapes[0])[1:], params=0, macs=int(macs or 0),
+                       calls=1)
+    row.counted = macs is not None
+    rows.append(row)
+
+
 def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_rows=None):
     """Appends rows for `model`'s layers; nested models are walked recursively.
 
@@ -584,9 +602,10 @@ def _walk(model, prefix, rows, psp_entries, index, input_shapes=None, kernel_row
     graph = _graph_of(model)
     for node, in_shapes, out_shapes in _node_shapes(graph, input_shapes):
         layer = node.operation
-        if not isinstance(layer, keras.layers.Layer) or isinstance(
-            layer, keras.layers.InputLayer
-        ):
+        if not isinstance(layer, keras.layers.Layer):
+            _count_op_node(node, prefix, in_shapes, out_shapes, rows)
+            continue
+        if isinstance(layer, keras.layers.InputLayer):
             continue
         path = f"{prefix}{layer.name}"
         if _graph_of(layer) is not None:  # a nested model: count its layers
