@@ -271,3 +271,54 @@ def test_a_config_key_the_constructor_passes_on_itself_is_left_out_of_the_copy()
     copy = functional.new_layer(layer, name="copy")
     x = np.ones((1, 3), "float32")
     assert copy.name == "copy" and np.allclose(copy(x), layer(x))
+
+
+class _Norm(L.Layer):
+    """Built with an argument its auto get_config cannot serialize (as keras-hub 0.32's
+    Gemma RMSNormalization), with a weight; stores `factor` x epsilon as `epsilon`."""
+
+    factor = 1
+
+    def __init__(self, epsilon=1e-3, marker=None, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = self.factor * epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+
+
+class _DoubledNorm(_Norm):
+    factor = 2  # its attribute is not its argument: a copy from attributes differs
+
+
+class _NormBlock(L.Layer):
+    def __init__(self, doubled=False, **kwargs):
+        super().__init__(**kwargs)
+        norm = _DoubledNorm if doubled else _Norm
+        self.norm = norm(epsilon=0.5, marker=object(), name="norm")
+        self.dense = L.Dense(8, name="dense")
+
+    def call(self, x):
+        return x + self.dense(self.norm(x))
+
+
+def _norm_model(doubled):
+    inputs = keras.Input((6, 8))
+    x = _NormBlock(doubled=doubled, name="block_0")(inputs)
+    return keras.Model(inputs, _NormBlock(doubled=doubled, name="block_1")(x))
+
+
+def test_a_layer_whose_config_cannot_serialize_is_copied_from_its_attributes_and_checked():
+    model = _norm_model(doubled=False)
+    norm = model.get_layer("block_0").norm
+    with pytest.raises(NotImplementedError):
+        norm.get_config()
+    flat = inline.inline_nested(model)
+    assert {"block_0_norm", "block_1_norm"} <= {layer.name for layer in flat.layers}
+    x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype("float32")
+    assert relative_error(model(x), flat(x)) <= 1e-6
+    with pytest.raises(ValueError, match="'norm' .* a copy built from its attributes computes"):
+        inline.inline_nested(_norm_model(doubled=True))  # its attribute is not its argument

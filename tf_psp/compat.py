@@ -241,3 +241,8 @@ def tolerate_unused_attention_arguments():
     compute_output_spec.tolerates_unused_arguments = True
     compute_output_spec.__doc__ = original.__doc__
     cls.compute_output_spec = compute_output_spec
+
+
+def mark_dense(tensor):
+    """Marks the symbolic `tensor` dense (`KerasTensor.sparse` is read-only)."""
+    tensor._sparse = False

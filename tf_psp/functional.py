@@ -4,6 +4,7 @@ The bottom of tf_psp (above `compat` only): every module that takes a model
 checks it, walks it, clones it or feeds it random probes through these.
 """
 
+import inspect
 import re
 
 import keras
@@ -131,9 +132,14 @@ def new_layer(layer, **changes):
     try:
         config = layer.get_config()
     except NotImplementedError:  # built from arguments it cannot serialize (keras-hub's
-        if layer.weights or compat.sublayers(layer) or set(changes) - {"name"}:  # Identity)
+        if not layer.weights and not compat.sublayers(layer) and set(changes) <= {"name"}:
+            return compat.renamed_copy(layer, changes.get("name", layer.name))  # stateless
+        config = _config_from_attributes(layer)
+        if config is None:
             raise
-        return compat.renamed_copy(layer, changes.get("name", layer.name))  # stateless
+        new = from_config(type(layer), {**config, **changes})
+        new.config_from_attributes = True  # callers able to check it against `layer` do
+        return new
     config.pop("build_config", None)
     config.update(changes)
     for _ in range(8):
@@ -145,6 +151,33 @@ def new_layer(layer, **changes):
                 raise
             config.update(missing)
     return from_config(type(layer), config)
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _config_from_attributes(layer):
+    """A config for `layer`, whose `get_config` cannot serialize the arguments it was
+    built with (keras-hub 0.32's Gemma RMSNormalization, CachedGemmaAttention): each
+    argument of its constructor read from the attribute of that name (or `_name`), where
+    it is a plain value; None if an argument without a default has no such attribute.
+    The copy may differ from `layer` where the attribute is not the argument: check it."""
+    config = {"name": layer.name, "trainable": layer.trainable,
+              "dtype": layer.dtype_policy.name}
+    for name, p in inspect.signature(type(layer).__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in config:
+            continue
+        for attribute in (name, f"_{name}"):
+            value = getattr(layer, attribute, None)
+            if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(
+                    isinstance(v, _PLAIN) for v in value)):
+                if value is not None or hasattr(layer, attribute):
+                    config[name] = value
+                    break
+        else:
+            if p.default is p.empty:
+                return None
+    return config
 
 
 def _missing_argument(layer, error, config):

@@ -302,7 +302,8 @@ def inline_nested(model, input_shape=None):
     taken = {layer.name for layer in compat.flatten_layers(model)}
     used, cache, copies, names = set(), {}, [], {}  # names: id(sublayer) -> prefixed name
     twins = {}  # id(plain MultiHeadAttention standing for a subclass) -> the subclass layer
-    same = set()  # ids of twins found to compute what their subclass layer computes
+    same = set()  # ids of twins (and rebuilt copies) checked to compute what they replace
+    rebuilt = {}  # id(copy built from a layer's attributes) -> that layer
 
     def copy_of(op, again=False):
         """The copy of `op` in the flat model; `again`: one more copy (another call)."""
@@ -322,6 +323,8 @@ def inline_nested(model, input_shape=None):
                     if twin is not None:
                         twins[id(twin)] = op
                     copies.append((op, new))
+                    if getattr(new, "config_from_attributes", False):
+                        rebuilt[id(new)] = op
                 except Exception:  # noqa: BLE001  a config that cannot round-trip
                     if name == op.name:
                         new = op  # reused as is (stateless or not, it is the same layer)
@@ -371,7 +374,7 @@ def inline_nested(model, input_shape=None):
                 leaves = _tensor_leaves(args, kwargs)
                 return compat.run_through_graph(graph, leaves, operation_fn, call_fn)
             (_KEPT if _sized(_tensor_leaves(args, kwargs)) else _UNSIZED)[op] = reason
-            return copy_of(op)(*args, **kwargs)
+            return checked_call(copy_of(op), args, kwargs)
         if id(op) in twins:  # a plain MultiHeadAttention for a subclass: is it the same?
             original = twins[id(op)]
             if id(op) in same or _same_function(original, op, args, kwargs):
@@ -381,7 +384,29 @@ def inline_nested(model, input_shape=None):
             op = new_layer(original, name=op.name)
             cache[id(original)] = op
             copies[:] = [(o, op if o is original else n) for o, n in copies]
-        return op(*args, **kwargs)
+        return checked_call(op, args, kwargs)
+
+    def checked_call(op, args, kwargs):
+        """`op(*args, **kwargs)`; a copy rebuilt from its original's attributes (its
+        config cannot serialize) must first compute what the original computes."""
+        if id(op) in rebuilt and id(op) not in same:
+            original = rebuilt[id(op)]
+            if not _same_function(original, op, args, kwargs):
+                raise ValueError(
+                    f"layer '{original.name}' ({type(original).__name__}): its get_config "
+                    "cannot serialize the arguments it was built with, and a copy built "
+                    "from its attributes computes something else, so it cannot be copied "
+                    "into the flat model")
+            same.add(id(op))
+        outputs = op(*args, **kwargs)
+        if not isinstance(op, keras.layers.Layer) and not any(
+                t.sparse for t in _tensor_leaves(args, kwargs)):
+            # an op given a concrete tensor (`x * ops.sqrt(d)`) reads it as sparse, as
+            # it has no `sparse` attribute (Keras 3.15), and calls its output sparse
+            for t in keras.tree.flatten(outputs):
+                if isinstance(t, keras.KerasTensor):
+                    compat.mark_dense(t)
+        return outputs
 
     inputs = [keras.Input(batch_shape=t.shape if shapes is None else (t.shape[0],) + shape,
                           dtype=t.dtype, name=input_name(t))
