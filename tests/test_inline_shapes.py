@@ -322,3 +322,24 @@ def test_a_layer_whose_config_cannot_serialize_is_copied_from_its_attributes_and
     assert relative_error(model(x), flat(x)) <= 1e-6
     with pytest.raises(ValueError, match="'norm' .* a copy built from its attributes computes"):
         inline.inline_nested(_norm_model(doubled=True))  # its attribute is not its argument
+
+
+class _StaleConfig(_Norm):
+    """A get_config that reads an attribute the layer lacks (keras-hub 0.32 DeiTEncoder's
+    `key_dim`)."""
+
+    def get_config(self):
+        return {**L.Layer.get_config(self), "key_dim": self.key_dim}
+
+
+def test_a_layer_whose_get_config_fails_on_an_attribute_is_copied_from_its_attributes():
+    layer = _StaleConfig(epsilon=0.25, name="stale")
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype("float32")
+    layer(x)
+    with pytest.raises(AttributeError):
+        layer.get_config()
+    copy = functional.new_layer(layer)
+    assert copy.epsilon == 0.25 and copy.config_from_attributes
+    copy(x)
+    copy.set_weights(layer.get_weights())
+    assert relative_error(layer(x), copy(x)) <= 1e-7

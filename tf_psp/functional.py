@@ -131,7 +131,8 @@ def new_layer(layer, **changes):
     unless `name=` is changed; `from_config`)."""
     try:
         config = layer.get_config()
-    except NotImplementedError:  # built from arguments it cannot serialize (keras-hub's
+    except (NotImplementedError, AttributeError):  # arguments it cannot serialize (keras-hub's
+        # Identity), or a get_config that reads an attribute it lacks (DeiTEncoder)
         if not layer.weights and not compat.sublayers(layer) and set(changes) <= {"name"}:
             return compat.renamed_copy(layer, changes.get("name", layer.name))  # stateless
         config = _config_from_attributes(layer)
