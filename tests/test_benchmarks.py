@@ -77,3 +77,24 @@ def test_prune_cost_writes_both_times_and_prunes_to_the_budget(tmp_path):
     assert 0.47 <= row["kept_macs"] <= 0.5
     assert {"parameterize", "budget training", "shrinking"} <= set(row["phase_seconds"])
     assert "prune / fit" in proc.stdout
+
+
+def test_keras_hub_coverage_measures_a_class_and_writes_the_table(tmp_path):
+    pytest.importorskip("keras_hub")
+    output = tmp_path / "coverage.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "keras_hub_coverage.py"),
+         "--classes=GPT2Backbone,SAMBackbone", f"--output={output}", "--timeout=300"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["class"]: r for r in json.loads(output.read_text())["rows"]}
+    gpt2 = rows["GPT2Backbone"]  # a decoder: opened at the fixed length
+    assert gpt2["status"] == "measured" and gpt2["ratio"] <= 0.55
+    assert gpt2["max_rel_error"] <= 1e-5 and gpt2["flat_vs_dense"] <= 1e-5
+    assert gpt2["pruned_vs_dense"] > 1e-6  # something was pruned
+    assert gpt2["widths_shrunk"]["heads"] < gpt2["widths_dense"]["heads"]
+    assert rows["SAMBackbone"]["status"] == "no config"
+    table = (tmp_path / "coverage.md").read_text()
+    assert "**1 reach <= 0.55 of their MACs exactly**" in table and "| GPT2Backbone |" in table
