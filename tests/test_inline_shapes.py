@@ -343,3 +343,11 @@ def test_a_layer_whose_get_config_fails_on_an_attribute_is_copied_from_its_attri
     copy(x)
     copy.set_weights(layer.get_weights())
     assert relative_error(layer(x), copy(x)) <= 1e-7
+
+
+def test_profile_passes_over_op_nodes_given_a_tuple_of_tensors():
+    """ops.fft((real, imag)) (keras-hub FNet) is an op node with a tuple argument: 0 MACs."""
+    inputs = keras.Input((8, 4))
+    real, imag = ops.fft((inputs, ops.zeros_like(inputs)))
+    model = keras.Model(inputs, L.Dense(3, name="head")(real + imag))
+    assert tf_psp.profile(model).total_macs == 8 * 4 * 3

@@ -306,6 +306,12 @@ OP_RULES = {
 }
 
 
+def multiplies_activations(operation):
+    """Whether `operation` is a keras.ops node `op_node_macs` counts."""
+    return isinstance(operation, (compat.numpy_ops.Einsum, compat.numpy_ops.Matmul,
+                                  compat.nn_ops.DotProductAttention))
+
+
 def op_node_macs(operation, operand_shapes, output_shape):
     """MACs per sample of a keras.ops node of a functional graph that multiplies two
     activations (an inlined attention's einsum, matmul, dot_product_attention: no

@@ -576,6 +576,8 @@ def _kernel_entries(layer):
 def _count_op_node(node, prefix, in_shapes, out_shapes, rows):
     """Appends a row for a keras.ops node that multiplies activations (an inlined
     attention's scores and weighted sums: `tf_psp.macs.op_node_macs`); others cost 0."""
+    if not mac_rules.multiplies_activations(node.operation):
+        return
     symbolic = iter(in_shapes)
     operands = [(1,) + tuple(next(symbolic))[1:] if isinstance(x, keras.KerasTensor)
                 else tuple(np.shape(x)) for x in node.arguments.args]
