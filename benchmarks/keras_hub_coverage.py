@@ -382,8 +382,25 @@ def measure(name, seq_len, keep_macs):
                    widths_shrunk=_widths(shrunk), status="measured")
     except Exception as e:  # noqa: BLE001
         row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
+        row["reason"] = _why_frozen(str(e)) or row["reason"]
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def _why_frozen(message):
+    """The composite layer a "no channel that PSP can prune" error names first and why it
+    was kept whole (the informative part of a long message), else None."""
+    import re
+
+    if "no channel that PSP can prune" not in message:
+        return None
+    found = re.search(r"layer '[^']+' \((\w+)\) is a composite layer whose call runs its own "
+                      r"sublayers \([^)]*\), kept whole because (.*?)(?:, so the channels|$)",
+                      message, re.S)
+    if found is None:
+        return None
+    because = " ".join(found.group(2).split())
+    return f"nothing prunable: {found.group(1)} kept whole because {because}"[:300]
 
 
 def _first_line(error):
