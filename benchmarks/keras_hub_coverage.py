@@ -281,9 +281,18 @@ def _build(name):
     return cls(**CONFIGS[name])
 
 
+# class -> {input name: length of its None dimensions} where --seq_len does not fit:
+# Moonshine's audio goes through convolutions of 127 (stride 64), 7 (3) and 3 (2) taps,
+# so 2,048 samples give 4 encoder positions, the length of its encoder padding mask.
+LENGTHS = {"MoonshineBackbone": {"encoder_input_values": 2048, "encoder_padding_mask": 4}}
+
+
 def _shapes(model, seq_len):
-    """One unbatched shape per model input, None dimensions set to `seq_len`."""
-    return [tuple(seq_len if d is None else d for d in t.shape[1:]) for t in model.inputs]
+    """One unbatched shape per model input, None dimensions set to `seq_len` (or the
+    input's length in `LENGTHS`)."""
+    lengths = LENGTHS.get(type(model).__name__, {})
+    return [tuple(lengths.get(t.name, seq_len) if d is None else d for d in t.shape[1:])
+            for t in model.inputs]
 
 
 def _probe(model, shapes, seed=0):
