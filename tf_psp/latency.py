@@ -61,10 +61,9 @@ import numpy as np
 from tf_psp import atomic
 from tf_psp import graph as psp_graph
 from tf_psp.functional import check_model
-from tf_psp.latency_targets import QUANTIZATIONS, RUNTIMES, target
+from tf_psp.latency_targets import target
 from tf_psp.macs import mac_rule
 
-__all__ = ["QUANTIZATIONS", "RUNTIMES"]  # re-exported: the runtimes a table is built for
 TABLE_VERSION = 2
 QUANTA = (32, 16, 8, 4, 2)  # widths tried as the runtime's quantum, largest first
 _BATCH_SIGNATURES = 60  # grid points converted into one .tflite file
@@ -221,15 +220,23 @@ class LayerLatency:
     off_in_on: list = dataclasses.field(default_factory=list)
     off_in_off: list = dataclasses.field(default_factory=list)
 
+    def _aligned_out(self, cout):
+        """The output width is on the quantum or on the fine alignment."""
+        q = self.quantum
+        return q == 1 or cout % q == 0 or bool(self.fine and cout % self.fine == 0)
+
+    def _off_in(self, cin):
+        """The input width is off the quantum where the input's alignment matters."""
+        return bool(self.off_cins and not self.tied and cin % self.quantum
+                    and cin > self.quantum)
+
     def off_quantum(self, cin, cout):
         """Whether (cin, cout) runs on the runtime's slower kernels: an output width off the
         quantum (and off the fine alignment), or an input width off it where the input's
         alignment matters."""
         if self.tied:
             cout = cin
-        q = self.quantum
-        out_off = q > 1 and cout % q != 0 and not (self.fine and cout % self.fine == 0)
-        return bool(out_off or (self.off_cins and not self.tied and cin % q and cin > q))
+        return not self._aligned_out(cout) or self._off_in(cin)
 
     def seconds(self, cin, cout):
         """Predicted latency at `cin` input and `cout` output channels."""
@@ -239,10 +246,9 @@ class LayerLatency:
         step = _round_up(max(cout, 1), q)
         steps = np.asarray(self.steps, float)
         cins, on, off = self.cins, self.on, self.off
-        if self.off_cins and not self.tied and cin % q and cin > q:
+        if self._off_in(cin):
             cins, on, off = self.off_cins, self.off_in_on, self.off_in_off
-        aligned = q == 1 or cout % q == 0 or (self.fine and cout % self.fine == 0)
-        table = np.asarray(on if aligned and step <= self.cout else off, float)
+        table = np.asarray(on if self._aligned_out(cout) and step <= self.cout else off, float)
         if self.tied or len(cins) == 1:
             row = table[0]
         else:
@@ -457,21 +463,14 @@ def _template(call):
 def _templates(calls, bar, where, chunk=16):
     """A width patcher of target `where` holding the calls that have a template
     (converted `chunk` at a time, ids `id(call)` in `patcher.ids`)."""
-    import keras
-
     plans = [(call, _template(call)) for call in calls]
     plans = [(call, plan) for call, plan in plans if plan is not None]
     converted, templates = [], {}
     for start in range(0, len(plans), chunk):
         part = plans[start:start + chunk]
-        models = []
+        models = layer_models([(call, c_in, c_out) for call, (c_in, c_out, _) in part])
         for k, (call, (c_in, c_out, markers)) in enumerate(part):
-            layer, weights = _layer_at(call, c_in, c_out)
             shape = call.input_shape[:-1] + (c_in,)
-            x = keras.Input(batch_shape=shape)
-            models.append(keras.Model(x, layer(x)))
-            if weights is not None:
-                layer.set_weights(weights)
             templates[id(call)] = (len(converted), k, markers, shape, c_out)
         try:
             converted.append(where.convert_layers(models))

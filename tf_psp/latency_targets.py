@@ -84,7 +84,7 @@ class Target:
 
     def clock(self):
         """The calling thread's CPU time with one runtime thread, else wall-clock time."""
-        return time.thread_time if self.threads == 1 else time.perf_counter
+        return clock(self.threads)
 
     def convert_layers(self, models):
         """One converted file running each of `models` (one input, one output) on its own
@@ -269,7 +269,13 @@ def time_signatures(content, keys, threads, runs, warmup=3, outputs=None):
                 raise ValueError(f"signature {key}: output width {out['shape'][-1]}, "
                                  f"expected {outputs[k]}")
         invokes.append(compat.litert_invoker(runner))
-    return _interleaved(invokes, Target("tflite", threads, None).clock(), runs, warmup)
+    return _interleaved(invokes, clock(threads), runs, warmup)
+
+
+def clock(threads):
+    """The calling thread's CPU time with one runtime thread (both runtimes then run in the
+    calling thread), else wall-clock time (other threads work too)."""
+    return time.thread_time if threads == 1 else time.perf_counter
 
 
 def _interleaved(calls, clock, runs, warmup):
@@ -326,12 +332,7 @@ class OnnxTarget(Target):
         return self._time(patcher.batch(points), runs, outputs)
 
     def time_models(self, models, runs, layers=False):
-        from tf_psp.onnx_widths import OnnxWidthPatcher
-
-        proto = convert_onnx(models, nchw=layers)
-        templates = {k: (0, k, {}, (1,) + tuple(int(d) for d in m.inputs[0].shape[1:]),
-                         int(m.outputs[0].shape[-1])) for k, m in enumerate(models)}
-        patcher = OnnxWidthPatcher([proto], templates)
+        patcher = self.patcher([convert_onnx(models, nchw=layers)], _identity(models))
         if len(patcher.ids) != len(models):
             raise ValueError(f"could not cut {len(models)} model(s) out of their ONNX "
                              "conversion")
