@@ -206,12 +206,6 @@ def clone_layer(layer):
     """
     if isinstance(layer, keras.layers.Lambda) or not isinstance(layer, keras.layers.Layer):
         return layer
-    return _config_copy(layer)
-
-
-def _config_copy(layer):
-    """`new_layer(layer)`: a copy from its config (a stateless layer built from arguments
-    it cannot serialize, keras-hub's `Identity`, is copied shallowly)."""
     return new_layer(layer)
 
 
@@ -244,7 +238,7 @@ def clone_with_weights(model):
     layer names: `from_config`)."""
     copy = keras.models.clone_model(
         model, input_tensors=fresh_inputs(model),
-        clone_function=_config_copy)
+        clone_function=new_layer)
     copy.set_weights(model.get_weights())
     return copy
 
